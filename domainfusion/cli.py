@@ -1,0 +1,108 @@
+"""The `domainfusion` command line: train, sweep, results, datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(help="Diffusion-powered domain generalization with DomainBed-exact evaluation.", no_args_is_help=True)
+datasets_app = typer.Typer(help="List datasets and look at them.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+console = Console(stderr=True)
+
+DATA_DIR_HELP = "Folder holding the datasets (DomainBed layout: DATA_DIR/PACS/<domain>/<class>/...)."
+
+
+def _parse_envs(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--test-envs takes environment indices like '0' or '0 1', got {text!r}") from None
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option("DigitsDG", help="Dataset name (see `domainfusion datasets list`)."),
+    algorithm: str = typer.Option("ERM", help="Algorithm name."),
+    test_envs: str = typer.Option("0", help="Held-out environment indices, e.g. '0' or '0,1'."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    output_dir: Path = typer.Option(Path("runs/train"), help="Where results.jsonl, the model and `done` go."),
+    hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams."),
+    hparams_seed: int = typer.Option(0, help="0 = default hparams, otherwise a seeded random-search draw."),
+    trial_seed: int = typer.Option(0, help="Seeds the in/out split (and the hparam draw)."),
+    seed: int = typer.Option(0, help="Seeds everything else (init, data order)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the dataset's, 5001 for most)."),
+    checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
+    holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
+    allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+    pretrained: Optional[str] = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
+    skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in --output-dir."),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars to OUTPUT_DIR/tensorboard."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train one model (one dataset, algorithm, held-out domain set, hparams and seeds)."""
+    from .train import TrainArgs, train as run_train
+
+    args = TrainArgs(
+        dataset=dataset, algorithm=algorithm, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
+        output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
+        steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
+        allow_missing_classes=allow_missing_classes, pretrained=pretrained, num_workers=num_workers, device=device,
+        skip_model_save=skip_model_save, overwrite=overwrite, tensorboard=tensorboard, progress=progress,
+    )
+    records = run_train(args)
+    last = records[-1]
+    accs = {k: round(v, 4) for k, v in last.items() if k.endswith("_acc")}
+    console.print(f"[green]done[/green] {output_dir}: step {last['step']} {json.dumps(accs)}")
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the registered datasets and their environments."""
+    from .data import DATASETS, dataset_class
+
+    for name in DATASETS:
+        envs = ", ".join(dataset_class(name).ENVIRONMENTS) or "(sorted sub-folders of --data-dir)"
+        typer.echo(f"{name:16s} {envs}")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    name: str = typer.Argument(..., help="Dataset name."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, help="PNG path (default: NAME.png)."),
+    per_class: int = typer.Option(1, help="Examples per (domain, class) cell."),
+    allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+) -> None:
+    """Write a PNG grid of a dataset: rows = domains, columns = classes."""
+    from . import hparams as registry
+    from .data import get_dataset
+    from .report.grids import dataset_grid
+
+    hp = registry.default_hparams("ERM", name)
+    hp["data_augmentation"] = False
+    ds = get_dataset(name, data_dir, [], hp, allow_missing_classes)
+    path = dataset_grid(ds, out or Path(f"{name}.png"), per_class=per_class)
+    sizes = ", ".join(f"{env}={len(d)}" for env, d in zip(ds.environments, ds.datasets))
+    console.print(f"wrote {path} ({sizes})")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Datasets: a registry of DomainBed-compatible multi-domain datasets, imported lazily by name."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UserError
+from .base import MultipleDomainDataset, check_test_envs
+
+DATASETS: dict[str, str] = {
+    "RotatedMNIST": "mnist:RotatedMNIST",
+    "ColoredMNIST": "mnist:ColoredMNIST",
+    "DigitsDG": "digits_dg:DigitsDG",
+    "PACS": "image_folder:PACS",
+    "VLCS": "image_folder:VLCS",
+    "OfficeHome": "image_folder:OfficeHome",
+    "TerraIncognita": "image_folder:TerraIncognita",
+    "DomainNet": "image_folder:DomainNet",
+    "ImageFolder": "image_folder:ImageFolderDataset",
+}
+
+
+def dataset_class(name: str) -> type[MultipleDomainDataset]:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
+    module, cls = DATASETS[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def get_dataset(
+    name: str,
+    data_dir: str | Path,
+    test_envs: Sequence[int],
+    hparams: dict,
+    allow_missing_classes: bool = False,
+) -> MultipleDomainDataset:
+    """Build a dataset by registry name; test envs are checked against the known environments first."""
+    cls = dataset_class(name)
+    if cls.ENVIRONMENTS:
+        check_test_envs(test_envs, cls.ENVIRONMENTS, name)
+    from .image_folder import MultipleEnvironmentImageFolder
+
+    if issubclass(cls, MultipleEnvironmentImageFolder):
+        dataset = cls(data_dir, test_envs, hparams, allow_missing_classes=allow_missing_classes)
+    else:
+        dataset = cls(data_dir, test_envs, hparams)
+    check_test_envs(test_envs, dataset.environments, name)
+    return dataset

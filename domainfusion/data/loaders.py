@@ -1,0 +1,91 @@
+"""DomainBed's data plumbing: seeded in/out holdout split, infinite training loaders, fast eval loaders."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+
+
+class SplitDataset(Dataset):
+    """A view of `dataset` restricted to `keys` (DomainBed's `_SplitDataset`)."""
+
+    def __init__(self, dataset: Dataset, keys: Sequence[int]) -> None:
+        self.underlying_dataset = dataset
+        self.keys = list(keys)
+
+    def __getitem__(self, key: int):
+        return self.underlying_dataset[self.keys[key]]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def split_dataset(dataset: Dataset, n: int, seed: int = 0) -> tuple[SplitDataset, SplitDataset]:
+    """Return (first n of a seeded shuffle, the rest): DomainBed calls it as `out, in_ = split_dataset(...)`."""
+    assert n <= len(dataset)
+    keys = list(range(len(dataset)))
+    np.random.RandomState(seed).shuffle(keys)
+    return SplitDataset(dataset, keys[:n]), SplitDataset(dataset, keys[n:])
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Labels without decoding images where the dataset allows it (TensorDataset, ImageFolder, splits)."""
+    if isinstance(dataset, SplitDataset):
+        base = labels_of(dataset.underlying_dataset)
+        return [base[k] for k in dataset.keys]
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[1].tolist()
+    if hasattr(dataset, "targets"):
+        return list(dataset.targets)
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def class_balanced_weights(dataset: Dataset) -> torch.Tensor:
+    """Per-sample weights 1/(n_classes_present · count(class)), as DomainBed's `make_weights_for_balanced_classes`."""
+    labels = torch.tensor(labels_of(dataset))
+    counts = torch.bincount(labels)
+    present = (counts > 0).sum()
+    return 1.0 / (counts[labels].double() * present)
+
+
+class InfiniteDataLoader:
+    """Endless stream of batches drawn with replacement (DomainBed's InfiniteDataLoader)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        weights: torch.Tensor | None,
+        batch_size: int,
+        num_workers: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if weights is not None:
+            sampler = WeightedRandomSampler(weights, replacement=True, num_samples=batch_size, generator=generator)
+        else:
+            sampler = RandomSampler(dataset, replacement=True, generator=generator)
+        batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
+        self._loader = DataLoader(
+            dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler), persistent_workers=num_workers > 0
+        )
+        self._iterator = iter(self._loader)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            yield next(self._iterator)
+
+
+class _Forever:
+    def __init__(self, sampler: BatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        while True:
+            yield from self.sampler
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Sequential, non-shuffled loader for accuracy evaluation."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

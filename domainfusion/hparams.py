@@ -1,0 +1,134 @@
+"""The one seeded hyperparameter registry (DomainBed's `hparams_registry`, with validation).
+
+Every hyperparameter is registered once as (name, default, random-search sampler, valid range). The random draw
+for a name is seeded from `seed_hash(seed, name)`, so adding an hparam never changes the draws of the others, and
+`random_hparams(alg, dataset, seed)` is reproducible forever. Values for ERM and the shared keys are DomainBed's.
+Algorithm-specific blocks are added in `_algorithm_hparams` below, keyed by algorithm name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+from .utils import seed_hash
+
+SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST", "DigitsDG")
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One registered hyperparameter: default, seeded random-search sampler and the values it may take."""
+
+    name: str
+    default: Any
+    sample: Callable[[np.random.RandomState], Any]
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+
+    def check(self, value: Any) -> Any:
+        """Return `value` cast to the default's type, or raise a UserError naming the hparam and its range."""
+        kind = type(self.default)
+        try:
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise TypeError
+                cast = value
+            elif kind is int:
+                if isinstance(value, bool) or float(value) != int(value):
+                    raise TypeError
+                cast = int(value)
+            else:
+                cast = kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"hparam '{self.name}' must be a {kind.__name__}, got {value!r}") from None
+        if self.choices is not None and cast not in self.choices:
+            raise UserError(f"hparam '{self.name}'={value!r} is not one of {list(self.choices)}")
+        if self.low is not None and cast < self.low or self.high is not None and cast > self.high:
+            raise UserError(f"hparam '{self.name}'={value!r} is outside its valid range [{self.low}, {self.high}]")
+        return cast
+
+
+def _register_all(algorithm: str, dataset: str) -> dict[str, HParam]:
+    specs: dict[str, HParam] = {}
+
+    def hparam(name: str, default: Any, sample: Callable, low=None, high=None, choices=None) -> None:
+        assert name not in specs, f"hparam {name} registered twice"
+        specs[name] = HParam(name, default, sample, low, high, None if choices is None else tuple(choices))
+
+    small = dataset in SMALL_IMAGES
+    # Shared by every algorithm (DomainBed values).
+    hparam("data_augmentation", True, lambda r: True, choices=(True, False))
+    hparam("resnet18", False, lambda r: False, choices=(True, False))
+    hparam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])), 0.0, 1.0)
+    hparam("class_balanced", False, lambda r: False, choices=(True, False))
+    hparam("nonlinear_classifier", False, lambda r: bool(r.choice([False, False])), choices=(True, False))
+    if small:
+        hparam("lr", 1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)), 1e-8, 1.0)
+        hparam("weight_decay", 0.0, lambda r: 0.0, 0.0, 1.0)
+        hparam("batch_size", 64, lambda r: int(2 ** r.uniform(3, 9)), 1, 4096)
+    else:
+        hparam("lr", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)), 1e-8, 1.0)
+        hparam("weight_decay", 0.0, lambda r: float(10 ** r.uniform(-6, -2)), 0.0, 1.0)
+        if dataset == "DomainNet":
+            hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5)), 1, 4096)
+        else:
+            hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), 1, 4096)
+    _algorithm_hparams(algorithm, dataset, hparam)
+    return specs
+
+
+def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
+    """Algorithm-specific hyperparameters. ERM has none beyond the shared block."""
+
+
+def specs(algorithm: str, dataset: str) -> dict[str, HParam]:
+    """All registered hparams of (algorithm, dataset), in registration order."""
+    return _register_all(algorithm, dataset)
+
+
+def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
+    return {name: s.default for name, s in specs(algorithm, dataset).items()}
+
+
+def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
+    """The random-search draw for `seed`; each name has its own RNG seeded by (seed, name)."""
+    return {
+        name: s.sample(np.random.RandomState(seed_hash(seed, name)))
+        for name, s in specs(algorithm, dataset).items()
+    }
+
+
+def resolve_hparams(
+    algorithm: str, dataset: str, hparams_seed: int, trial_seed: int, overrides: str | dict | None = None
+) -> dict[str, Any]:
+    """DomainBed's rule: seed 0 gives the defaults, any other seed a random draw; then apply JSON overrides.
+
+    Overrides with unknown keys or out-of-range values raise a UserError before any compute starts.
+    """
+    if hparams_seed == 0:
+        hp = default_hparams(algorithm, dataset)
+    else:
+        hp = random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
+    if overrides:
+        if isinstance(overrides, str):
+            try:
+                overrides = json.loads(overrides)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--hparams is not valid JSON ({e}); example: --hparams '{{\"lr\": 1e-4}}'") from None
+        if not isinstance(overrides, dict):
+            raise UserError("--hparams must be a JSON object, e.g. '{\"lr\": 1e-4}'")
+        registry = specs(algorithm, dataset)
+        unknown = sorted(set(overrides) - set(registry))
+        if unknown:
+            raise UserError(
+                f"unknown hparam(s) {unknown} for {algorithm} on {dataset}; known: {sorted(registry)}"
+            )
+        for key, value in overrides.items():
+            hp[key] = registry[key].check(value)
+    return hp

@@ -1,0 +1,29 @@
+"""Sweep reporting with DomainBed's exact semantics: load results, select models, print tables, plot curves."""
+
+from domainfusion.report.plots import plot_accuracy_vs_step
+from domainfusion.report.records import RecordGroup, group_records, load_records
+from domainfusion.report.selection import (
+    SELECTION_METHODS,
+    IIDAccuracySelection,
+    LeaveOneOutSelection,
+    OracleSelection,
+    RunAcc,
+    SelectionMethod,
+)
+from domainfusion.report.tables import latex_document, per_trial_rows, results_table
+
+__all__ = [
+    "SELECTION_METHODS",
+    "IIDAccuracySelection",
+    "LeaveOneOutSelection",
+    "OracleSelection",
+    "RecordGroup",
+    "RunAcc",
+    "SelectionMethod",
+    "group_records",
+    "latex_document",
+    "load_records",
+    "per_trial_rows",
+    "plot_accuracy_vs_step",
+    "results_table",
+]

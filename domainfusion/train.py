@@ -1,0 +1,211 @@
+"""One training run with DomainBed's semantics: seeded in/out splits, infinite per-domain loaders, a results.jsonl
+line per checkpoint with DomainBed's keys, the final model as safetensors and a `done` marker.
+
+Everything downstream (model selection, tables, plots, the sweep launcher) reads only the output folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import hparams as hparams_registry
+from .algorithms import algorithm_class
+from .data import get_dataset
+from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
+from .errors import UserError
+from .utils import append_jsonl, atomic_write_text, seed_everything, seed_hash
+
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class TrainArgs:
+    """The arguments of one run; stored verbatim as `args` in every results.jsonl record."""
+
+    dataset: str = "DigitsDG"
+    algorithm: str = "ERM"
+    test_envs: list[int] = field(default_factory=lambda: [0])
+    data_dir: str = "data"
+    output_dir: str = "runs/train"
+    hparams: str | None = None
+    hparams_seed: int = 0
+    trial_seed: int = 0
+    seed: int = 0
+    steps: int | None = None
+    checkpoint_freq: int | None = None
+    holdout_fraction: float = 0.2
+    allow_missing_classes: bool = False
+    pretrained: str | None = None
+    num_workers: int | None = None
+    device: str = "auto"
+    skip_model_save: bool = False
+    overwrite: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+
+def accuracy(network: torch.nn.Module, loader, device: torch.device) -> float:
+    """Top-1 accuracy of `network.predict` over a loader, in eval mode (DomainBed's `misc.accuracy`)."""
+    correct = total = 0
+    network.eval()
+    with torch.inference_mode():
+        for x, y in loader:
+            logits = network.predict(x.to(device))
+            correct += (logits.argmax(1).cpu() == y).sum().item()
+            total += len(y)
+    network.train()
+    return correct / total
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU (as DomainBed), peak resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def prepare_output_dir(args: TrainArgs) -> Path:
+    """Create the output folder; refuse to clobber a finished run; check that it is writable before compute."""
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose another folder") from None
+    if (out / "done").exists() and not args.overwrite:
+        raise UserError(f"{out} holds a finished run (done marker); pass --overwrite or choose another --output-dir")
+    for stale in ("results.jsonl", "done"):
+        (out / stale).unlink(missing_ok=True)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(args: TrainArgs) -> list[dict[str, Any]]:
+    """Run training and return the checkpoint records that were written to results.jsonl."""
+    hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
+    algorithm_cls = algorithm_class(args.algorithm)
+    out = prepare_output_dir(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+
+    dataset = get_dataset(args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes)
+    in_splits, out_splits = [], []
+    for env_i, env in enumerate(dataset):
+        out_split, in_split = split_dataset(env, int(len(env) * args.holdout_fraction), seed_hash(args.trial_seed, env_i))
+        in_splits.append(in_split)
+        out_splits.append(out_split)
+
+    if args.num_workers is not None:
+        num_workers = args.num_workers
+    else:
+        num_workers = 0 if hasattr(dataset[0], "tensors") else dataset.N_WORKERS
+    train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
+    train_loaders = [
+        InfiniteDataLoader(
+            in_splits[i],
+            class_balanced_weights(in_splits[i]) if hp["class_balanced"] else None,
+            hp["batch_size"],
+            num_workers,
+            generator=torch.Generator().manual_seed(seed_hash(args.seed, "train_loader", i)),
+        )
+        for i in train_envs
+    ]
+    eval_loaders = [eval_loader(s, EVAL_BATCH_SIZE, num_workers) for s in in_splits + out_splits]
+    eval_names = [f"env{i}_in" for i in range(len(in_splits))] + [f"env{i}_out" for i in range(len(out_splits))]
+
+    algorithm = algorithm_cls(
+        dataset.input_shape, dataset.num_classes, len(train_envs), hp, **({"pretrained": args.pretrained} if args.pretrained else {})
+    ).to(device)
+
+    n_steps = args.steps or dataset.N_STEPS
+    checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
+    steps_per_epoch = min(len(in_splits[i]) / hp["batch_size"] for i in train_envs)
+    writer = _tensorboard_writer(out) if args.tensorboard else None
+    atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
+
+    records: list[dict[str, Any]] = []
+    checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
+    batches = zip(*train_loaders)
+    bar = tqdm(range(n_steps), desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not args.progress, file=sys.stderr)
+    for step in bar:
+        step_start = time.time()
+        minibatches = [(x.to(device), y.to(device)) for x, y in next(batches)]
+        step_vals = algorithm.update(minibatches)
+        checkpoint_vals["step_time"].append(time.time() - step_start)
+        for key, val in step_vals.items():
+            if not np.isfinite(val):
+                raise UserError(
+                    f"{key} became {val} at step {step}; lower the learning rate (--hparams '{{\"lr\": ...}}'). "
+                    f"Results up to the last checkpoint are in {out / 'results.jsonl'}"
+                )
+            checkpoint_vals[key].append(val)
+
+        if step % checkpoint_freq == 0 or step == n_steps - 1:
+            record: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
+            record.update({key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()})
+            for name, loader in zip(eval_names, eval_loaders):
+                record[name + "_acc"] = accuracy(algorithm, loader, device)
+            record["mem_gb"] = peak_memory_gb(device)
+            record.update({"hparams": hp, "args": dataclasses.asdict(args)})
+            append_jsonl(out / "results.jsonl", record)
+            records.append(record)
+            if writer is not None:
+                for key, val in record.items():
+                    if isinstance(val, (int, float)) and key != "step":
+                        writer.add_scalar(key, val, step)
+            test_accs = [record[f"env{i}_in_acc"] for i in args.test_envs]
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", test_acc=f"{np.mean(test_accs):.3f}")
+            checkpoint_vals = collections.defaultdict(list)
+
+    if writer is not None:
+        writer.close()
+    if not args.skip_model_save:
+        save_model(algorithm, out, args, hp, dataset)
+    atomic_write_text(out / "done", "done")
+    return records
+
+
+def save_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp: dict, dataset) -> None:
+    """Final weights as safetensors plus a JSON sidecar with what is needed to rebuild the network."""
+    state = {k: v.detach().cpu().contiguous() for k, v in algorithm.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    meta = {
+        "args": dataclasses.asdict(args),
+        "hparams": hp,
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "class_names": dataset.class_names,
+        "environments": dataset.environments,
+    }
+    atomic_write_text(out / "model.json", json.dumps(meta, indent=2))
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'domainfusion[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
