@@ -41,6 +41,10 @@ def train(
     checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
     holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+    image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    eval_train_in: bool = typer.Option(
+        True, help="Also evaluate the training domains' in-splits (DomainBed does; no selection method uses them)."
+    ),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
@@ -56,13 +60,58 @@ def train(
         dataset=dataset, algorithm=algorithm, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
-        allow_missing_classes=allow_missing_classes, pretrained=pretrained, num_workers=num_workers, device=device,
+        allow_missing_classes=allow_missing_classes, image_size=image_size, eval_train_in=eval_train_in,
+        pretrained=pretrained, num_workers=num_workers, device=device,
         skip_model_save=skip_model_save, overwrite=overwrite, tensorboard=tensorboard, progress=progress,
     )
     records = run_train(args)
     last = records[-1]
     accs = {k: round(v, 4) for k, v in last.items() if k.endswith("_acc")}
     console.print(f"[green]done[/green] {output_dir}: step {last['step']} {json.dumps(accs)}")
+
+
+@app.command()
+def results(
+    sweep_dir: Path = typer.Argument(..., help="Folder of runs (each with a results.jsonl)."),
+    selection: str = typer.Option("iid", help="iid (training-domain validation), loo (leave-one-domain-out), oracle."),
+    latex: bool = typer.Option(False, help="Print a LaTeX document instead of Markdown."),
+    strict: bool = typer.Option(False, help="Show X unless every trial seed and test env finished."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table to this file."),
+    json_out: Optional[Path] = typer.Option(None, help="Write the per-trial selected accuracies as JSON."),
+    plot: Optional[Path] = typer.Option(None, help="Write an accuracy-vs-step PNG."),
+) -> None:
+    """Model selection and DomainBed-style result tables (mean ± standard error over trial seeds)."""
+    from .algorithms import ALGORITHMS
+    from .data import DATASETS, dataset_class
+    from .report import SELECTION_METHODS, latex_document, load_records, per_trial_rows, results_table
+
+    if selection not in SELECTION_METHODS:
+        raise UserError(f"--selection {selection!r} is unknown; choose one of {', '.join(SELECTION_METHODS)}")
+    records = load_records(sweep_dir)
+    if not records:
+        raise UserError(f"no results.jsonl records under {sweep_dir}; run `domainfusion train` or `sweep` first")
+    env_names = {r["args"]["dataset"]: _env_names(r) for r in records}
+    env_names.update({n: list(dataset_class(n).ENVIRONMENTS) for n in DATASETS if dataset_class(n).ENVIRONMENTS})
+    method = SELECTION_METHODS[selection]
+    text = results_table(records, method, latex=latex, env_names=env_names, algorithm_order=list(ALGORITHMS), strict=strict)
+    text = latex_document(text) if latex else text
+    typer.echo(text)
+    if out:
+        out.write_text(text)
+    if json_out:
+        json_out.write_text(json.dumps(per_trial_rows(records, method), indent=2))
+    if plot:
+        from .report import plot_accuracy_vs_step
+
+        console.print(f"wrote {plot_accuracy_vs_step(records, plot, env_names=env_names)}")
+
+
+def _env_names(record: dict) -> list[str]:
+    """Environment names stored by the run (image folders), else indices."""
+    names = record.get("environments")
+    if names:
+        return list(names)
+    return [str(i) for i in range(sum(1 for k in record if k.endswith("_out_acc")))]
 
 
 @datasets_app.command("list")

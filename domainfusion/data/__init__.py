@@ -35,15 +35,19 @@ def get_dataset(
     test_envs: Sequence[int],
     hparams: dict,
     allow_missing_classes: bool = False,
+    image_size: int | None = None,
 ) -> MultipleDomainDataset:
-    """Build a dataset by registry name; test envs are checked against the known environments first."""
+    """Build a dataset by registry name; test envs are checked against the known environments first.
+
+    `allow_missing_classes` and `image_size` apply to image-folder datasets (the others have fixed content).
+    """
     cls = dataset_class(name)
     if cls.ENVIRONMENTS:
         check_test_envs(test_envs, cls.ENVIRONMENTS, name)
     from .image_folder import MultipleEnvironmentImageFolder
 
     if issubclass(cls, MultipleEnvironmentImageFolder):
-        dataset = cls(data_dir, test_envs, hparams, allow_missing_classes=allow_missing_classes)
+        dataset = cls(data_dir, test_envs, hparams, allow_missing_classes, image_size)
     else:
         dataset = cls(data_dir, test_envs, hparams)
     check_test_envs(test_envs, dataset.environments, name)

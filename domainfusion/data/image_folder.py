@@ -106,9 +106,15 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
     IMAGE_SIZE = 224
 
     def __init__(
-        self, root: str | Path, test_envs: Sequence[int], hparams: dict, allow_missing_classes: bool = False
+        self,
+        root: str | Path,
+        test_envs: Sequence[int],
+        hparams: dict,
+        allow_missing_classes: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
+        size = image_size or self.IMAGE_SIZE
         folder = Path(root) / self.SUBDIR if self.SUBDIR else Path(root)
         domains, classes = scan_domains(folder, allow_missing_classes)
         if self.ENVIRONMENTS and len(self.ENVIRONMENTS) != len(domains):
@@ -116,7 +122,7 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
                 f"{type(self).__name__} expects {len(self.ENVIRONMENTS)} domain folders in {folder}, found "
                 f"{len(domains)}: {domains}"
             )
-        plain, augment = domainbed_transforms(self.IMAGE_SIZE)
+        plain, augment = domainbed_transforms(size)
         for i, domain in enumerate(domains):
             use_aug = hparams.get("data_augmentation", True) and i not in test_envs
             ds = _DomainFolder(str(folder / domain), classes, augment if use_aug else plain)
@@ -125,7 +131,7 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
         self.environments = domains
         self.class_names = classes
         self.num_classes = len(classes)
-        self.input_shape = (3, self.IMAGE_SIZE, self.IMAGE_SIZE)
+        self.input_shape = (3, size, size)
 
 
 class ImageFolderDataset(MultipleEnvironmentImageFolder):

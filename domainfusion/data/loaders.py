@@ -62,10 +62,12 @@ class InfiniteDataLoader:
         num_workers: int,
         generator: torch.Generator | None = None,
     ) -> None:
+        # One batch per sampler pass: with replacement this is DomainBed's distribution, and it also works when a
+        # split holds fewer images than a batch (DomainBed's loader then spins forever).
         if weights is not None:
             sampler = WeightedRandomSampler(weights, replacement=True, num_samples=batch_size, generator=generator)
         else:
-            sampler = RandomSampler(dataset, replacement=True, generator=generator)
+            sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size, generator=generator)
         batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
         self._loader = DataLoader(
             dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler), persistent_workers=num_workers > 0
