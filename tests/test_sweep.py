@@ -1,0 +1,236 @@
+"""Sweep: DomainBed's grid, seeds and folder hashes, job states, launchers, and one real parallel local launch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from domainfusion.algorithms import ALGORITHMS, register
+from domainfusion.algorithms.erm import ERM
+from domainfusion.cli import app
+from domainfusion.errors import UserError
+from domainfusion.sweep import (
+    DONE,
+    INCOMPLETE,
+    NOT_LAUNCHED,
+    Job,
+    all_test_env_combinations,
+    make_jobs,
+    state_counts,
+    sweep,
+    thread_env,
+)
+
+OTHER = "SweepTestERM"
+
+
+@pytest.fixture
+def two_algorithms():
+    """Only ERM is registered; a throwaway subclass gives the grid a second algorithm."""
+    register(OTHER)(type(OTHER, (ERM,), {}))
+    yield ["ERM", OTHER]
+    del ALGORITHMS[OTHER]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """DomainBed layout: 3 domains x 2 classes x 6 random 16x16 PNGs."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny"
+    for domain in ("a", "b", "c"):
+        for cls in ("cat", "dog"):
+            folder = root / domain / cls
+            folder.mkdir(parents=True)
+            for k in range(6):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
+def digits_jobs(tmp_path: Path, **kw) -> list[Job]:
+    kw = {"n_hparams": 1, "n_trials": 1, "data_dir": "data", "output_dir": tmp_path / "sweep", **kw}
+    return make_jobs(["DigitsDG"], ["ERM"], **kw)
+
+
+def test_all_test_env_combinations():
+    assert all_test_env_combinations(4) == [[0], [0, 1], [0, 2], [0, 3], [1], [1, 2], [1, 3], [2], [2, 3], [3]]
+    assert len(all_test_env_combinations(3)) == 3 + 3
+    with pytest.raises(UserError, match="--single-test-envs"):
+        all_test_env_combinations(2)
+
+
+def test_grid_size_and_order(tmp_path, two_algorithms):
+    # DigitsDG has 4 envs: 10 test-env sets (4 singles + 6 pairs) x 2 algorithms x 2 hparams seeds x 3 trials.
+    jobs = make_jobs(["DigitsDG"], two_algorithms, n_hparams_from=1, n_hparams=3, n_trials=3, data_dir="data",
+                     output_dir=tmp_path)
+    assert len(jobs) == 120
+    keys = [(j.args["trial_seed"], j.args["algorithm"], j.args["test_envs"], j.args["hparams_seed"]) for j in jobs]
+    assert keys[:3] == [(0, "ERM", [0], 1), (0, "ERM", [0], 2), (0, "ERM", [0, 1], 1)]
+    assert keys[20] == (0, OTHER, [0], 1)
+    assert keys[-1] == (2, OTHER, [3], 2)
+    assert len({json.dumps(k) for k in keys}) == 120
+    single = make_jobs(["DigitsDG"], two_algorithms, n_hparams_from=1, n_hparams=3, n_trials=3, data_dir="data",
+                       output_dir=tmp_path, single_test_envs=True)
+    assert len(single) == 3 * 2 * 4 * 2
+    explicit = make_jobs(["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, data_dir="data", output_dir=tmp_path,
+                         test_envs=[[0], [1, 3]])
+    assert [j.args["test_envs"] for j in explicit] == [[0], [0], [1, 3], [1, 3]]
+
+
+def test_image_folder_envs_are_its_subfolders(tmp_path, tiny_folder):
+    jobs = make_jobs(["ImageFolder"], ["ERM"], n_hparams=1, n_trials=1, data_dir=tiny_folder, output_dir=tmp_path)
+    assert [j.args["test_envs"] for j in jobs] == [[0], [0, 1], [0, 2], [1], [1, 2], [2]]
+
+
+def test_seed_is_domainbed_seed_hash(tmp_path):
+    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=2, n_trials=3, data_dir="data", output_dir=tmp_path)
+    job = next(j for j in jobs if (j.args["test_envs"], j.args["hparams_seed"], j.args["trial_seed"]) == ([0, 2], 1, 2))
+    expected = int(hashlib.md5(str(("DigitsDG", "ERM", [0, 2], 1, 2)).encode()).hexdigest(), 16) % 2**31
+    assert job.args["seed"] == expected
+    assert len({j.args["seed"] for j in jobs}) == len(jobs)
+
+
+def test_output_dir_is_md5_of_args(tmp_path):
+    jobs = digits_jobs(tmp_path, n_hparams=2, steps=5)
+    for job in jobs:
+        args = {k: v for k, v in job.args.items() if k != "output_dir"}
+        assert job.output_dir == tmp_path / "sweep" / hashlib.md5(json.dumps(args, sort_keys=True).encode()).hexdigest()
+        assert job.args["output_dir"] == str(job.output_dir)
+        assert Job(job.args, tmp_path / "sweep").output_dir == job.output_dir  # a job's own args name the same folder
+    dirs = [j.output_dir for j in jobs]
+    assert len(set(dirs)) == len(jobs) == 20
+    assert [j.output_dir for j in digits_jobs(tmp_path, n_hparams=2, steps=5)] == dirs
+    # Where a job runs does not rename it; what it computes does.
+    assert [j.output_dir for j in digits_jobs(tmp_path, n_hparams=2, steps=5, extra={"device": "cpu"})] == dirs
+    assert not set(j.output_dir for j in digits_jobs(tmp_path, n_hparams=2, steps=6)) & set(dirs)
+
+
+def test_command_flags(tmp_path):
+    (job,) = digits_jobs(tmp_path, test_envs=[[1, 2]], steps=7, data_dir="d",
+                         extra={"eval_train_in": False, "allow_missing_classes": True, "image_size": None,
+                                "device": "auto"})
+    assert "device" not in job.args and "image_size" not in job.args  # defaults and None are not part of the job
+    assert job.command == [
+        sys.executable, "-m", "domainfusion", "train", "--dataset", "DigitsDG", "--algorithm", "ERM",
+        "--test-envs", "1,2", "--data-dir", "d", "--output-dir", str(job.output_dir), "--hparams-seed", "0",
+        "--trial-seed", "0", "--seed", str(job.args["seed"]), "--steps", "7", "--holdout-fraction", "0.2",
+        "--allow-missing-classes", "--no-eval-train-in", "--no-progress",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"datasets": ["Nope"]}, "known datasets: .*DigitsDG"),
+        ({"algorithms": ["Nope"]}, "known algorithms: ERM"),
+        ({"hparams": '{"lrr": 1}'}, "unknown hparam"),
+        ({"test_envs": [[4]]}, "invalid for DigitsDG"),
+        ({"test_envs": [[0, 1, 2, 3]]}, "at least one training environment"),
+        ({"extra": {"progress": True}}, "cannot set"),
+        ({"n_hparams": 0}, "grid is empty"),
+    ],
+)
+def test_make_jobs_validates_up_front(tmp_path, kw, message):
+    kw = {"datasets": ["DigitsDG"], "algorithms": ["ERM"], "data_dir": "data", "output_dir": tmp_path, **kw}
+    with pytest.raises(UserError, match=message):
+        make_jobs(kw.pop("datasets"), kw.pop("algorithms"), **kw)
+
+
+def mark(jobs: list[Job], done: int, incomplete: int) -> None:
+    """First `done` jobs finished, next `incomplete` have a folder without `done`."""
+    for job in jobs[: done + incomplete]:
+        job.output_dir.mkdir(parents=True)
+    for job in jobs[:done]:
+        (job.output_dir / "done").write_text("done")
+
+
+def test_states_and_delete_incomplete(tmp_path):
+    jobs = digits_jobs(tmp_path, single_test_envs=True)
+    mark(jobs, done=1, incomplete=2)
+    assert [j.state for j in jobs] == [DONE, INCOMPLETE, INCOMPLETE, NOT_LAUNCHED]
+    assert state_counts(jobs) == {DONE: 1, INCOMPLETE: 2, NOT_LAUNCHED: 1}
+    assert str(jobs[1]).startswith("Incomplete   DigitsDG ERM test_envs=[1] hparams_seed=0 trial_seed=0 ")
+    assert sweep("delete_incomplete", jobs, skip_confirmation=True) == 0
+    assert [j.state for j in jobs] == [DONE, NOT_LAUNCHED, NOT_LAUNCHED, NOT_LAUNCHED]
+    assert (jobs[0].output_dir / "done").exists()
+
+
+def test_launch_refuses_incomplete_and_dummy_prints_commands(tmp_path, capsys):
+    jobs = digits_jobs(tmp_path, single_test_envs=True)
+    mark(jobs, done=1, incomplete=1)
+    with pytest.raises(UserError, match=r"1 job\(s\) are incomplete.*delete-incomplete"):
+        sweep("launch", jobs, "dummy", skip_confirmation=True)
+    capsys.readouterr()
+    assert sweep("launch", jobs, "dummy", skip_confirmation=True, delete_incomplete=True) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(shlex.quote(sys.executable))]
+    assert printed == [shlex.join(j.command) for j in jobs[1:]]
+    assert [j.state for j in jobs] == [DONE, NOT_LAUNCHED, NOT_LAUNCHED, NOT_LAUNCHED]
+
+
+def test_launch_asks_first(tmp_path, monkeypatch, capsys):
+    jobs = digits_jobs(tmp_path, single_test_envs=True)
+    monkeypatch.setattr("builtins.input", lambda _: "n")
+    assert sweep("launch", jobs, "dummy") == 0
+    out = capsys.readouterr().out
+    assert "About to launch 4 job(s)" in out and "Nothing launched." in out and "--seed" not in out
+
+
+def test_thread_env_splits_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert thread_env(2, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert thread_env(3, cores=8)["MKL_NUM_THREADS"] == "2"
+    assert thread_env(4, cores=2)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert thread_env(2, cores=2)["OMP_NUM_THREADS"] == "5"
+
+
+def read_steps(job: Job) -> list[int]:
+    return [json.loads(line)["step"] for line in (job.output_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
+    """Two real train subprocesses in parallel plus one that fails; a second launch re-runs nothing."""
+    kw = dict(n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir=tiny_folder, output_dir=tmp_path / "sweep",
+              steps=3, checkpoint_freq=2, extra={"image_size": 16, "num_workers": 0, "device": "cpu"})
+    jobs = make_jobs(["ImageFolder"], ["ERM"], **kw)
+    bad = Job({**jobs[0].args, "data_dir": str(tmp_path / "missing")}, tmp_path / "sweep")
+    assert sweep("launch", [*jobs, bad], "local", n_parallel=2, skip_confirmation=True) == 1
+    out = capsys.readouterr().out
+    assert "2 of 3 jobs finished, 1 failed." in out
+    assert f"{bad.output_dir / 'err.txt'}:\n      error: data folder" in out
+    assert "does not exist; pass --data-dir" in " ".join(out.split())  # rich wraps the message at 80 columns
+    assert [j.state for j in jobs] == [DONE, DONE] and bad.state == INCOMPLETE
+    for job in jobs:
+        assert read_steps(job) == [0, 2]
+        record = json.loads((job.output_dir / "results.jsonl").read_text().splitlines()[-1])
+        assert (record["args"]["seed"], record["args"]["test_envs"]) == (job.args["seed"], job.args["test_envs"])
+        assert (job.output_dir / "model.safetensors").exists() and (job.output_dir / "out.txt").exists()
+
+    again = make_jobs(["ImageFolder"], ["ERM"], **kw)
+    assert sweep("launch", again, "local", n_parallel=2, skip_confirmation=True) == 0
+    assert "Nothing to launch: all 2 jobs are done." in capsys.readouterr().out
+    assert [read_steps(j) for j in again] == [[0, 2], [0, 2]]
+    with pytest.raises(UserError, match=r"1 job\(s\) are incomplete"):
+        sweep("launch", [*again, bad], "local", skip_confirmation=True)
+
+
+def test_cli_list_prints_counts(tmp_path):
+    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, single_test_envs=True, data_dir="data",
+                     output_dir=tmp_path)
+    mark(jobs, done=2, incomplete=1)
+    result = CliRunner().invoke(app, ["sweep", "list", "--datasets", "DigitsDG", "--algorithms", "ERM",
+                                      "--output-dir", str(tmp_path), "--n-hparams", "2", "--n-trials", "1",
+                                      "--single-test-envs"])
+    assert result.exit_code == 0, result.output
+    counts = dict(re.findall(r"^(Done|Incomplete|Not launched|total)\s+(\d+)$", result.output, re.M))
+    assert counts == {"Done": "2", "Incomplete": "1", "Not launched": "5", "total": "8"}
+    assert result.output.count("DigitsDG ERM test_envs=") == 8
