@@ -1,0 +1,65 @@
+"""Shared by the benchmark scripts: machine description, running CLI commands, writing dated reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REPORTS = REPO / "benchmarks" / "reports"
+CLI = [sys.executable, "-m", "domainfusion"]
+
+
+def machine() -> str:
+    """One line naming the CPU/GPU, core count and library versions the numbers were measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def run(args: list[str]) -> tuple[str, float]:
+    """Run a domainfusion CLI command, echoing it; return (stdout, wall seconds). Fails loudly on error."""
+    cmd = CLI + args
+    print("+", shlex.join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+    return proc.stdout, time.time() - start
+
+
+def write_report(name: str, command: str, body: str) -> Path:
+    """benchmarks/reports/<date>-<name>.md with the exact command, machine and commit above the results."""
+    today = dt.date.today().isoformat()
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / f"{today}-{name}.md"
+    header = (
+        f"# {name} ({today})\n\n"
+        f"- command: `{command}`\n- machine: {machine()}\n- commit: {git_commit()}\n\n"
+    )
+    path.write_text(header + body)
+    print(f"wrote {path}")
+    return path
