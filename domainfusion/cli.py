@@ -93,7 +93,7 @@ def sweep_command(
     checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
     holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
     single_test_envs: bool = typer.Option(False, help="Only single held-out domains (default also adds every pair)."),
-    test_envs: Optional[str] = typer.Option(None, help="Explicit held-out sets, ';'-separated, e.g. '0;1;2' or '0,1;2'."),
+    test_envs: Optional[str] = typer.Option(None, help="Explicit held-out sets, e.g. '0;1;2' or '0,1;2'."),
     hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams in every job."),
     launcher: str = typer.Option("local", help="local (subprocesses on this machine) or dummy (print commands)."),
     n_parallel: int = typer.Option(1, help="Jobs run at once by the local launcher; CPU threads are split evenly."),

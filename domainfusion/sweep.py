@@ -41,7 +41,8 @@ _GRID_FIELDS = {
     "dataset", "algorithm", "test_envs", "data_dir", "output_dir", "hparams", "hparams_seed", "trial_seed", "seed",
     "steps", "checkpoint_freq", "holdout_fraction",
 }
-EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _GRID_FIELDS | {"progress", "overwrite"})
+_NEVER = _GRID_FIELDS | {"progress", "overwrite"}
+EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _NEVER)
 # Where a job runs does not change its result, so these stay out of the folder hash: a sweep started on one machine
 # can be resumed with another --device or --num-workers and still find its finished jobs.
 RUNTIME_ONLY = ("device", "num_workers")

