@@ -1,0 +1,313 @@
+"""One frozen latent diffusion model behind one small API, whatever its size.
+
+DomainFusion needs four things from an LDM: the VAE (encode with a gradient path for latent distillation, decode for
+augmentation), the forward noising process, one UNet noise prediction, and SDEdit image-to-image. `LatentDiffusion`
+provides exactly these for any Stable Diffusion 1.x/2.x folder in diffusers format *and* for our embedded tiny LDM,
+which has the same layout (model_index.json + vae/ unet/ text_encoder/ tokenizer/ scheduler/) with a BERT text
+encoder instead of CLIP. The component classes come from model_index.json, so neither model is special-cased.
+
+What it must not do: train or fine-tune anything (every module is frozen; the paper's point is one shared, frozen
+LDM), or reimplement diffusers' sampling loops (img2img and text-to-image run diffusers' own pipelines, composed from
+these same components).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionPipeline)
+
+from domainfusion.errors import UserError
+
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work
+PIXEL_TOLERANCE = 1e-3  # resizing/normalising pipelines overshoot [0, 1] by rounding errors
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class LatentDiffusion:
+    """A frozen Stable-Diffusion-style LDM: VAE + text-conditioned UNet + text encoder + noise schedule.
+
+    `scheduler` is the training (noising) schedule, always a `DDPMScheduler` built from the model's scheduler config,
+    the way diffusers' own training scripts do; sampling uses DDIM schedulers built from the same config.
+    Latents are "scaled" latents (posterior × `scaling_factor`), the space the UNet was trained in.
+    """
+
+    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if vae.config.latent_channels != 4:
+            raise UserError(f"the VAE has {vae.config.latent_channels} latent channels; LatentDiffusion supports the "
+                            "Stable Diffusion 1.x/2.x layout with 4 (diffusers' img2img pipeline assumes 4)")
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+            raise UserError(f"the text encoder's hidden size ({text_encoder.config.hidden_size}) does not match the "
+                            f"UNet's cross_attention_dim ({unet.config.cross_attention_dim}): the components do not "
+                            "belong to the same model")
+        for module in (vae, unet, text_encoder):
+            # nn.Module.to: diffusers' override (0.42) warns on every dtype cast, even with no fp32-only submodules.
+            torch.nn.Module.to(module.requires_grad_(False).eval(), self.device, self.dtype)
+        self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
+        # A private DDPM copy, so pipelines and callers never mutate the schedule the LD loss relies on. clip_sample
+        # and steps_offset (which only affect sampling) get the values StableDiffusionPipeline would otherwise force
+        # with a deprecation warning, so saved folders load warning-free in plain diffusers too.
+        self.scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=False, steps_offset=1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_size = int(unet.config.sample_size) * self.vae_scale_factor
+        self.latent_channels = int(vae.config.latent_channels)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._pipelines: dict[type, DiffusionPipeline] = {}
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "auto",
+                        dtype: torch.dtype | None = None) -> "LatentDiffusion":
+        """Load a diffusers-format LDM from a local folder or a Hugging Face Hub id.
+
+        Each component is loaded by the class model_index.json names (CLIPTextModel for Stable Diffusion, BertModel
+        for the embedded LDM) with its own `from_pretrained(..., subfolder=...)`; no pipeline object is built, so
+        unused components (safety checker, feature extractor) are never loaded or downloaded.
+        """
+        path = Path(path_or_id)
+        if path.is_dir():
+            index = _read_local_index(path)
+        elif path.exists():
+            raise UserError(f"'{path}' is a file; expected a diffusers model folder (model_index.json, "
+                            f"{', '.join(c + '/' for c in COMPONENTS)})")
+        elif HUB_ID.match(str(path_or_id)):
+            try:
+                index = DiffusionPipeline.load_config(str(path_or_id))
+            except OSError as e:
+                reason = str(e).split("\n")[0]
+                raise UserError(f"'{path_or_id}' is neither a local folder nor a reachable Hugging Face Hub model id "
+                                f"({type(e).__name__}: {reason})") from e
+            missing = [c for c in COMPONENTS if not _declared(index, c)]
+            if missing:
+                raise UserError(f"hub model '{path_or_id}' is not a Stable-Diffusion-style LDM: model_index.json "
+                                f"declares no {', '.join(missing)}")
+        else:
+            raise UserError(f"model folder '{path}' does not exist")
+        components = {name: _load_component(str(path_or_id), name, index[name]) for name in COMPONENTS}
+        return cls(**components, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a diffusers folder (safetensors) that both `from_pretrained` and diffusers' pipelines can read."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        index: dict[str, object] = {"_class_name": StableDiffusionPipeline.__name__,
+                                    "_diffusers_version": diffusers.__version__}
+        for name in COMPONENTS:
+            component = getattr(self, name)
+            component.save_pretrained(path / name)
+            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ VAE
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Reject anything but a float (B, 3, image_size, image_size) batch in [0, 1]: the VAE silently misbehaves
+        on other ranges and the UNet on other sizes."""
+        s = self.image_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise UserError(f"expected an image batch of shape (B, 3, {s}, {s}), got {shape}")
+        if images.shape[0] == 0:
+            raise UserError("expected a non-empty image batch")
+        if tuple(images.shape[2:]) != (s, s):
+            raise UserError(f"this latent diffusion model works on {s}×{s} images, got "
+                            f"{images.shape[2]}×{images.shape[3]}; resize the images to {s}×{s}")
+        if not images.is_floating_point():
+            raise UserError(f"expected float images in [0, 1], got dtype {images.dtype}")
+        lo, hi = images.detach().aminmax()
+        if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
+            raise UserError(f"expected image values in [0, 1], got range [{lo.item():.3g}, {hi.item():.3g}]")
+
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """Images in [0, 1] → scaled latents (posterior mean, or a posterior sample), in `self.dtype`.
+
+        Keeps the autograd graph when `images` require grad: latent distillation backpropagates into the classifier
+        through this call (the VAE's own parameters stay frozen).
+        """
+        self.check_images(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            x = images.to(self.device, self.dtype) * 2 - 1
+            posterior = self.vae.encode(x).latent_dist
+            z = posterior.sample(generator) if sample else posterior.mean
+            return z * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → float32 images in [0, 1]."""
+        x = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts → text-encoder hidden states (B, L, D), each distinct string encoded once per model instance.
+
+        Like diffusers' `encode_prompt`, an attention mask is passed only if the text encoder's config sets
+        `use_attention_mask` (Stable Diffusion's CLIP was trained without one).
+        """
+        if isinstance(prompts, str) or len(prompts) == 0:
+            raise UserError("expected a non-empty list of prompt strings")
+        new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if new:
+            tokens = self.tokenizer(new, padding="max_length", truncation=True, return_tensors="pt",
+                                    max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS))
+            mask = tokens.attention_mask.to(self.device)
+            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+            hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
+            self._prompt_cache.update((p, h[None].to(self.dtype)) for p, h in zip(new, hidden))
+        return torch.cat([self._prompt_cache[p] for p in prompts])
+
+    # ------------------------------------------------------------------ diffusion
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process z_t = √ᾱ_t z + √(1−ᾱ_t) ε (differentiable in `latents`)."""
+        return self.scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                      guidance_scale: float = 1.0, uncond_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's ε̂(z_t; prompt, t), with classifier-free guidance when `guidance_scale` > 1.
+
+        Always returns ε, converting v- or x₀-prediction models (SD 2.x 768 is v-prediction) so that the LD loss
+        means the same thing for every model. Differentiable in `noisy_latents` when it requires grad.
+        """
+        needs_grad = noisy_latents.requires_grad or prompt_embeds.requires_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            z = noisy_latents.to(self.device, self.dtype)
+            t = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(z.shape[0])
+            cond = prompt_embeds.to(self.device, self.dtype)
+            if guidance_scale > 1:
+                uncond = self.encode_prompts([""]) if uncond_embeds is None else uncond_embeds
+                embeds = torch.cat([uncond.to(self.device, self.dtype).expand_as(cond), cond])
+                out_uncond, out_cond = self.unet(torch.cat([z, z]), torch.cat([t, t]), embeds).sample.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            else:
+                out = self.unet(z, t, cond).sample
+            return self._as_epsilon(out, z, t)
+
+    def _as_epsilon(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Convert the UNet output to ε according to the scheduler's `prediction_type`."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return out
+        a = self.alphas_cumprod[t].to(z.dtype).view(-1, 1, 1, 1)
+        if kind == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * z
+        if kind == "sample":
+            return (z - a.sqrt() * out) / (1 - a).sqrt()
+        raise UserError(f"unsupported scheduler prediction_type '{kind}' (expected epsilon, v_prediction or sample)")
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def img2img(self, images: torch.Tensor, prompts: list[str], strength: float = 0.5, num_inference_steps: int = 20,
+                guidance_scale: float = 1.0, seed: int | None = 0, batch_size: int = 64) -> torch.Tensor:
+        """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt; [0, 1] → [0, 1].
+
+        Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
+        converges to `decode(encode(images))`. As in diffusers, only int(num_inference_steps · strength) steps run;
+        when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`,
+        so results do not depend on `batch_size`.
+        """
+        if not 0 <= strength <= 1:
+            raise UserError(f"img2img strength must be in [0, 1], got {strength}")
+        if len(prompts) != len(images):
+            raise UserError(f"img2img needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
+        self.check_images(images)
+        pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
+        out = []
+        for start in range(0, len(images), batch_size):
+            latents = self.encode(images[start:start + batch_size])
+            if int(num_inference_steps * strength) > 0:
+                latents = pipe(image=latents, strength=strength, num_inference_steps=num_inference_steps,
+                               **self._pipeline_args(prompts[start:start + batch_size], start, guidance_scale, seed))[0]
+            out.append(self.decode(latents))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], num_inference_steps: int = 50, guidance_scale: float = 1.0,
+               seed: int | None = 0, batch_size: int = 64) -> torch.Tensor:
+        """Text-to-image with diffusers' `StableDiffusionPipeline` (DDIM): images in [0, 1], image i seeded seed + i."""
+        if not prompts:
+            raise UserError("sample needs a non-empty list of prompts")
+        pipe = self._pipeline(StableDiffusionPipeline)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            latents = pipe(height=self.image_size, width=self.image_size, num_inference_steps=num_inference_steps,
+                           **self._pipeline_args(prompts[start:start + batch_size], start, guidance_scale, seed))[0]
+            out.append(self.decode(latents))
+        return torch.cat(out)
+
+    def _pipeline_args(self, prompts: list[str], offset: int, guidance_scale: float, seed: int | None) -> dict:
+        """Arguments shared by both pipelines: precomputed embeddings (no tokenizer round trip, cache reused),
+        per-image generators, and latent output (decoded by `decode`, so both paths share one decoder)."""
+        embeds = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""]).expand_as(embeds) if guidance_scale > 1 else None
+        generators = None if seed is None else [torch.Generator().manual_seed(seed + offset + i)
+                                                 for i in range(len(prompts))]
+        return dict(prompt_embeds=embeds, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
+                    generator=generators, output_type="latent", return_dict=False)
+
+    def _pipeline(self, pipeline_class: type) -> DiffusionPipeline:
+        """Build (once) a diffusers pipeline sharing this model's modules, with its own DDIM scheduler."""
+        if pipeline_class not in self._pipelines:
+            pipe = pipeline_class(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                  unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[pipeline_class] = pipe
+        return self._pipelines[pipeline_class]
+
+
+def _declared(index: dict, name: str) -> bool:
+    """Whether model_index.json declares component `name` as a [library, class] pair."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and all(entry)
+
+
+def _read_local_index(path: Path) -> dict:
+    """Read and validate a local folder's model_index.json, naming everything that is missing."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"'{path}' is not a diffusers latent diffusion model folder: model_index.json is missing "
+                        f"(expected model_index.json and {', '.join(c + '/' for c in COMPONENTS)})")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{index_file}' is not valid JSON: {e}") from e
+    missing = [f"{c}/" for c in COMPONENTS if not (_declared(index, c) and (path / c).is_dir())]
+    if missing:
+        raise UserError(f"'{path}' is not a complete diffusers latent diffusion model folder: missing "
+                        f"{', '.join(missing)} (a Stable-Diffusion-style folder has model_index.json and "
+                        f"{', '.join(c + '/' for c in COMPONENTS)})")
+    return index
+
+
+def _load_component(path_or_id: str, name: str, entry: list[str]):
+    """Load one component with the class model_index.json names for it."""
+    library, class_name = entry
+    try:
+        component_class = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"model_index.json declares {name} as {library}.{class_name}, which this environment "
+                        f"cannot import ({e})") from e
+    try:
+        return component_class.from_pretrained(path_or_id, subfolder=name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {name}/ of '{path_or_id}' as {class_name}: {e}") from e

@@ -1,0 +1,249 @@
+"""LatentDiffusion on tiny random models of the real classes: an embedded-shaped one (BERT text encoder) and a
+Stable-Diffusion-1.x-shaped one (CLIP), both loaded through the same `from_pretrained` path, fully offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from domainfusion.errors import UserError
+from domainfusion.ldm import LatentDiffusion
+
+BERT_VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] a photo of the dog cat house sketch painting ##s".split()
+# The tiny byte-level BPE vocabulary of transformers' own CLIP tokenizer tests.
+CLIP_VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "low</w>",
+              "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    """A seeded batch of random 32×32 RGB images in [0, 1]."""
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_vae_unet(cross_attention_dim: int = 32) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """An f=4 VAE (32×32 images → 8×8×4 latents) and a two-level cross-attention UNet on those latents.
+
+    The VAE's scaling factor gives unit-variance latents, as Stable Diffusion's 0.18215 does for its VAE; with the
+    default, noise would swamp the latents at any img2img strength.
+    """
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
+                        sample_size=32)
+    with torch.no_grad():
+        vae.register_to_config(scaling_factor=1 / vae.encode(images(8) * 2 - 1).latent_dist.mean.std().item())
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
+    return vae, unet
+
+
+def bert_components(tmp: Path, **scheduler_kwargs) -> dict:
+    """Embedded-LDM-shaped components: BERT text encoder + WordPiece tokenizer, DDPM schedule."""
+    vae, unet = tiny_vae_unet()
+    vocab = tmp / "vocab.txt"
+    vocab.write_text("\n".join(BERT_VOCAB) + "\n")
+    text_encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=37, vocab_size=len(BERT_VOCAB), use_attention_mask=True))
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder,
+                tokenizer=BertTokenizer(str(vocab), model_max_length=16),
+                scheduler=DDPMScheduler(num_train_timesteps=1000, **scheduler_kwargs))
+
+
+def clip_components(tmp: Path) -> dict:
+    """Stable-Diffusion-1.x-shaped components: CLIP text encoder + BPE tokenizer (77 tokens)."""
+    vae, unet = tiny_vae_unet()
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(CLIP_VOCAB)}))
+    (tmp / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+                              pad_token="<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=2, vocab_size=len(CLIP_VOCAB), projection_dim=32,
+                                                max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
+                                                pad_token_id=22))
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine OpenMP spin-waiting makes them ~50× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bert")
+    LatentDiffusion(**bert_components(tmp), device="cpu").save_pretrained(tmp / "ldm")
+    return tmp / "ldm"
+
+
+@pytest.fixture(scope="module")
+def ldm(bert_folder: Path) -> LatentDiffusion:
+    return LatentDiffusion.from_pretrained(bert_folder, device="cpu")
+
+
+def test_attributes(ldm: LatentDiffusion) -> None:
+    assert (ldm.image_size, ldm.vae_scale_factor, ldm.latent_channels) == (32, 4, 4)
+    assert ldm.device == torch.device("cpu") and ldm.dtype == torch.float32
+    assert ldm.num_train_timesteps == 1000 and ldm.alphas_cumprod.shape == (1000,)
+    assert ldm.scaling_factor == ldm.vae.config.scaling_factor
+    assert type(ldm.text_encoder) is BertModel
+    assert not any(p.requires_grad for m in (ldm.vae, ldm.unet, ldm.text_encoder) for p in m.parameters())
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    original = LatentDiffusion(**bert_components(tmp_path), device="cpu")
+    original.save_pretrained(tmp_path / "copy")
+    copy = LatentDiffusion.from_pretrained(tmp_path / "copy", device="cpu")
+    x, t = images(2), torch.tensor([10, 900])
+    z, noise = original.encode(x), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(copy.encode(x), z)
+    prompts = ["a photo of a dog", "a cat"]
+    assert torch.equal(copy.encode_prompts(prompts), original.encode_prompts(prompts))
+    zt = original.add_noise(z, noise, t)
+    assert torch.equal(copy.add_noise(z, noise, t), zt)
+    embeds = original.encode_prompts(prompts)
+    assert torch.equal(copy.predict_noise(zt, t, embeds), original.predict_noise(zt, t, embeds))
+
+
+def test_encode_decode_shapes_and_posterior_mean(ldm: LatentDiffusion) -> None:
+    x = images(3)
+    z = ldm.encode(x)
+    assert z.shape == (3, 4, 8, 8) and z.grad_fn is None
+    expected = ldm.vae.encode(x * 2 - 1).latent_dist.mean * ldm.scaling_factor
+    torch.testing.assert_close(z, expected)
+    sampled = ldm.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled, z)
+    assert torch.equal(sampled, ldm.encode(x, sample=True, generator=torch.Generator().manual_seed(0)))
+    out = ldm.decode(z)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_prompt_embeddings_are_cached(bert_folder: Path) -> None:
+    ldm = LatentDiffusion.from_pretrained(bert_folder, device="cpu")
+    with mock.patch.object(ldm.text_encoder, "forward", wraps=ldm.text_encoder.forward) as forward:
+        first = ldm.encode_prompts(["a photo of a dog", "a photo of a dog"])
+        second = ldm.encode_prompts(["a photo of a dog"])
+    assert forward.call_count == 1
+    assert first.shape == (2, 16, 32) and torch.equal(first[1:], second)
+
+
+def test_predict_noise_guidance_and_prediction_types(tmp_path: Path, ldm: LatentDiffusion) -> None:
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
+    cond = ldm.encode_prompts(["a photo of a dog", "a sketch of a cat"])
+    plain = ldm.predict_noise(z, t, cond)
+    assert not torch.allclose(ldm.predict_noise(z, t, cond, guidance_scale=3.0), plain)
+    # ε_u + s(ε_c − ε_u) with ε_u = ε_c is ε_c: guidance mixes exactly the two predictions.
+    torch.testing.assert_close(ldm.predict_noise(z, t, cond, guidance_scale=3.0, uncond_embeds=cond), plain)
+    v_model = LatentDiffusion(**bert_components(tmp_path, prediction_type="v_prediction"), device="cpu")
+    v = v_model.unet(z, t, cond).sample
+    a = v_model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v_model.predict_noise(z, t, cond), a.sqrt() * v + (1 - a).sqrt() * z)
+
+
+def test_gradient_reaches_images_not_parameters(ldm: LatentDiffusion) -> None:
+    x = images(2).requires_grad_()
+    z = ldm.encode(x)
+    zt = ldm.add_noise(z, torch.randn_like(z), torch.tensor([50, 500]))
+    eps = ldm.predict_noise(zt, torch.tensor([50, 500]), ldm.encode_prompts(["a dog", "a cat"]))
+    (z.square().sum() + eps.square().sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for p in (*ldm.vae.parameters(), *ldm.unet.parameters()):
+        assert p.grad is None and not p.requires_grad
+
+
+def test_img2img_strength_semantics(ldm: LatentDiffusion) -> None:
+    x, prompts = images(4), ["a photo of a dog"] * 4
+    reconstruction = ldm.decode(ldm.encode(x))
+    assert torch.equal(ldm.img2img(x, prompts, strength=0.0), reconstruction)
+    # 20 steps × 0.04 → int(0.8) = 0 denoising steps: diffusers would fail, we return the reconstruction.
+    assert torch.equal(ldm.img2img(x, prompts, strength=0.04, num_inference_steps=20), reconstruction)
+    changes = [(ldm.img2img(x, prompts, strength=s, num_inference_steps=10) - reconstruction).abs().mean().item()
+               for s in (0.2, 0.6, 1.0)]
+    assert 0 < changes[0] < changes[1] < changes[2]
+
+
+def test_img2img_seeding(ldm: LatentDiffusion) -> None:
+    x, prompts = images(4), ["a photo of a dog", "a cat", "a house", "a dog"]
+    kwargs = dict(strength=0.7, num_inference_steps=5, guidance_scale=2.0)
+    out = ldm.img2img(x, prompts, seed=3, **kwargs)
+    assert out.shape == (4, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(ldm.img2img(x, prompts, seed=3, **kwargs), out)
+    assert not torch.allclose(ldm.img2img(x, prompts, seed=4, **kwargs), out)
+    torch.testing.assert_close(ldm.img2img(x, prompts, seed=3, batch_size=3, **kwargs), out, atol=1e-5, rtol=1e-4)
+
+
+def test_sample(ldm: LatentDiffusion) -> None:
+    out = ldm.sample(["a photo of a dog", "a cat", "a house"], num_inference_steps=3, guidance_scale=2.0, seed=0,
+                     batch_size=2)
+    assert out.shape == (3, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    torch.testing.assert_close(ldm.sample(["a photo of a dog"], num_inference_steps=3, guidance_scale=2.0, seed=0),
+                               out[:1], atol=1e-5, rtol=1e-4)
+
+
+def test_stable_diffusion_shaped_folder_loads_through_same_path(tmp_path: Path) -> None:
+    original = LatentDiffusion(**clip_components(tmp_path), device="cpu")
+    original.save_pretrained(tmp_path / "sd")
+    ldm = LatentDiffusion.from_pretrained(tmp_path / "sd", device="cpu")
+    assert type(ldm.text_encoder) is CLIPTextModel and isinstance(ldm.tokenizer, CLIPTokenizer)
+    embeds = ldm.encode_prompts(["lower newer", "wider"])
+    assert embeds.shape == (2, 77, 32) and torch.equal(embeds, original.encode_prompts(["lower newer", "wider"]))
+    x = images(2)
+    assert torch.equal(ldm.encode(x), original.encode(x))
+    out = ldm.img2img(x, ["lower", "wider"], strength=0.5, num_inference_steps=4, guidance_scale=2.0)
+    assert out.shape == (2, 3, 32, 32)
+    # The folder is an ordinary diffusers Stable Diffusion folder too.
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.text_encoder) is CLIPTextModel
+
+
+@pytest.mark.parametrize("remove, message", [("unet", "missing unet/"), ("model_index.json", "model_index.json")])
+def test_incomplete_folder(tmp_path: Path, bert_folder: Path, remove: str, message: str) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_folder, broken)
+    target = broken / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(UserError, match=message):
+        LatentDiffusion.from_pretrained(broken, device="cpu")
+
+
+def test_missing_folder_and_unreachable_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        LatentDiffusion.from_pretrained(tmp_path / "no" / "such" / "model", device="cpu")
+    offline = OSError("someone/model does not appear to have a file named model_index.json.")
+    with mock.patch.object(DiffusionPipeline, "load_config", side_effect=offline):
+        with pytest.raises(UserError, match="'someone/model' is neither a local folder nor a reachable"):
+            LatentDiffusion.from_pretrained("someone/model", device="cpu")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(2, 3, 16, 16), "32×32"),
+    (torch.rand(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
+    (torch.rand(2, 3, 32, 32) * 255, r"\[0, 1\]"),
+    (torch.rand(2, 3, 32, 32) * 2 - 1, r"\[0, 1\]"),
+])
+def test_bad_images(ldm: LatentDiffusion, bad: torch.Tensor, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        ldm.encode(bad)
+
+
+def test_bad_arguments(ldm: LatentDiffusion) -> None:
+    with pytest.raises(UserError, match="non-empty list of prompt"):
+        ldm.encode_prompts([])
+    with pytest.raises(UserError, match=r"strength must be in \[0, 1\], got 1.5"):
+        ldm.img2img(images(2), ["a dog"] * 2, strength=1.5)
+    with pytest.raises(UserError, match="one prompt per image"):
+        ldm.img2img(images(2), ["a dog"], strength=0.5)
