@@ -103,3 +103,13 @@ def test_datasets_show_writes_a_grid(tiny_folder: Path, tmp_path: Path):
     w, h = Image.open(out).size
     assert w > h > 0  # 4 columns (2 classes × 2) by 3 rows
     assert "ERM" in ALGORITHMS
+
+
+def test_tensorboard_scalars_are_written(tiny_folder: Path, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_args(tiny_folder, tmp_path / "run", steps=3, checkpoint_freq=2, skip_model_save=True, tensorboard=True))
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "env0_in_acc", "env2_out_acc", "step_time"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("env0_in_acc")] == [0, 2]
