@@ -14,6 +14,8 @@ from .errors import UserError
 app = typer.Typer(help="Diffusion-powered domain generalization with DomainBed-exact evaluation.", no_args_is_help=True)
 datasets_app = typer.Typer(help="List datasets and look at them.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+ldm_app = typer.Typer(help="Train, sample and inspect latent diffusion models.", no_args_is_help=True)
+app.add_typer(ldm_app, name="ldm")
 console = Console(stderr=True)
 
 DATA_DIR_HELP = "Folder holding the datasets (DomainBed layout: DATA_DIR/PACS/<domain>/<class>/...)."
@@ -213,6 +215,124 @@ def datasets_extract_minis(
         f"use: --dataset PACS --data-dir {dest} --allow-missing-classes, or "
         f"--dataset ImageFolder --data-dir {dest / 'VLCS-mini'} --allow-missing-classes"
     )
+
+
+def _load_ldm(model: str, data_dir: Path, device: str):
+    """'embedded' = the shipped tiny LDM (materialised under DATA_DIR); otherwise a diffusers folder or hub id."""
+    from .ldm import LatentDiffusion
+    from .ldm.embedded import embedded_ldm_path
+
+    path = embedded_ldm_path(data_dir) if model == "embedded" else model
+    return LatentDiffusion.from_pretrained(path, device=device)
+
+
+@ldm_app.command("train")
+def ldm_train(
+    output_dir: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, samples/, and the final ldm/."),
+    preset: Optional[str] = typer.Option(None, help="'embedded': the embedded LDM's recipe on the digit corpus."),
+    data: str = typer.Option("corpus", help="'corpus' (style-diverse MNIST-train digits) or a dataset name."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    envs: Optional[str] = typer.Option(None, help="Dataset environments to train on, e.g. '0,2' (default: all)."),
+    init_from: Optional[str] = typer.Option(None, help="LDM folder or hub id to fine-tune (default: from scratch)."),
+    vae_steps: Optional[int] = typer.Option(None, help="VAE steps (0 keeps the initial VAE)."),
+    unet_steps: Optional[int] = typer.Option(None, help="UNet steps."),
+    config: Optional[str] = typer.Option(None, help="JSON object of further LDMTrainConfig fields."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in OUTPUT_DIR."),
+    install: bool = typer.Option(False, help="Copy the trained VAE/UNet/scheduler into the package's weights."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+) -> None:
+    """Train an LDM (VAE stage, then UNet on cached latents), resumable, with sample grids."""
+    import dataclasses
+
+    from .ldm.embedded import export_embedded_weights
+    from .ldm.training import PRESETS, LDMTrainConfig, train_ldm
+
+    fields = {f.name for f in dataclasses.fields(LDMTrainConfig)}
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"--preset {preset!r} is unknown; known presets: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config:
+        try:
+            extra = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config is not valid JSON ({e})") from None
+        unknown = sorted(set(extra) - fields)
+        if unknown:
+            raise UserError(f"--config has unknown key(s) {unknown}; known: {sorted(fields)}")
+        values.update(extra)
+    values.update(output_dir=str(output_dir), data_dir=str(data_dir), resume=resume, device=device)
+    if preset is None or data != "corpus":
+        values["data"] = data
+    if envs is not None:
+        values["envs"] = _parse_envs(envs)
+    for key, value in (("init_from", init_from), ("vae_steps", vae_steps), ("unet_steps", unet_steps)):
+        if value is not None:
+            values[key] = value
+    folder = train_ldm(LDMTrainConfig(**values))
+    console.print(f"[green]done[/green]: LDM folder {folder}")
+    if install:
+        console.print(f"installed weights into {export_embedded_weights(folder)}")
+
+
+@ldm_app.command("sample")
+def ldm_sample(
+    prompts: list[str] = typer.Argument(..., help="Prompts, one grid row each."),
+    model: str = typer.Option("embedded", help="'embedded', a diffusers LDM folder, or a hub id."),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid path."),
+    n_seeds: int = typer.Option(8, help="Columns: samples per prompt."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+    seed: int = typer.Option(0, help="Seed of the first column."),
+    data_dir: Path = typer.Option(Path("data"), help="Where the embedded LDM is materialised."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+) -> None:
+    """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
+    from .ldm.grids import sample_grid
+
+    ldm = _load_ldm(model, data_dir, device)
+    path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    console.print(f"wrote {path}")
+
+
+@ldm_app.command("img2img")
+def ldm_img2img(
+    dataset: str = typer.Option("DigitsDG", help="Dataset whose images are translated."),
+    env: int = typer.Option(0, help="Environment index to take images from."),
+    n_images: int = typer.Option(8, help="Rows: images (seeded random picks)."),
+    strengths: str = typer.Option("0.0,0.3,0.5,0.7,0.9", help="Columns: SDEdit strengths."),
+    prompt_template: str = typer.Option("a photo of the digit {cls}", help="Prompt per image; {cls} = class name."),
+    model: str = typer.Option("embedded", help="'embedded', a diffusers LDM folder, or a hub id."),
+    out: Path = typer.Option(Path("img2img.png"), help="PNG grid path."),
+    steps: int = typer.Option(25, help="DDIM steps at strength 1."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+    seed: int = typer.Option(0, help="Seed."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+) -> None:
+    """Image-to-image grid: rows = dataset images, columns = input then one output per strength."""
+    import torch
+
+    from . import hparams as registry
+    from .data import get_dataset
+    from .ldm.grids import img2img_grid
+
+    try:
+        values = [float(s) for s in strengths.split(",")]
+    except ValueError:
+        raise UserError(f"--strengths takes numbers like '0.3,0.5', got {strengths!r}") from None
+    ldm = _load_ldm(model, data_dir, device)
+    hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
+    ds = get_dataset(dataset, data_dir, [env], hp, allow_missing_classes, image_size=ldm.image_size)
+    picks = torch.randperm(len(ds[env]), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
+    images = torch.stack([ds[env][i][0] for i in picks])
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    prompts = [prompt_template.format(cls=ds.class_names[int(ds[env][i][1])]) for i in picks]
+    path = img2img_grid(ldm, images, prompts, values, out, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    console.print(f"wrote {path}")
 
 
 def main() -> None:

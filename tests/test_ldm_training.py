@@ -270,3 +270,27 @@ def test_embedded_ldm_path_materializes_installed_weights(trained, tmp_path):
     stamp = (folder / "model_index.json").stat().st_mtime_ns
     assert embedded_ldm_path(tmp_path / "cache", weights_dir=weights) == folder
     assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_sample_and_img2img_grids(trained, tiny_folder, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from domainfusion.cli import app
+
+    folder = str(trained[1])
+    runner = CliRunner()
+    res = runner.invoke(app, ["ldm", "sample", "a photo of the digit 1", "a photo of the digit 2", "--model", folder,
+                              "--out", str(tmp_path / "s.png"), "--n-seeds", "3", "--steps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    sample_size = Image.open(tmp_path / "s.png").size
+    res = runner.invoke(app, ["ldm", "img2img", "--model", folder, "--dataset", "ImageFolder", "--data-dir",
+                              str(tiny_folder), "--n-images", "2", "--strengths", "0,0.5,1", "--steps", "2",
+                              "--out", str(tmp_path / "i.png"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    w, h = Image.open(tmp_path / "i.png").size
+    # 2 prompts × 3 seeds vs 2 images × (input + 3 strengths): same height, one more column
+    assert h == sample_size[1] and w > sample_size[0]
+    res = runner.invoke(app, ["ldm", "img2img", "--model", folder, "--dataset", "ImageFolder", "--data-dir",
+                              str(tiny_folder), "--strengths", "0.5,x", "--device", "cpu"])
+    assert res.exit_code != 0 and "--strengths" in str(res.exception)

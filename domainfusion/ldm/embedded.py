@@ -178,7 +178,8 @@ def _weights_digest(weights_dir: Path) -> str:
     if missing:
         raise UserError(
             f"the embedded LDM weights are not installed ({weights_dir} lacks {', '.join(missing)}). Run "
-            "`domainfusion ldm train --preset embedded` (about 45 min on a CPU) or reinstall domainfusion."
+            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 45 min on a CPU) or "
+            "reinstall domainfusion."
         )
     h = hashlib.sha256()
     for c in WEIGHT_COMPONENTS:
