@@ -105,6 +105,7 @@ def sweep_command(
     image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
+    pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ... for every job."),
 ) -> None:
     """Run a DomainBed sweep: every (trial, dataset, algorithm, held-out set, hparams seed) as one train job."""
@@ -119,7 +120,8 @@ def sweep_command(
         single_test_envs=single_test_envs, test_envs=_parse_env_sets(test_envs) if test_envs else None,
         hparams=hparams,
         extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
-               "eval_train_in": eval_train_in, "num_workers": num_workers, "device": device},
+               "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
+               "device": device},
     )
     failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete)
     if failed:
@@ -146,8 +148,10 @@ def results(
     records = load_records(sweep_dir)
     if not records:
         raise UserError(f"no results.jsonl records under {sweep_dir}; run `domainfusion train` or `sweep` first")
-    env_names = {r["args"]["dataset"]: _env_names(r) for r in records}
-    env_names.update({n: list(dataset_class(n).ENVIRONMENTS) for n in DATASETS if dataset_class(n).ENVIRONMENTS})
+    # Registry order first (as DomainBed's tables), then datasets only the records know (image folders).
+    env_names = {n: list(dataset_class(n).ENVIRONMENTS) for n in DATASETS if dataset_class(n).ENVIRONMENTS}
+    for r in records:
+        env_names.setdefault(r["args"]["dataset"], _env_names(r))
     method = SELECTION_METHODS[selection]
     text = results_table(records, method, latex=latex, env_names=env_names, algorithm_order=list(ALGORITHMS), strict=strict)
     text = latex_document(text) if latex else text

@@ -9,6 +9,7 @@ Algorithm-specific blocks are added in `_algorithm_hparams` below, keyed by algo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,8 +46,10 @@ class HParam:
                 cast = int(value)
             else:
                 cast = kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"hparam '{self.name}' must be a {kind.__name__}, got {value!r}") from None
+            if kind is float and not math.isfinite(cast):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"hparam '{self.name}' must be a finite {kind.__name__}, got {value!r}") from None
         if self.choices is not None and cast not in self.choices:
             raise UserError(f"hparam '{self.name}'={value!r} is not one of {list(self.choices)}")
         if self.low is not None and cast < self.low or self.high is not None and cast > self.high:

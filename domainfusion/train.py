@@ -92,7 +92,7 @@ def prepare_output_dir(args: TrainArgs) -> Path:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose another folder") from None
     if (out / "done").exists() and not args.overwrite:
         raise UserError(f"{out} holds a finished run (done marker); pass --overwrite or choose another --output-dir")
-    for stale in ("results.jsonl", "done"):
+    for stale in ("results.jsonl", "done", "model.safetensors", "model.json"):
         (out / stale).unlink(missing_ok=True)
     return out
 
@@ -103,8 +103,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_args(args: TrainArgs) -> None:
+    """Numeric flags that would otherwise fail deep inside training."""
+    if not 0.0 < args.holdout_fraction < 1.0:
+        raise UserError(f"--holdout-fraction must be strictly between 0 and 1, got {args.holdout_fraction}")
+    for name in ("steps", "checkpoint_freq"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def train(args: TrainArgs) -> list[dict[str, Any]]:
     """Run training and return the checkpoint records that were written to results.jsonl."""
+    check_args(args)
     hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
     algorithm_cls = algorithm_class(args.algorithm)
     out = prepare_output_dir(args)
@@ -116,7 +127,13 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     )
     in_splits, out_splits = [], []
     for env_i, env in enumerate(dataset):
-        out_split, in_split = split_dataset(env, int(len(env) * args.holdout_fraction), seed_hash(args.trial_seed, env_i))
+        n_out = int(len(env) * args.holdout_fraction)
+        if n_out == 0 or n_out == len(env):
+            raise UserError(
+                f"environment {env_i} ({dataset.environments[env_i]}) has {len(env)} images: too few to hold out "
+                f"--holdout-fraction {args.holdout_fraction} and keep both splits non-empty"
+            )
+        out_split, in_split = split_dataset(env, n_out, seed_hash(args.trial_seed, env_i))
         in_splits.append(in_split)
         out_splits.append(out_split)
 
@@ -148,7 +165,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
 
     n_steps = args.steps or dataset.N_STEPS
     checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
-    steps_per_epoch = min(len(in_splits[i]) / hp["batch_size"] for i in train_envs)
+    steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]
     writer = _tensorboard_writer(out) if args.tensorboard else None
     atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
 

@@ -21,10 +21,12 @@ def seed_hash(*args: Any) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch global RNGs (DomainBed seeds all three before building the dataset)."""
+    """Seed python, numpy and torch global RNGs and make cuDNN deterministic, as DomainBed's train.py does."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -53,7 +53,11 @@ def test_resolve_uses_defaults_for_seed_zero_and_validates_overrides():
         registry.resolve_hparams("ERM", "PACS", 0, 0, '{"lrr": 0.01}')
     with pytest.raises(UserError, match="'resnet_dropout'=1.5 is outside"):
         registry.resolve_hparams("ERM", "PACS", 0, 0, {"resnet_dropout": 1.5})
-    with pytest.raises(UserError, match="'batch_size' must be a int"):
+    with pytest.raises(UserError, match="'batch_size' must be a finite int"):
         registry.resolve_hparams("ERM", "PACS", 0, 0, {"batch_size": 3.5})
+    with pytest.raises(UserError, match="'batch_size' must be a finite int, got inf"):
+        registry.resolve_hparams("ERM", "PACS", 0, 0, '{"batch_size": Infinity}')
+    with pytest.raises(UserError, match="'lr' must be a finite float, got nan"):
+        registry.resolve_hparams("ERM", "PACS", 0, 0, '{"lr": NaN}')
     with pytest.raises(UserError, match="not valid JSON"):
         registry.resolve_hparams("ERM", "PACS", 0, 0, "{lr: 1}")

@@ -117,5 +117,9 @@ def test_test_env_out_of_range_lists_valid_ones(tiny_folder: Path, data_dir: Pat
         get_dataset("ImageFolder", tiny_folder, [3], HP)
     with pytest.raises(UserError, match="0=\\+90%, 1=\\+80%, 2=-90%"):
         get_dataset("ColoredMNIST", data_dir, [5], HP)
+    with pytest.raises(UserError, match="leaves no training environment"):
+        get_dataset("ImageFolder", tiny_folder, [0, 1, 2], HP)
+    with pytest.raises(UserError, match="repeats an environment"):
+        get_dataset("ImageFolder", tiny_folder, [1, 1], HP)
     with pytest.raises(UserError, match="known datasets: RotatedMNIST"):
         get_dataset("PACSS", data_dir, [0], HP)

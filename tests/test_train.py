@@ -71,6 +71,20 @@ def test_unwritable_output_dir_and_unknown_algorithm(tiny_folder: Path, tmp_path
         algorithm_class("IRMM")
 
 
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"holdout_fraction": 1.0}, "strictly between 0 and 1"),
+        ({"holdout_fraction": 0.01}, "too few to hold out"),
+        ({"steps": 0}, "--steps must be at least 1"),
+        ({"checkpoint_freq": -1}, "--checkpoint-freq must be at least 1"),
+    ],
+)
+def test_bad_numeric_flags(tiny_folder: Path, tmp_path: Path, changes, match):
+    with pytest.raises(UserError, match=match):
+        train(_args(tiny_folder, tmp_path / "run", **changes))
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_folder: Path, tmp_path: Path, monkeypatch):
     def nan_update(self, minibatches):
         return {"loss": float("nan")}

@@ -42,3 +42,7 @@ def check_test_envs(test_envs: Sequence[int], environments: Sequence[str], datas
     for env in test_envs:
         if not 0 <= env < len(environments):
             raise UserError(f"--test-envs {env} is out of range for {dataset}; valid environments: {valid}")
+    if len(set(test_envs)) != len(test_envs):
+        raise UserError(f"--test-envs {list(test_envs)} repeats an environment")
+    if len(set(test_envs)) >= len(environments):
+        raise UserError(f"--test-envs {list(test_envs)} leaves no training environment; valid environments: {valid}")

@@ -101,7 +101,6 @@ def domainbed_transforms(size: int) -> tuple[transforms.Compose, transforms.Comp
 
 class MultipleEnvironmentImageFolder(MultipleDomainDataset):
     CHECKPOINT_FREQ = 300
-    N_WORKERS = 2
     SUBDIR: str = ""
     IMAGE_SIZE = 224
 

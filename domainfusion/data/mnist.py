@@ -17,6 +17,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import TensorDataset
 from torchvision.transforms import InterpolationMode
 
+from ..errors import UserError
 from .base import MultipleDomainDataset
 from .resources import load_mnist_splits
 
@@ -27,7 +28,10 @@ def load_all_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (raw / "train-images-idx3-ubyte").exists() or (raw / "train-images-idx3-ubyte.gz").exists():
         from torchvision.datasets import MNIST
 
-        tr, te = MNIST(str(root), train=True, download=False), MNIST(str(root), train=False, download=False)
+        try:
+            tr, te = MNIST(str(root), train=True, download=False), MNIST(str(root), train=False, download=False)
+        except RuntimeError as e:
+            raise UserError(f"{raw} holds an incomplete torchvision MNIST ({e}); complete or remove it") from None
         return torch.cat((tr.data, te.data)), torch.cat((tr.targets, te.targets))
     s = load_mnist_splits(root)
     images = np.concatenate([s["train"][0], s["val"][0], s["test"][0]])

@@ -5,6 +5,7 @@ Inputs are images in [0, 1]; the ResNet featurizer applies ImageNet normalisatio
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,7 +80,12 @@ class ResNet(nn.Module):
         arch = "resnet18" if hparams["resnet18"] else "resnet50"
         self.network = getattr(torchvision.models, arch)(weights=None)
         self.n_outputs = 512 if arch == "resnet18" else 2048
-        if pretrained:
+        if not pretrained:
+            warnings.warn(
+                f"{arch} starts from random weights; DomainBed's numbers use ImageNet weights (--pretrained imagenet)",
+                stacklevel=2,
+            )
+        else:
             state = load_state_dict_file(resolve_pretrained(arch, pretrained))
             missing, unexpected = self.network.load_state_dict(state, strict=False)
             if [k for k in missing if not k.startswith("fc.")] or unexpected:
