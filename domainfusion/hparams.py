@@ -57,12 +57,13 @@ class HParam:
         return cast
 
 
-def _register_all(algorithm: str, dataset: str) -> dict[str, HParam]:
-    specs: dict[str, HParam] = {}
+def specs(algorithm: str, dataset: str) -> dict[str, HParam]:
+    """All registered hparams of (algorithm, dataset), in registration order."""
+    registered: dict[str, HParam] = {}
 
     def hparam(name: str, default: Any, sample: Callable, low=None, high=None, choices=None) -> None:
-        assert name not in specs, f"hparam {name} registered twice"
-        specs[name] = HParam(name, default, sample, low, high, None if choices is None else tuple(choices))
+        assert name not in registered, f"hparam {name} registered twice"
+        registered[name] = HParam(name, default, sample, low, high, None if choices is None else tuple(choices))
 
     small = dataset in SMALL_IMAGES
     # Shared by every algorithm (DomainBed values).
@@ -83,16 +84,11 @@ def _register_all(algorithm: str, dataset: str) -> dict[str, HParam]:
         else:
             hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), 1, 4096)
     _algorithm_hparams(algorithm, dataset, hparam)
-    return specs
+    return registered
 
 
 def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
     """Algorithm-specific hyperparameters. ERM has none beyond the shared block."""
-
-
-def specs(algorithm: str, dataset: str) -> dict[str, HParam]:
-    """All registered hparams of (algorithm, dataset), in registration order."""
-    return _register_all(algorithm, dataset)
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
