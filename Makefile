@@ -29,7 +29,7 @@ test: install
 demo: install
 	$(BIN)/domainfusion datasets show DigitsDG --data-dir $(DATA) --out $(DEMO_OUT)/DigitsDG.png --per-class 2
 	$(BIN)/domainfusion train --dataset DigitsDG --algorithm ERM --test-envs 1 --data-dir $(DATA) \
-		--steps 300 --checkpoint-freq 50 --no-eval-train-in --output-dir $(DEMO_OUT)/runs/erm --overwrite
+		--steps 200 --checkpoint-freq 100 --no-eval-train-in --output-dir $(DEMO_OUT)/runs/erm --overwrite
 	$(BIN)/domainfusion results $(DEMO_OUT)/runs --out $(DEMO_OUT)/results.md --plot $(DEMO_OUT)/accuracy.png
 	@echo "demo outputs in $(DEMO_OUT)/: DigitsDG.png, results.md, accuracy.png, runs/"
 
