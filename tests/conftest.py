@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +51,12 @@ def tiny_folder(tmp_path: Path) -> Path:
 def image_folder_factory():
     """`make_image_folder` as a fixture, for tests that need their own layouts."""
     return make_image_folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine OpenMP spin-waiting makes them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
