@@ -74,7 +74,7 @@ class RotatedMNIST(MultipleEnvironmentMNIST):
     INPUT_SHAPE = (1, 28, 28)
 
     def __init__(self, root: str | Path, test_envs: Sequence[int], hparams: dict) -> None:
-        super().__init__(root, [0, 15, 30, 45, 60, 75], self.rotate_dataset, (1, 28, 28), 10)
+        super().__init__(root, [int(a) for a in self.ENVIRONMENTS], self.rotate_dataset, self.INPUT_SHAPE, 10)
         self.class_names = [str(d) for d in range(10)]
 
     @staticmethod
@@ -89,7 +89,7 @@ class ColoredMNIST(MultipleEnvironmentMNIST):
     INPUT_SHAPE = (2, 28, 28)
 
     def __init__(self, root: str | Path, test_envs: Sequence[int], hparams: dict) -> None:
-        super().__init__(root, [0.1, 0.2, 0.9], self.color_dataset, (2, 28, 28), 2)
+        super().__init__(root, [0.1, 0.2, 0.9], self.color_dataset, self.INPUT_SHAPE, 2)
         self.class_names = ["digit >= 5", "digit < 5"]
 
     @staticmethod
