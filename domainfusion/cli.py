@@ -18,6 +18,8 @@ ldm_app = typer.Typer(help="Train, sample and inspect latent diffusion models.",
 app.add_typer(ldm_app, name="ldm")
 console = Console(stderr=True)
 
+LDM_HELP = "'embedded' (the shipped tiny LDM), a diffusers Stable Diffusion folder, or a hub id."
+PROMPT_HELP = "Class prompt with a {cls} placeholder (default: 'a photo of the digit {cls}' for digits, else 'a photo of a {cls}')."
 DATA_DIR_HELP = "Folder holding the datasets (DomainBed layout: DATA_DIR/PACS/<domain>/<class>/...)."
 
 
@@ -48,6 +50,8 @@ def train(
         True, help="Also evaluate the training domains' in-splits (DomainBed does; no selection method uses them)."
     ),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
+    ldm: str = typer.Option("embedded", help=LDM_HELP + " Used by DomainFusion*, CDGA."),
+    prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
@@ -63,7 +67,7 @@ def train(
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
         allow_missing_classes=allow_missing_classes, image_size=image_size, eval_train_in=eval_train_in,
-        pretrained=pretrained, num_workers=num_workers, device=device,
+        pretrained=pretrained, ldm=ldm, prompt_template=prompt_template, num_workers=num_workers, device=device,
         skip_model_save=skip_model_save, overwrite=overwrite, tensorboard=tensorboard, progress=progress,
     )
     records = run_train(args)
@@ -106,6 +110,8 @@ def sweep_command(
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
+    ldm: str = typer.Option("embedded", help=LDM_HELP + " Every job."),
+    prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ... for every job."),
 ) -> None:
     """Run a DomainBed sweep: every (trial, dataset, algorithm, held-out set, hparams seed) as one train job."""
@@ -121,7 +127,7 @@ def sweep_command(
         hparams=hparams,
         extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
                "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
-               "device": device},
+               "ldm": ldm, "prompt_template": prompt_template, "device": device},
     )
     failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete)
     if failed:
@@ -221,15 +227,6 @@ def datasets_extract_minis(
     )
 
 
-def _load_ldm(model: str, data_dir: Path, device: str):
-    """'embedded' = the shipped tiny LDM (materialised under DATA_DIR); otherwise a diffusers folder or hub id."""
-    from .ldm import LatentDiffusion
-    from .ldm.embedded import embedded_ldm_path
-
-    path = embedded_ldm_path(data_dir) if model == "embedded" else model
-    return LatentDiffusion.from_pretrained(path, device=device)
-
-
 @ldm_app.command("train")
 def ldm_train(
     output_dir: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, samples/, and the final ldm/."),
@@ -283,7 +280,7 @@ def ldm_train(
 @ldm_app.command("sample")
 def ldm_sample(
     prompts: list[str] = typer.Argument(..., help="Prompts, one grid row each."),
-    model: str = typer.Option("embedded", help="'embedded', a diffusers LDM folder, or a hub id."),
+    model: str = typer.Option("embedded", help=LDM_HELP),
     out: Path = typer.Option(Path("samples.png"), help="PNG grid path."),
     n_seeds: int = typer.Option(8, help="Columns: samples per prompt."),
     steps: int = typer.Option(50, help="DDIM steps."),
@@ -293,9 +290,10 @@ def ldm_sample(
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ) -> None:
     """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
+    from .ldm import load_ldm
     from .ldm.grids import sample_grid
 
-    ldm = _load_ldm(model, data_dir, device)
+    ldm = load_ldm(model, data_dir, device)
     path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
 
@@ -306,8 +304,9 @@ def ldm_img2img(
     env: int = typer.Option(0, help="Environment index to take images from."),
     n_images: int = typer.Option(8, help="Rows: images (seeded random picks)."),
     strengths: str = typer.Option("0.0,0.3,0.5,0.7,0.9", help="Columns: SDEdit strengths."),
-    prompt_template: str = typer.Option("a photo of the digit {cls}", help="Prompt per image; {cls} = class name."),
-    model: str = typer.Option("embedded", help="'embedded', a diffusers LDM folder, or a hub id."),
+    prompt_template: Optional[str] = typer.Option(None, help="Prompt per image, {cls} = class name (default: the "
+                                                  "dataset's class prompt)."),
+    model: str = typer.Option("embedded", help=LDM_HELP),
     out: Path = typer.Option(Path("img2img.png"), help="PNG grid path."),
     steps: int = typer.Option(25, help="DDIM steps at strength 1."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
@@ -321,20 +320,21 @@ def ldm_img2img(
 
     from . import hparams as registry
     from .data import get_dataset
+    from .ldm import load_ldm
+    from .ldm.adapt import default_prompt_template, to_ldm_images
     from .ldm.grids import img2img_grid
 
     try:
         values = [float(s) for s in strengths.split(",")]
     except ValueError:
         raise UserError(f"--strengths takes numbers like '0.3,0.5', got {strengths!r}") from None
-    ldm = _load_ldm(model, data_dir, device)
+    ldm = load_ldm(model, data_dir, device)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [env], hp, allow_missing_classes, image_size=ldm.image_size)
     picks = torch.randperm(len(ds[env]), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
-    images = torch.stack([ds[env][i][0] for i in picks])
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    prompts = [prompt_template.format(cls=ds.class_names[int(ds[env][i][1])]) for i in picks]
+    images = to_ldm_images(torch.stack([ds[env][i][0] for i in picks]), ldm.image_size)
+    template = prompt_template or default_prompt_template(dataset)
+    prompts = [template.format(cls=ds.class_names[int(ds[env][i][1])]) for i in picks]
     path = img2img_grid(ldm, images, prompts, values, out, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
 

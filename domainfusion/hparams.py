@@ -88,7 +88,31 @@ def specs(algorithm: str, dataset: str) -> dict[str, HParam]:
 
 
 def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
-    """Algorithm-specific hyperparameters. ERM has none beyond the shared block."""
+    """Algorithm-specific hyperparameters. ERM has none beyond the shared block.
+
+    Every DomainFusion variant registers the same names, so one hparams seed draws the same values for the full
+    method and each ablation; CDGA shares the img2img settings, so both generators are configured alike.
+    """
+    generative = algorithm.startswith("DomainFusion") or algorithm == "CDGA"
+    if generative:
+        hparam("img2img_strength", 0.5, lambda r: float(r.uniform(0.3, 0.7)), 0.0, 1.0)
+        hparam("img2img_steps", 20, lambda r: int(r.choice([10, 20])), 1, 1000)
+        hparam("img2img_guidance", 1.0, lambda r: float(r.choice([1.0, 2.0])), 1.0, 50.0)
+    if algorithm.startswith("DomainFusion"):
+        # Latent distillation (method.md §1).
+        hparam("ld_weight", 1.0, lambda r: float(10 ** r.uniform(-2, 1)), 0.0, 1e4)
+        hparam("ld_batch_size", 16, lambda r: int(r.choice([8, 16, 32])), 1, 4096)
+        hparam("ld_t_min", 0.02, lambda r: float(r.uniform(0.02, 0.2)), 0.0, 1.0)
+        hparam("ld_t_max", 0.98, lambda r: float(r.uniform(0.5, 0.98)), 0.0, 1.0)
+        hparam("ld_weighting", "sds", lambda r: str(r.choice(["sds", "uniform"])), choices=("sds", "uniform"))
+        hparam("ld_grad", "sds", lambda r: "sds", choices=("sds", "full"))
+        hparam("ld_guidance", 1.0, lambda r: 1.0, 1.0, 50.0)
+        # Online lightweight augmentation (method.md §2).
+        hparam("aug_every_epochs", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])), 1e-3, 1e6)
+        hparam("aug_candidates", 4, lambda r: int(r.choice([2, 4, 8])), 1, 64)
+        hparam("aug_pool_fraction", 0.02, lambda r: float(10 ** r.uniform(-2.3, -1)), 1e-6, 1.0)
+    if algorithm == "CDGA":
+        hparam("cdga_variants", 1, lambda r: int(r.choice([1, 2])), 1, 1000)
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:

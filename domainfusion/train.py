@@ -23,7 +23,7 @@ import safetensors.torch
 from tqdm import tqdm
 
 from . import hparams as hparams_registry
-from .algorithms import algorithm_class
+from .algorithms import RunContext, algorithm_class
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
 from .errors import UserError
@@ -52,6 +52,8 @@ class TrainArgs:
     image_size: int | None = None
     eval_train_in: bool = True
     pretrained: str | None = None
+    ldm: str = "embedded"
+    prompt_template: str | None = None
     num_workers: int | None = None
     device: str = "auto"
     skip_model_save: bool = False
@@ -159,13 +161,20 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     eval_names = [name for name, _ in eval_splits]
     eval_loaders = [eval_loader(s, EVAL_BATCH_SIZE, num_workers) for _, s in eval_splits]
 
+    context = RunContext(
+        dataset=args.dataset, output_dir=out, train_splits=[in_splits[i] for i in train_envs],
+        train_env_names=[dataset.environments[i] for i in train_envs], class_names=list(dataset.class_names),
+        steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
+        seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
+        device=device,
+    )
     algorithm = algorithm_cls(
-        dataset.input_shape, dataset.num_classes, len(train_envs), hp, **({"pretrained": args.pretrained} if args.pretrained else {})
+        dataset.input_shape, dataset.num_classes, len(train_envs), hp, pretrained=args.pretrained, context=context
     ).to(device)
 
     n_steps = args.steps or dataset.N_STEPS
     checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
-    steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]
+    steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]  # DomainBed's definition of `epoch`
     writer = _tensorboard_writer(out) if args.tensorboard else None
     atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
 
@@ -191,6 +200,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             record.update({key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()})
             for name, loader in zip(eval_names, eval_loaders):
                 record[name + "_acc"] = accuracy(algorithm, loader, device)
+            record.update(algorithm.checkpoint_stats())
             record["mem_gb"] = peak_memory_gb(device)
             record["environments"] = dataset.environments
             record.update({"hparams": hp, "args": dataclasses.asdict(args)})

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,3 +65,27 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def publish_dir(build: Callable[[Path], object], dest: Path, replace: bool = True) -> Path:
+    """Build a folder in a temp sibling, then rename it into place, so a kill never leaves half a model.
+
+    With `replace=False` a `dest` that another process published meanwhile wins (same content by construction),
+    so parallel jobs sharing a data folder never delete a folder another job is reading.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
+    try:
+        build(tmp)
+        if replace and dest.exists():
+            shutil.rmtree(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if replace or not dest.is_dir():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,6 +1,10 @@
-"""Algorithms on the DomainBed contract; importing this package registers all of them."""
+"""Algorithms on the DomainBed contract; importing this package registers all of them.
 
-from . import erm  # noqa: F401  (registers ERM)
-from .base import ALGORITHMS, Algorithm, algorithm_class, register
+ERM needs only torch; the generative algorithms import diffusers when they are first registered, which is cheap
+next to loading any dataset.
+"""
 
-__all__ = ["ALGORITHMS", "Algorithm", "algorithm_class", "register"]
+from . import cdga, domainfusion, erm  # noqa: F401  (registration side effects)
+from .base import ALGORITHMS, Algorithm, RunContext, algorithm_class, register
+
+__all__ = ["ALGORITHMS", "Algorithm", "RunContext", "algorithm_class", "register"]

@@ -1,25 +1,70 @@
 """The algorithm contract the training loop relies on, and the registry algorithms add themselves to.
 
 An algorithm is an `nn.Module` with `update(minibatches) -> dict[str, float]` (one optimisation step over a list
-of per-domain `(x, y)` batches) and `predict(x) -> logits`. The training loop knows nothing else.
+of per-domain `(x, y)` batches) and `predict(x) -> logits`; `checkpoint_stats()` adds run-level numbers (generated
+images, pool refreshes) to each results.jsonl record. Algorithms that generate images also receive a `RunContext`:
+the source training splits, the output folder and the run's shared LDM, which DomainBed's constructor cannot carry.
 """
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..ldm import LatentDiffusion
 
 Minibatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class RunContext:
+    """What a generative algorithm needs beyond DomainBed's constructor arguments; the LDM loads on first use."""
+
+    dataset: str
+    output_dir: Path
+    train_splits: list[Dataset]  # the in-splits of the training environments (never the held-out domains)
+    train_env_names: list[str]
+    class_names: list[str]
+    steps_per_epoch: float  # steps per pass over all source images (the unit of the augmentation period T)
+    seed: int
+    ldm_model: str = "embedded"  # 'embedded', a diffusers folder or a hub id
+    data_dir: str = "data"
+    prompt_template: str | None = None  # "{cls}" placeholder; None: the dataset's default
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
+
+    def ldm(self) -> "LatentDiffusion":
+        if self._ldm is None:
+            from ..ldm import load_ldm
+
+            self._ldm = load_ldm(self.ldm_model, self.data_dir, self.device)
+        return self._ldm
+
+    def class_prompts(self) -> list[str]:
+        from ..ldm.adapt import default_prompt_template
+
+        template = self.prompt_template or default_prompt_template(self.dataset)
+        return [template.format(cls=c) for c in self.class_names]
+
+
 class Algorithm(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict) -> None:
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 context: RunContext | None = None) -> None:
         super().__init__()
         self.hparams = hparams
+        self.context = context
+
+    def checkpoint_stats(self) -> dict[str, float]:
+        """Run-level numbers for the next results.jsonl record (not averaged over steps like `update`'s)."""
+        return {}
 
     def update(self, minibatches: Minibatches) -> dict[str, float]:
         raise NotImplementedError

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import Classifier, Featurizer
-from .base import Algorithm, Minibatches, register
+from .base import Algorithm, Minibatches, RunContext, register
 
 
 @register("ERM")
@@ -19,8 +19,9 @@ class ERM(Algorithm):
         num_domains: int,
         hparams: dict,
         pretrained: str | None = None,
+        context: RunContext | None = None,
     ) -> None:
-        super().__init__(input_shape, num_classes, num_domains, hparams)
+        super().__init__(input_shape, num_classes, num_domains, hparams, context)
         self.featurizer = Featurizer(input_shape, hparams, pretrained)
         self.classifier = Classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
         self.network = nn.Sequential(self.featurizer, self.classifier)

@@ -1,5 +1,34 @@
-"""Latent diffusion models: one frozen LDM wrapper for Stable Diffusion folders and the embedded tiny LDM."""
+"""Latent diffusion models: one frozen LDM wrapper for Stable Diffusion folders and the embedded tiny LDM.
 
-from domainfusion.ldm.latent_diffusion import LatentDiffusion
+diffusers and transformers are imported on first use of `LatentDiffusion`/`load_ldm`, so ERM-only runs and the CLI's
+help never pay for them.
+"""
 
-__all__ = ["LatentDiffusion"]
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from domainfusion.ldm.latent_diffusion import LatentDiffusion
+
+__all__ = ["LatentDiffusion", "load_ldm"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LatentDiffusion":
+        from domainfusion.ldm.latent_diffusion import LatentDiffusion
+
+        return LatentDiffusion
+    raise AttributeError(name)
+
+
+def load_ldm(model: str, data_dir: str | Path, device: str | torch.device = "auto") -> "LatentDiffusion":
+    """'embedded' = the shipped tiny LDM (materialised under `data_dir`); otherwise a diffusers folder or hub id."""
+    from domainfusion.ldm.embedded import embedded_ldm_path
+    from domainfusion.ldm.latent_diffusion import LatentDiffusion
+
+    path = embedded_ldm_path(data_dir) if model == "embedded" else model
+    return LatentDiffusion.from_pretrained(path, device=device)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -35,6 +33,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokeniz
 import domainfusion
 
 from ..errors import UserError
+from ..utils import publish_dir
 
 EMBEDDED_WEIGHTS_DIR = Path(domainfusion.__file__).parent / "ldm" / "weights"
 WEIGHT_COMPONENTS = ("vae", "unet", "scheduler")
@@ -119,30 +118,6 @@ def _write_text_components(dest: Path) -> None:
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }  # fmt: skip
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def publish_dir(build: Callable[[Path], object], dest: Path, replace: bool = True) -> Path:
-    """Build a folder in a temp sibling, then rename it into place, so a kill never leaves half a model.
-
-    With `replace=False` a `dest` that another process published meanwhile wins (same content by construction),
-    so parallel jobs sharing a data folder never delete a folder another job is reading.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
-    try:
-        build(tmp)
-        if replace and dest.exists():
-            shutil.rmtree(dest)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if replace or not dest.is_dir():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 def assemble_ldm_folder(dest: str | Path, vae: AutoencoderKL, unet: UNet2DConditionModel,

@@ -7,13 +7,15 @@ few hundred training steps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .latent_diffusion import LatentDiffusion
+if TYPE_CHECKING:
+    from .latent_diffusion import LatentDiffusion
+
 
 GAP = 2
 LABEL_WIDTH = 200

@@ -216,28 +216,39 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def img2img(self, images: torch.Tensor, prompts: list[str], strength: float = 0.5, num_inference_steps: int = 20,
-                guidance_scale: float = 1.0, seed: int | None = 0, batch_size: int = 64) -> torch.Tensor:
-        """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt; [0, 1] → [0, 1].
+    def img2img(self, images: torch.Tensor, prompts: list[str] | None = None, strength: float = 0.5,
+                num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | None = 0,
+                batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
+                output: str = "images") -> torch.Tensor:
+        """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt.
 
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
         converges to `decode(encode(images))`. As in diffusers, only int(num_inference_steps · strength) steps run;
         when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`,
-        so results do not depend on `batch_size`.
+        so results do not depend on `batch_size`. Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
+        for prompts no string spells (CDGA's interpolations between domain descriptions). `output="latents"` returns
+        the scaled latents instead of [0, 1] images (online augmentation works in latent space).
         """
         if not 0 <= strength <= 1:
             raise UserError(f"img2img strength must be in [0, 1], got {strength}")
-        if len(prompts) != len(images):
-            raise UserError(f"img2img needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
+        if output not in ("images", "latents"):
+            raise UserError(f"img2img output must be 'images' or 'latents', got {output!r}")
+        if (prompts is None) == (prompt_embeds is None):
+            raise UserError("img2img needs either prompts or prompt_embeds (exactly one of them)")
+        n_cond = len(prompts) if prompts is not None else len(prompt_embeds)
+        if n_cond != len(images):
+            raise UserError(f"img2img needs one prompt per image, got {n_cond} prompts for {len(images)} images")
         self.check_images(images)
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
         out = []
         for start in range(0, len(images), batch_size):
-            latents = self.encode(images[start:start + batch_size])
+            stop = start + batch_size
+            latents = self.encode(images[start:stop])
             if int(num_inference_steps * strength) > 0:
+                embeds = self.encode_prompts(prompts[start:stop]) if prompts is not None else prompt_embeds[start:stop]
                 latents = pipe(image=latents, strength=strength, num_inference_steps=num_inference_steps,
-                               **self._pipeline_args(prompts[start:start + batch_size], start, guidance_scale, seed))[0]
-            out.append(self.decode(latents))
+                               **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed))[0]
+            out.append(latents if output == "latents" else self.decode(latents))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -250,17 +261,17 @@ class LatentDiffusion:
         out = []
         for start in range(0, len(prompts), batch_size):
             latents = pipe(height=self.image_size, width=self.image_size, num_inference_steps=num_inference_steps,
-                           **self._pipeline_args(prompts[start:start + batch_size], start, guidance_scale, seed))[0]
+                           **self._pipeline_args(self.encode_prompts(prompts[start:start + batch_size]), start,
+                                                 guidance_scale, seed))[0]
             out.append(self.decode(latents))
         return torch.cat(out)
 
-    def _pipeline_args(self, prompts: list[str], offset: int, guidance_scale: float, seed: int | None) -> dict:
+    def _pipeline_args(self, embeds: torch.Tensor, offset: int, guidance_scale: float, seed: int | None) -> dict:
         """Arguments shared by both pipelines: precomputed embeddings (no tokenizer round trip, cache reused),
         per-image generators, and latent output (decoded by `decode`, so both paths share one decoder)."""
-        embeds = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""]).expand_as(embeds) if guidance_scale > 1 else None
         generators = None if seed is None else [torch.Generator().manual_seed(seed + offset + i)
-                                                 for i in range(len(prompts))]
+                                                 for i in range(len(embeds))]
         return dict(prompt_embeds=embeds, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
                     generator=generators, output_type="latent", return_dict=False)
 

@@ -32,19 +32,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, publish_dir
+from .adapt import default_prompt_template, to_ldm_images
 from .corpus import build_corpus, digit_prompt, split_corpus
-from .embedded import assemble_ldm_folder, build_embedded_models, load_text_encoder, publish_dir, weight_bytes
+from .embedded import assemble_ldm_folder, build_embedded_models, load_text_encoder, weight_bytes
 from .grids import sample_grid, save_grid
 from .latent_diffusion import LatentDiffusion
 
-DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
 # Keys that may change between a run and its resumption without changing its result.
 RESUME_FREE_KEYS = ("resume", "progress", "device")
 
@@ -111,10 +110,6 @@ class TrainingData:
     check_images: torch.Tensor
 
 
-def default_caption_template(dataset: str) -> str:
-    return "a photo of the digit {cls}" if dataset in DIGIT_DATASETS else "a photo of a {cls}"
-
-
 def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
     """The corpus's training part, or the chosen environments of a dataset resized to `resolution`, with captions."""
     if config.data == "corpus":
@@ -130,12 +125,12 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
     dataset = get_dataset(config.data, config.data_dir, [], {"data_augmentation": False},
                           allow_missing_classes=True, image_size=resolution)  # fmt: skip
     envs = list(range(len(dataset))) if config.envs is None else list(config.envs)
-    template = config.caption_template or default_caption_template(config.data)
+    template = config.caption_template or default_prompt_template(config.data)
     images, captions = [], []
     for env in envs:
         loader = torch.utils.data.DataLoader(dataset[env], batch_size=256, shuffle=False)
         for x, y in loader:
-            images.append(_as_rgb_uint8(x, resolution))
+            images.append(_as_uint8(to_ldm_images(x, resolution)))
             captions += [template.format(cls=dataset.class_names[int(c)], domain=dataset.environments[env]) for c in y]
     stacked = torch.cat(images)[: config.max_images]
     domain = dataset.environments[envs[0]]
@@ -143,15 +138,9 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
     return TrainingData(stacked, captions[: len(stacked)], grid, stacked[:1000])
 
 
-def _as_rgb_uint8(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(B, C, h, w) in [0, 1] with C in {1, 2, 3} -> uint8 (B, resolution, resolution, 3); 2 channels = red/green."""
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 2:
-        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the compact form training images are kept in."""
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def _to_model_range(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:

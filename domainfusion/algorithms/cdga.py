@@ -1,0 +1,66 @@
+"""CDGA-style offline generative augmentation (Hemati et al. 2023, "Cross Domain Generative Augmentation").
+
+Before training, every source training image gets K img2img variants from the same frozen LDM DomainFusion uses.
+Each variant's prompt embedding lies on the segment between two domain descriptions of the image's class: its own
+domain's and a randomly chosen other source domain's ("a photo of a dog" → "a sketch of a dog"), at a uniform random
+point α. Then ERM trains on real ∪ generated (one generated batch per step, as DomainFusion's pool batch), so the
+only differences from DomainFusion are what is generated, when, and how much. Generated images are counted the
+same way (every img2img output).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..ldm.adapt import domain_prompt, from_ldm_images, to_ldm_images
+from ..method.online_augmentation import Chunk, SyntheticPool, subset_chunks, to_uint8
+from ..utils import seed_hash
+from .base import RunContext, register
+from .generative import PoolERM
+
+
+@register("CDGA")
+class CDGA(PoolERM):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+        super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
+        variants = hparams["cdga_variants"]
+        n_source = sum(len(d) for d in context.train_splits)
+        self.pool = SyntheticPool.create(context.output_dir / "cdga_pool", self.generate(variants),
+                                         generated=n_source * variants)  # fmt: skip
+
+    def generate(self, variants: int) -> Iterator[Chunk]:
+        """K variants of every source image, chunk by chunk (never the whole generated set in RAM)."""
+        ctx, hp = self.context, self.hparams
+        ldm = ctx.ldm()
+        sizes = torch.tensor([len(d) for d in ctx.train_splits])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        generator = torch.Generator().manual_seed(seed_hash(ctx.seed, "cdga"))
+        seed = seed_hash(ctx.seed, "cdga_img2img")
+        for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
+            originals = to_ldm_images(images_u8.float().div(255).to(ldm.device), ldm.image_size)
+            domains = torch.searchsorted(offsets, sources, right=True) - 1
+            for k in range(variants):
+                embeds = self.interpolated_prompts(labels, domains, generator)
+                out = ldm.img2img(originals, prompt_embeds=embeds, strength=hp["img2img_strength"],
+                                  num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
+                                  seed=seed + (k * int(offsets[-1]) + int(sources[0])))  # fmt: skip
+                yield to_uint8(from_ldm_images(out, self.input_shape)), labels, sources
+
+    def interpolated_prompts(self, labels: torch.Tensor, domains: torch.Tensor,
+                             generator: torch.Generator) -> torch.Tensor:
+        """(1 − α)·E(own domain prompt) + α·E(other source domain prompt), α ~ U(0, 1), one per image."""
+        ctx = self.context
+        ldm = ctx.ldm()
+        n_envs = len(ctx.train_env_names)
+        shift = torch.randint(1, max(2, n_envs), (len(labels),), generator=generator)
+        others = (domains + shift) % n_envs if n_envs > 1 else domains
+        alpha = torch.rand(len(labels), generator=generator).to(ldm.device, ldm.dtype).view(-1, 1, 1)
+
+        def embed(envs: torch.Tensor) -> torch.Tensor:
+            return ldm.encode_prompts([domain_prompt(ctx.dataset, ctx.train_env_names[int(e)],
+                                                     ctx.class_names[int(y)]) for e, y in zip(envs, labels)])
+
+        return torch.lerp(embed(domains), embed(others), alpha)

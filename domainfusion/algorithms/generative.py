@@ -1,0 +1,62 @@
+"""ERM on real ∪ synthetic images: the shared base of DomainFusion and the generative baselines (CDGA, DSI).
+
+Each step draws one batch per source domain (as ERM) plus one batch of the same size from an on-disk
+`SyntheticPool`, and minimises the mean cross-entropy over all of them plus an optional extra loss on the source
+part (DomainFusion's latent distillation). Subclasses decide what the pool holds and when it changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..method.online_augmentation import SyntheticPool
+from ..utils import seed_hash
+from .base import Minibatches, RunContext
+from .erm import ERM
+
+
+class PoolERM(ERM):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+        if context is None:
+            raise UserError(f"{type(self).__name__} generates images and needs a run context: train it with "
+                            "`domainfusion train` (or pass `context=` when building it in Python)")
+        super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
+        self.input_shape = tuple(input_shape)
+        self.pool: SyntheticPool | None = None
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.pool_generator = torch.Generator().manual_seed(seed_hash(context.seed, "pool_batch"))
+
+    def before_step(self) -> None:
+        """Hook run before each step (DomainFusion refreshes its pool here)."""
+
+    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | float,
+                                                                                         dict[str, float]]:
+        """A loss added to the cross-entropy, from the source part of the batch (logits already computed)."""
+        return 0.0, {}
+
+    def update(self, minibatches: Minibatches) -> dict[str, float]:
+        self.before_step()
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        inputs, targets = x, y
+        if self.pool is not None:
+            px, py = self.pool.sample(self.hparams["batch_size"], self.pool_generator)
+            inputs, targets = torch.cat([x, px.to(x.device)]), torch.cat([y, py.to(y.device)])
+        logits = self.predict(inputs)
+        ce = F.cross_entropy(logits, targets)
+        extra, values = self.extra_loss(logits[: len(x)], x, y)
+        loss = ce + extra
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        return {"loss": loss.item(), "ce_loss": ce.item(), **values}
+
+    def checkpoint_stats(self) -> dict[str, float]:
+        if self.pool is None:
+            return {"generated_images": 0}
+        return {"generated_images": self.pool.generated, "pool_size": len(self.pool),
+                "pool_refreshes": self.pool.refreshes}

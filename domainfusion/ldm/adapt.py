@@ -1,0 +1,69 @@
+"""Where a DG dataset meets an LDM: class prompts, and images moved between the classifier's space and the LDM's.
+
+A classifier sees (B, C, H, W) images in [0, 1] with the dataset's channels (1 for RotatedMNIST, 2 for ColoredMNIST,
+3 otherwise) and size; an LDM sees RGB at its own resolution. Both maps are linear in the pixels (channel copy or
+selection, bilinear resize), so latent distillation's c·x commutes with them and gradients flow through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
+
+
+def default_prompt_template(dataset: str) -> str:
+    """The class prompt of a dataset: the embedded LDM's caption prefix for digits, SD's usual wording otherwise."""
+    return "a photo of the digit {cls}" if dataset in DIGIT_DATASETS else "a photo of a {cls}"
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    antialias = x.shape[-1] > size[-1]
+    return F.interpolate(x, size=size, mode="bilinear", antialias=antialias, align_corners=False)
+
+
+def to_ldm_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, C, h, w) in [0, 1], C in {1, 2, 3} -> (B, 3, resolution, resolution); 1 channel = grey, 2 = red/green."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 2:
+        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+    elif x.shape[1] != 3:
+        raise ValueError(f"expected 1, 2 or 3 image channels, got {x.shape[1]}")
+    return _resize(x, (resolution, resolution)).clamp(0, 1)
+
+
+def from_ldm_images(x: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse direction: LDM RGB images -> the dataset's (C, H, W) (grey = channel mean, red/green kept)."""
+    channels, height, width = input_shape
+    x = _resize(x, (height, width))
+    if channels == 1:
+        x = x.mean(dim=1, keepdim=True)
+    elif channels == 2:
+        x = x[:, :2]
+    return x.clamp(0, 1).contiguous()
+
+
+# How each known domain is described to an LDM (CDGA's prompts move between these). Digit descriptions use the
+# embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
+DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "DigitsDG": {"mnist": "white on black", "mnist_m": "inverted on a photo", "syn": "on a texture",
+                 "optdigits": "thick white on black"},
+    "PACS": {"art_painting": "an art painting", "cartoon": "a cartoon", "photo": "a photo", "sketch": "a sketch"},
+    "OfficeHome": {"Art": "an artistic image", "Clipart": "a clipart image", "Product": "a product photo",
+                   "Real World": "a photo", "Real_World": "a photo"},
+    "DomainNet": {"clipart": "a clipart image", "infograph": "an infographic", "painting": "a painting",
+                  "quickdraw": "a quick drawing", "real": "a photo", "sketch": "a sketch"},
+}
+
+
+def domain_prompt(dataset: str, domain: str, cls: str) -> str:
+    """A prompt naming both the class and the domain's look, e.g. 'a sketch of a dog' or, for digits,
+    'a photo of the digit 3, inverted on a photo'; unknown domains are described by their folder name."""
+    known = DOMAIN_DESCRIPTIONS.get(dataset, {})
+    if dataset in DIGIT_DATASETS:
+        return f"{default_prompt_template(dataset).format(cls=cls)}, {known.get(domain, domain)}"
+    return f"{known.get(domain, f'a {domain} image')} of a {cls}"

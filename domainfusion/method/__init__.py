@@ -1,0 +1,1 @@
+"""The DomainFusion method (method.md): latent distillation and online lightweight augmentation."""

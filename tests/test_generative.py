@@ -1,0 +1,149 @@
+"""DomainFusion, its ablations and CDGA as algorithms: end to end through `train` on a PACS-layout folder with a tiny
+Stable-Diffusion-shaped LDM, a frozen LDM, generated-image counting, and CDGA's prompt interpolation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainfusion import hparams as registry
+from domainfusion.algorithms import RunContext, algorithm_class
+from domainfusion.ldm import LatentDiffusion
+from domainfusion.ldm.adapt import domain_prompt
+from domainfusion.train import TrainArgs, train
+from conftest import make_image_folder
+from tiny_ldm import save_tiny_ldm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "img2img_steps": 4, "aug_candidates": 2,
+        "aug_pool_fraction": 0.25, "aug_every_epochs": 0.5, "ld_batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    return save_tiny_ldm(tmp_path_factory.mktemp("sd"), kind="clip")
+
+
+@pytest.fixture(scope="module")
+def pacs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "PACS", {d: ["dog", "horse"] for d in PACS_DOMAINS}, per_class=4, size=16)
+    return root
+
+
+def tensor_context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5), seed: int = 0) -> RunContext:
+    g = torch.Generator().manual_seed(seed)
+    splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
+              for k in n]  # fmt: skip
+    return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits,
+                      train_env_names=list(PACS_DOMAINS[: len(n)]), class_names=["dog", "horse"],
+                      steps_per_epoch=2.0, seed=seed, ldm_model=str(ldm_folder))  # fmt: skip
+
+
+def build(name: str, context: RunContext, **overrides):
+    hp = {**registry.default_hparams(name, "PACS"), **FAST, **overrides}
+    hp = {k: v for k, v in hp.items() if k in registry.specs(name, "PACS")}
+    return algorithm_class(name)((3, 32, 32), 2, len(context.train_splits), hp, context=context)
+
+
+def minibatches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(2, (4,), generator=g)) for _ in range(2)]
+
+
+def test_domainfusion_trains_end_to_end_on_pacs_layout_with_sd_shaped_ldm(pacs_root: Path, sd_folder: Path,
+                                                                          tmp_path: Path) -> None:
+    args = TrainArgs(dataset="PACS", algorithm="DomainFusion", data_dir=str(pacs_root), ldm=str(sd_folder),
+                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=8, checkpoint_freq=4, image_size=16,
+                     progress=False, hparams=json.dumps(FAST))  # fmt: skip
+    records = train(args)
+    # 3 source domains × 8 images, 7 in the in-split → 21 source images, pool round(0.25 · 21) = 5; one epoch =
+    # 21 / (4 · 3) = 1.75 steps, so with T = 0.5 epochs a refresh is due before every step (step s is at epoch
+    # s / 1.75 ≥ 0.5 · s): 8 refreshes × 5 images × 2 candidates by the end.
+    assert [r["step"] for r in records] == [0, 4, 7]
+    assert [r["pool_refreshes"] for r in records] == [1, 5, 8]
+    assert [r["generated_images"] for r in records] == [10, 50, 80]
+    assert all(r["pool_size"] == 5 and r["ld_loss"] > 0 and 0 < r["confidence"] < 1 for r in records)
+    assert all(r["loss"] >= r["ce_loss"] for r in records)
+    assert (tmp_path / "run" / "pool_grids" / "refresh-007.png").is_file()
+    assert (tmp_path / "run" / "done").is_file()
+    assert "ld_loss" in json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[-1])
+
+
+def test_ldm_is_frozen_and_the_classifier_learns(tmp_path: Path, sd_folder: Path) -> None:
+    algorithm = build("DomainFusion", tensor_context(tmp_path, sd_folder))
+    ldm: LatentDiffusion = algorithm.context.ldm()
+    frozen = {f"{m}.{k}": v.clone() for m in ("vae", "unet", "text_encoder")
+              for k, v in getattr(ldm, m).state_dict().items()}  # fmt: skip
+    classifier = {k: v.clone() for k, v in algorithm.network.state_dict().items()}
+    for step in range(3):
+        values = algorithm.update(minibatches(step))
+        assert values["ld_loss"] > 0
+    after = {f"{m}.{k}": v for m in ("vae", "unet", "text_encoder") for k, v in getattr(ldm, m).state_dict().items()}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert all(p.grad is None and not p.requires_grad for m in (ldm.vae, ldm.unet) for p in m.parameters())
+    assert any(not torch.equal(classifier[k], v) for k, v in algorithm.network.state_dict().items())
+    # The LDM is not part of the classifier's state: model.safetensors stays the classifier's size.
+    assert not any(k.startswith(("vae", "unet", "ldm")) for k in algorithm.state_dict())
+
+
+def test_ablations_switch_parts_off(tmp_path: Path, sd_folder: Path) -> None:
+    ld_only = build("DomainFusion_LD", tensor_context(tmp_path / "ld", sd_folder))
+    assert ld_only.pool is None and ld_only.augmentation is None
+    assert "ld_loss" in ld_only.update(minibatches(0)) and ld_only.checkpoint_stats()["generated_images"] == 0
+    aug_only = build("DomainFusion_Aug", tensor_context(tmp_path / "aug", sd_folder))
+    values = aug_only.update(minibatches(0))
+    assert aug_only.ld is None and "ld_loss" not in values and values["loss"] == values["ce_loss"]
+    assert aug_only.checkpoint_stats()["generated_images"] == 3 * 2  # pool 0.25 · 11 → 3 images, N = 2
+    random_sel = build("DomainFusion_RandSel", tensor_context(tmp_path / "rand", sd_folder))
+    assert random_sel.augmentation.settings.selection == "random"
+    assert build("DomainFusion", tensor_context(tmp_path / "df", sd_folder)).augmentation.settings.selection == \
+        "style_content"  # fmt: skip
+
+
+def test_variants_share_hparam_draws() -> None:
+    full = registry.random_hparams("DomainFusion", "DigitsDG", 3)
+    for variant in ("DomainFusion_LD", "DomainFusion_Aug", "DomainFusion_RandSel"):
+        assert registry.random_hparams(variant, "DigitsDG", 3) == full
+    cdga = registry.random_hparams("CDGA", "DigitsDG", 3)
+    assert all(cdga[k] == full[k] for k in ("img2img_strength", "img2img_steps", "img2img_guidance", "lr"))
+    with pytest.raises(Exception, match="ld_grad"):
+        registry.resolve_hparams("DomainFusion", "DigitsDG", 0, 0, '{"ld_grad": "exact"}')
+
+
+def test_cdga_generates_k_variants_of_every_source_image(tmp_path: Path, sd_folder: Path) -> None:
+    context = tensor_context(tmp_path, sd_folder, n=(6, 5))
+    cdga = build("CDGA", context, cdga_variants=2)
+    assert len(cdga.pool) == 22 and cdga.pool.generated == 22
+    sources = torch.cat([s for _, _, s in cdga.pool.shards()])
+    assert sorted(sources.tolist()) == sorted(list(range(11)) * 2)
+    labels = torch.cat([s.tensors[1] for s in context.train_splits])
+    assert torch.equal(cdga.pool.labels, labels[sources])
+    assert "loss" in cdga.update(minibatches(0)) and cdga.checkpoint_stats()["generated_images"] == 22
+
+
+def test_cdga_prompts_lie_between_own_and_other_domain(tmp_path: Path, sd_folder: Path) -> None:
+    context = tensor_context(tmp_path, sd_folder, n=(3, 3, 3))
+    cdga = build("CDGA", context)
+    ldm = context.ldm()
+    labels, domains = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 2])
+    embeds = cdga.interpolated_prompts(labels, domains, torch.Generator().manual_seed(0))
+    for e, y, d in zip(embeds, labels, domains):
+        own = ldm.encode_prompts([domain_prompt("PACS", PACS_DOMAINS[int(d)], ["dog", "horse"][int(y)])])[0]
+        others = [ldm.encode_prompts([domain_prompt("PACS", PACS_DOMAINS[o], ["dog", "horse"][int(y)])])[0]
+                  for o in range(3) if o != int(d)]  # fmt: skip
+        fits = []
+        for other in others:
+            alpha = ((e - own) * (other - own)).sum() / (other - own).pow(2).sum()
+            fits.append((0 <= alpha <= 1) and torch.allclose(own + alpha * (other - own), e, atol=1e-5))
+        assert any(fits)
+
+
+def test_domain_prompts() -> None:
+    assert domain_prompt("PACS", "sketch", "dog") == "a sketch of a dog"
+    assert domain_prompt("DigitsDG", "mnist_m", "3") == "a photo of the digit 3, inverted on a photo"
+    assert domain_prompt("ImageFolder", "d0", "cat") == "a d0 image of a cat"
