@@ -56,6 +56,7 @@ def train(
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --output-dir."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint (same results)."),
     tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars to OUTPUT_DIR/tensorboard."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -68,7 +69,7 @@ def train(
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
         allow_missing_classes=allow_missing_classes, image_size=image_size, eval_train_in=eval_train_in,
         pretrained=pretrained, ldm=ldm, prompt_template=prompt_template, num_workers=num_workers, device=device,
-        skip_model_save=skip_model_save, overwrite=overwrite, tensorboard=tensorboard, progress=progress,
+        skip_model_save=skip_model_save, overwrite=overwrite, resume=resume, tensorboard=tensorboard, progress=progress,
     )
     records = run_train(args)
     last = records[-1]
@@ -104,7 +105,8 @@ def sweep_command(
     launcher: str = typer.Option("local", help="local (subprocesses on this machine) or dummy (print commands)."),
     n_parallel: int = typer.Option(1, help="Jobs run at once by the local launcher; CPU threads are split evenly."),
     skip_confirmation: bool = typer.Option(False, help="Do not ask before launching or deleting."),
-    delete_incomplete: bool = typer.Option(False, help="launch: delete interrupted/failed jobs and run them again."),
+    delete_incomplete: bool = typer.Option(False, help="launch: delete interrupted/failed jobs so they start over "
+                                           "(default: they resume from their last checkpoint)."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),

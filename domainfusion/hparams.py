@@ -95,6 +95,7 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
     """
     generative = algorithm.startswith("DomainFusion") or algorithm == "CDGA"
     if generative:
+        hparam("synthetic_batch_size", 32, lambda r: int(r.choice([16, 32, 64])), 1, 4096)
         hparam("img2img_strength", 0.5, lambda r: float(r.uniform(0.3, 0.7)), 0.0, 1.0)
         hparam("img2img_steps", 20, lambda r: int(r.choice([10, 20])), 1, 1000)
         hparam("img2img_guidance", 1.0, lambda r: float(r.choice([1.0, 2.0])), 1.0, 50.0)

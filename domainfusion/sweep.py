@@ -1,8 +1,9 @@
 """Sweeps with DomainBed's semantics: the same job grid, seeds and md5-named output folders as
 `domainbed/scripts/sweep.py`, so a sweep folder can be resumed, listed and fed to `domainfusion results`.
 
-A job is one `domainfusion train` subprocess. Its state is read from disk (a `done` marker means finished, a folder
-without one means interrupted or failed), which is what makes `launch` safe to re-run after a crash.
+A job is one `domainfusion train --resume` subprocess. Its state is read from disk (a `done` marker means finished,
+a folder without one means interrupted or failed), which is what makes `launch` safe to re-run after a crash:
+interrupted jobs continue from their last checkpoint (unlike DomainBed, which can only delete and rerun them).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _GRID_FIELDS = {
     "dataset", "algorithm", "test_envs", "data_dir", "output_dir", "hparams", "hparams_seed", "trial_seed", "seed",
     "steps", "checkpoint_freq", "holdout_fraction",
 }
-_NEVER = _GRID_FIELDS | {"progress", "overwrite"}
+_NEVER = _GRID_FIELDS | {"progress", "overwrite", "resume"}
 EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _NEVER)
 # Where a job runs does not change its result, so these stay out of the folder hash: a sweep started on one machine
 # can be resumed with another --device or --num-workers and still find its finished jobs.
@@ -99,7 +100,7 @@ class Job:
                 cmd += [flag, ",".join(str(v) for v in value)]
             else:
                 cmd += [flag, str(value)]
-        return cmd + ["--no-progress"]
+        return cmd + ["--resume", "--no-progress"]
 
     @property
     def state(self) -> str:
@@ -305,8 +306,8 @@ def sweep(
 ) -> int:
     """Run a sweep command; returns the number of failed jobs (0 for list, delete_incomplete, or a cancelled launch).
 
-    `launch` runs only jobs without a folder and refuses while interrupted/failed folders exist, as DomainBed does,
-    unless `delete_incomplete` removes them first so they run again.
+    `launch` runs every job that is not done; interrupted ones resume from their last checkpoint, unless
+    `delete_incomplete` removes them first so they start over.
     """
     command = normalize_command(command)
     if launcher not in LAUNCHERS:
@@ -333,22 +334,21 @@ def sweep(
             print("Nothing deleted.")
         return 0
 
-    if incomplete and not delete_incomplete:
-        raise UserError(
-            f"{len(incomplete)} job(s) are incomplete (interrupted or failed; see their err.txt, e.g. "
-            f"{incomplete[0].output_dir / 'err.txt'}). Remove them with `domainfusion sweep delete-incomplete` "
-            f"and the same flags, or re-run launch with --delete-incomplete to run them again"
-        )
-    to_launch = [j for j in jobs if j.state != DONE]  # incomplete ones only get here with delete_incomplete
+    to_launch = [j for j in jobs if j.state != DONE]
     if not to_launch:
         print(f"Nothing to launch: all {len(jobs)} jobs are done.")
         return 0
-    deleting = f" (after deleting {len(incomplete)} incomplete)" if incomplete else ""
-    print(f"About to launch {len(to_launch)} job(s){deleting} with the {launcher} launcher, {n_parallel} at a time.")
+    if incomplete and delete_incomplete:
+        how = f" (after deleting {len(incomplete)} incomplete, which start over)"
+    elif incomplete:
+        how = f" ({len(incomplete)} incomplete resume from their last checkpoint)"
+    else:
+        how = ""
+    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher} launcher, {n_parallel} at a time.")
     if not (skip_confirmation or _confirm("Are you sure?")):
         print("Nothing launched.")
         return 0
-    if incomplete:
+    if incomplete and delete_incomplete:
         _delete(incomplete)
     return LAUNCHERS[launcher](to_launch, n_parallel)
 

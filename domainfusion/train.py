@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,12 +25,15 @@ from tqdm import tqdm
 
 from . import hparams as hparams_registry
 from .algorithms import RunContext, algorithm_class
+from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool, write_checkpoint
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
 from .errors import UserError
 from .utils import append_jsonl, atomic_write_text, seed_everything, seed_hash
 
 EVAL_BATCH_SIZE = 256
+# Arguments that may differ between a run and its resumption without changing its results.
+RESUME_FREE_ARGS = ("resume", "progress", "device", "num_workers", "overwrite", "tensorboard", "output_dir")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainArgs:
     device: str = "auto"
     skip_model_save: bool = False
     overwrite: bool = False
+    resume: bool = False
     tensorboard: bool = False
     progress: bool = True
 
@@ -82,8 +87,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def prepare_output_dir(args: TrainArgs) -> Path:
-    """Create the output folder; refuse to clobber a finished run; check that it is writable before compute."""
+def prepare_output_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
+    """Create the output folder; refuse to clobber a finished run; check that it is writable before compute.
+
+    Returns the folder and, with --resume and a complete checkpoint there, the checkpoint's state; otherwise the
+    previous attempt's files are removed and the run starts from step 0.
+    """
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,9 +103,24 @@ def prepare_output_dir(args: TrainArgs) -> Path:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose another folder") from None
     if (out / "done").exists() and not args.overwrite:
         raise UserError(f"{out} holds a finished run (done marker); pass --overwrite or choose another --output-dir")
+    state = read_state(out) if args.resume and not (out / "done").exists() else None
+    if state is not None:
+        _check_same_run(out, args)
+        return out, state
     for stale in ("results.jsonl", "done", "model.safetensors", "model.json"):
         (out / stale).unlink(missing_ok=True)
-    return out
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return out, None
+
+
+def _check_same_run(out: Path, args: TrainArgs) -> None:
+    """Refuse to resume a run with arguments that would change its results."""
+    saved = json.loads((out / "args.json").read_text())["args"]
+    current = json.loads(json.dumps(dataclasses.asdict(args)))
+    changed = sorted(k for k in current if k not in RESUME_FREE_ARGS and saved.get(k) != current[k])
+    if changed:
+        raise UserError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use the same "
+                        "arguments, or drop --resume to start over")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +144,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     check_args(args)
     hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
     algorithm_cls = algorithm_class(args.algorithm)
-    out = prepare_output_dir(args)
+    out, resume_state = prepare_output_dir(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
 
@@ -144,6 +168,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     else:
         num_workers = 0 if hasattr(dataset[0], "tensors") else dataset.N_WORKERS
     train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
+    start_step = 0 if resume_state is None else resume_state["step"] + 1
     train_loaders = [
         InfiniteDataLoader(
             in_splits[i],
@@ -151,6 +176,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             hp["batch_size"],
             num_workers,
             generator=torch.Generator().manual_seed(seed_hash(args.seed, "train_loader", i)),
+            skip_batches=start_step,
         )
         for i in train_envs
     ]
@@ -166,22 +192,27 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         train_env_names=[dataset.environments[i] for i in train_envs], class_names=list(dataset.class_names),
         steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
         seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
-        device=device,
+        device=device, resume=resume_state is not None,
     )
+    if resume_state is not None:
+        restore_pool(out, resume_state)
     algorithm = algorithm_cls(
         dataset.input_shape, dataset.num_classes, len(train_envs), hp, pretrained=args.pretrained, context=context
     ).to(device)
+    records: list[dict[str, Any]] = []
+    if resume_state is not None:
+        restore_checkpoint(out, algorithm)
+        records = _records_up_to(out / "results.jsonl", resume_state["step"])
 
     n_steps = args.steps or dataset.N_STEPS
     checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
     steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]  # DomainBed's definition of `epoch`
-    writer = _tensorboard_writer(out) if args.tensorboard else None
+    writer = _tensorboard_writer(out, start_step) if args.tensorboard else None
     atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
 
-    records: list[dict[str, Any]] = []
     checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
     batches = zip(*train_loaders)
-    bar = tqdm(range(n_steps), desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not args.progress, file=sys.stderr)
+    bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not args.progress, file=sys.stderr)
     for step in bar:
         step_start = time.time()
         minibatches = [(x.to(device), y.to(device)) for x, y in next(batches)]
@@ -206,6 +237,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             record.update({"hparams": hp, "args": dataclasses.asdict(args)})
             append_jsonl(out / "results.jsonl", record)
             records.append(record)
+            write_checkpoint(out, step, algorithm, {})
             if writer is not None:
                 for key, val in record.items():
                     if isinstance(val, (int, float)) and key != "step":
@@ -238,9 +270,18 @@ def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp
     atomic_write_text(out / "model.json", json.dumps(meta, indent=2))
 
 
-def _tensorboard_writer(out: Path):
+def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the results.jsonl records up to the checkpoint's step (later ones are written again) and return them."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def _tensorboard_writer(out: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'domainfusion[tensorboard]'") from None
-    return SummaryWriter(str(out / "tensorboard"))
+    # purge_step drops events a killed run logged after its last checkpoint; they are logged again.
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)

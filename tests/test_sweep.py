@@ -163,15 +163,17 @@ def test_states_and_delete_incomplete(tmp_path):
     assert (jobs[0].output_dir / "done").exists()
 
 
-def test_launch_refuses_incomplete_and_dummy_prints_commands(tmp_path, capsys):
+def test_launch_resumes_incomplete_or_deletes_them_and_dummy_prints_commands(tmp_path, capsys):
     jobs = digits_jobs(tmp_path, single_test_envs=True)
     mark(jobs, done=1, incomplete=1)
-    with pytest.raises(UserError, match=r"1 job\(s\) are incomplete.*delete-incomplete"):
-        sweep("launch", jobs, "dummy", skip_confirmation=True)
-    capsys.readouterr()
+    assert sweep("launch", jobs, "dummy", skip_confirmation=True) == 0
+    out = capsys.readouterr().out
+    assert "About to launch 3 job(s) (1 incomplete resume from their last checkpoint)" in out
+    printed = [line for line in out.splitlines() if line.startswith(shlex.quote(sys.executable))]
+    assert printed == [shlex.join(j.command) for j in jobs[1:]] and all(" --resume " in p for p in printed)
+    assert [j.state for j in jobs] == [DONE, INCOMPLETE, NOT_LAUNCHED, NOT_LAUNCHED]
     assert sweep("launch", jobs, "dummy", skip_confirmation=True, delete_incomplete=True) == 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(shlex.quote(sys.executable))]
-    assert printed == [shlex.join(j.command) for j in jobs[1:]]
+    assert "after deleting 1 incomplete" in capsys.readouterr().out
     assert [j.state for j in jobs] == [DONE, NOT_LAUNCHED, NOT_LAUNCHED, NOT_LAUNCHED]
 
 

@@ -39,6 +39,7 @@ class RunContext:
     data_dir: str = "data"
     prompt_template: str | None = None  # "{cls}" placeholder; None: the dataset's default
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume: bool = False  # reopen on-disk state (synthetic pools) restored from the checkpoint instead of rebuilding
     _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
 
     def ldm(self) -> "LatentDiffusion":

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from ..ldm.adapt import domain_prompt, from_ldm_images, to_ldm_images
-from ..method.online_augmentation import Chunk, SyntheticPool, subset_chunks, to_uint8
+from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -28,8 +28,7 @@ class CDGA(PoolERM):
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         variants = hparams["cdga_variants"]
         n_source = sum(len(d) for d in context.train_splits)
-        self.pool = SyntheticPool.create(context.output_dir / "cdga_pool", self.generate(variants),
-                                         generated=n_source * variants)  # fmt: skip
+        self.pool = self.open_or_create_pool("cdga_pool", lambda: self.generate(variants), n_source * variants)
 
     def generate(self, variants: int) -> Iterator[Chunk]:
         """K variants of every source image, chunk by chunk (never the whole generated set in RAM)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..method.latent_distillation import LatentDistillation, LDSettings
-from ..method.online_augmentation import AugSettings, OnlineAugmentation, SyntheticPool, subset_chunks
+from ..method.online_augmentation import AugSettings, OnlineAugmentation, subset_chunks
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -34,15 +34,16 @@ class DomainFusion(PoolERM):
         self.augmentation = None
         if self.AUGMENTATION:
             settings = AugSettings.from_hparams(hparams, self.SELECTION)
-            chunks = subset_chunks(context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool"))
-            self.pool = SyntheticPool.create(context.output_dir / "pool", chunks)
+            self.pool = self.open_or_create_pool("pool", lambda: subset_chunks(
+                context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool")))
             self.augmentation = OnlineAugmentation(ldm, self.pool, prompts, self.input_shape, settings, context.seed,
                                                    context.output_dir / "pool_grids")  # fmt: skip
 
     def before_step(self) -> None:
         epoch = self.steps_done.item() / self.context.steps_per_epoch
         if self.augmentation is not None and self.augmentation.due(epoch):
-            self.augmentation.refresh()
+            with self.generating():
+                self.augmentation.refresh()
 
     def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         if self.ld is None:

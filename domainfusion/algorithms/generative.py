@@ -1,17 +1,21 @@
 """ERM on real ∪ synthetic images: the shared base of DomainFusion and the generative baselines (CDGA, DSI).
 
-Each step draws one batch per source domain (as ERM) plus one batch of the same size from an on-disk
+Each step draws one batch per source domain (as ERM) plus `synthetic_batch_size` images from an on-disk
 `SyntheticPool`, and minimises the mean cross-entropy over all of them plus an optional extra loss on the source
 part (DomainFusion's latent distillation). Subclasses decide what the pool holds and when it changes.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..method.online_augmentation import SyntheticPool
+from ..method.online_augmentation import Chunk, SyntheticPool
 from ..utils import seed_hash
 from .base import Minibatches, RunContext
 from .erm import ERM
@@ -26,8 +30,30 @@ class PoolERM(ERM):
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         self.input_shape = tuple(input_shape)
         self.pool: SyntheticPool | None = None
+        # Wall time spent generating images (offline before training, or in refreshes); a buffer, so checkpoints
+        # carry it across a resume.
+        self.register_buffer("generation_s", torch.zeros((), dtype=torch.float64))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.pool_generator = torch.Generator().manual_seed(seed_hash(context.seed, "pool_batch"))
+
+    def open_or_create_pool(self, folder: str, chunks: Callable[[], Iterable[Chunk]], generated: int = 0
+                            ) -> SyntheticPool:
+        """The pool in OUTPUT_DIR/`folder`: reopened when resuming (the checkpoint restored it), else built from
+        `chunks()` (which may generate images: timed as generation)."""
+        root = self.context.output_dir / folder
+        if self.context.resume and (root / "manifest.json").is_file():
+            return SyntheticPool(root)
+        with self.generating():
+            return SyntheticPool.create(root, chunks(), generated=generated)
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """Count the wall time of a block as generation time (reported with the generated-image count)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.generation_s += time.perf_counter() - start
 
     def before_step(self) -> None:
         """Hook run before each step (DomainFusion refreshes its pool here)."""
@@ -43,7 +69,7 @@ class PoolERM(ERM):
         y = torch.cat([y for _, y in minibatches])
         inputs, targets = x, y
         if self.pool is not None:
-            px, py = self.pool.sample(self.hparams["batch_size"], self.pool_generator)
+            px, py = self.pool.sample(self.hparams["synthetic_batch_size"], self.pool_generator)
             inputs, targets = torch.cat([x, px.to(x.device)]), torch.cat([y, py.to(y.device)])
         logits = self.predict(inputs)
         ce = F.cross_entropy(logits, targets)
@@ -57,6 +83,6 @@ class PoolERM(ERM):
 
     def checkpoint_stats(self) -> dict[str, float]:
         if self.pool is None:
-            return {"generated_images": 0}
-        return {"generated_images": self.pool.generated, "pool_size": len(self.pool),
-                "pool_refreshes": self.pool.refreshes}
+            return {"generated_images": 0, "generation_s": 0.0}
+        return {"generated_images": self.pool.generated, "generation_s": self.generation_s.item(),
+                "pool_size": len(self.pool), "pool_refreshes": self.pool.refreshes}

@@ -61,7 +61,10 @@ class InfiniteDataLoader:
         batch_size: int,
         num_workers: int,
         generator: torch.Generator | None = None,
+        skip_batches: int = 0,
     ) -> None:
+        """`skip_batches` fast-forwards the index stream (no image is loaded): a resumed run continues with exactly
+        the batches an uninterrupted run would draw next."""
         # One batch per sampler pass: with replacement this is DomainBed's distribution, and it also works when a
         # split holds fewer images than a batch (DomainBed's loader then spins forever).
         if weights is not None:
@@ -69,6 +72,9 @@ class InfiniteDataLoader:
         else:
             sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size, generator=generator)
         batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=True)
+        for _ in range(skip_batches):
+            for _ in batch_sampler:  # a whole pass, as _Forever consumes it, draws exactly one batch's randomness
+                pass
         self._loader = DataLoader(
             dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler), persistent_workers=num_workers > 0
         )

@@ -1,0 +1,119 @@
+"""Exact resume: everything a training run's future depends on, written atomically at every checkpoint.
+
+A checkpoint (`OUTPUT_DIR/checkpoint/`) holds the algorithm's tensors (weights and buffers such as DomainFusion's
+step counter, safetensors), its optimisers' state (`torch.save`, read back with `weights_only=True`), every random
+generator (python, numpy, torch CPU/CUDA, and each `torch.Generator` the algorithm owns) and hard links to the
+current generation of each synthetic pool, so a refresh after the checkpoint cannot destroy the pool it needs.
+Data-loader positions need no state: loaders are re-created from their seeds and fast-forwarded by the number of
+batches already drawn. The folder is built under a temp name, fsynced and renamed, so a kill mid-write leaves the
+previous checkpoint intact.
+
+What it must not do: unpickle anything but tensors, or write outside OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from .utils import publish_dir
+
+CHECKPOINT = "checkpoint"
+
+
+def _optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.optim.Optimizer)}
+
+
+def _generators(algorithm: torch.nn.Module) -> dict[str, torch.Generator]:
+    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.Generator)}
+
+
+def _pool_root(algorithm: torch.nn.Module) -> Path | None:
+    """The folder of the algorithm's synthetic pool, if it has one."""
+    pool = getattr(algorithm, "pool", None)
+    return Path(pool.root) if pool is not None else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any]) -> Path:
+    """Replace OUTPUT_DIR/checkpoint with the state after training step `step` (0-based, completed)."""
+
+    def build(tmp: Path) -> None:
+        safetensors.torch.save_model(algorithm, str(tmp / "model.safetensors"))
+        torch.save({k: o.state_dict() for k, o in _optimizers(algorithm).items()}, tmp / "optimizers.pt")
+        np_state = np.random.get_state()
+        tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+        if torch.cuda.is_available():
+            tensors.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        tensors.update({f"generator.{k}": g.get_state() for k, g in _generators(algorithm).items()})
+        safetensors.torch.save_file(tensors, str(tmp / "rng.safetensors"))
+        py_version, py_keys, py_gauss = random.getstate()
+        state = {"step": step, "python_random": [py_version, list(py_keys), py_gauss],
+                 "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], **extra}
+        root = _pool_root(algorithm)
+        if root is not None:
+            state["pool"] = str(root.relative_to(out))
+            manifest = json.loads((root / "manifest.json").read_text())
+            generation = f"gen-{manifest['generation']:06d}"
+            (tmp / "pool" / generation).mkdir(parents=True)
+            for shard in manifest["shards"]:
+                os.link(root / generation / shard, tmp / "pool" / generation / shard)
+            shutil.copyfile(root / "manifest.json", tmp / "pool" / "manifest.json")
+        (tmp / "state.json").write_text(json.dumps(state))
+        _fsync_tree(tmp)
+
+    return publish_dir(build, out / CHECKPOINT)
+
+
+def read_state(out: Path) -> dict[str, Any] | None:
+    """The checkpoint's state.json (step and extras), or None when the run has no complete checkpoint."""
+    path = out / CHECKPOINT / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def restore_pool(out: Path, state: dict[str, Any]) -> None:
+    """Put the checkpointed pool back in place (hard links again) before the algorithm opens it: the live pool may
+    have been refreshed after the checkpoint."""
+    if "pool" in state:
+        root = out / state["pool"]
+        if root.exists():
+            shutil.rmtree(root)
+        shutil.copytree(out / CHECKPOINT / "pool", root, copy_function=os.link)
+
+
+def restore_checkpoint(out: Path, algorithm: torch.nn.Module) -> dict[str, Any]:
+    """Load weights, optimisers and every RNG into a freshly built algorithm; returns state.json."""
+    folder = out / CHECKPOINT
+    state = json.loads((folder / "state.json").read_text())
+    missing, unexpected = safetensors.torch.load_model(algorithm, str(folder / "model.safetensors"))
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the algorithm (missing {missing}, unexpected {unexpected})")
+    optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
+    for name, optimizer in _optimizers(algorithm).items():
+        optimizer.load_state_dict(optimizer_states[name])
+    rng = safetensors.torch.load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda")])
+    for name, generator in _generators(algorithm).items():
+        generator.set_state(rng[f"generator.{name}"])
+    py_version, py_keys, py_gauss = state["python_random"]
+    random.setstate((py_version, tuple(py_keys), py_gauss))
+    kind, pos, has_gauss, cached = state["numpy_random"]
+    np.random.set_state((kind, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    return state
