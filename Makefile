@@ -24,14 +24,23 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
-# The embedded default end to end, offline, on a CPU: build DigitsDG-offline, look at it, train ERM holding out
-# mnist_m, print the DomainBed table and plot accuracy against steps.
+# The embedded default end to end, offline, on a CPU: build DigitsDG-offline and look at it, sample the embedded LDM,
+# train ERM and DomainFusion holding out mnist_m with one identical budget, print the DomainBed table, plot accuracy
+# against steps and keep DomainFusion's pool-refresh grids.
+DEMO_STEPS ?= 300
+DEMO_FLAGS = --dataset DigitsDG --test-envs 1 --data-dir $(DATA) --steps $(DEMO_STEPS) --checkpoint-freq 100 \
+	--no-eval-train-in --hparams '{"batch_size": 32}' --overwrite
 demo: install
 	$(BIN)/domainfusion datasets show DigitsDG --data-dir $(DATA) --out $(DEMO_OUT)/DigitsDG.png --per-class 2
-	$(BIN)/domainfusion train --dataset DigitsDG --algorithm ERM --test-envs 1 --data-dir $(DATA) \
-		--steps 200 --checkpoint-freq 100 --no-eval-train-in --output-dir $(DEMO_OUT)/runs/erm --overwrite
+	$(BIN)/domainfusion ldm sample "a photo of the digit 0" "a photo of the digit 1" "a photo of the digit 2" \
+		"a photo of the digit 3" "a photo of the digit 4" "a photo of the digit 5" "a photo of the digit 6" \
+		"a photo of the digit 7" "a photo of the digit 8" "a photo of the digit 9" --n-seeds 6 --steps 25 \
+		--data-dir $(DATA) --out $(DEMO_OUT)/ldm_samples.png
+	$(BIN)/domainfusion train --algorithm ERM $(DEMO_FLAGS) --output-dir $(DEMO_OUT)/runs/erm
+	$(BIN)/domainfusion train --algorithm DomainFusion $(DEMO_FLAGS) --output-dir $(DEMO_OUT)/runs/domainfusion
 	$(BIN)/domainfusion results $(DEMO_OUT)/runs --out $(DEMO_OUT)/results.md --plot $(DEMO_OUT)/accuracy.png
-	@echo "demo outputs in $(DEMO_OUT)/: DigitsDG.png, results.md, accuracy.png, runs/"
+	cp $(DEMO_OUT)/runs/domainfusion/pool_grids/refresh-*.png $(DEMO_OUT)/
+	@echo "demo outputs in $(DEMO_OUT)/: DigitsDG.png, ldm_samples.png, results.md, accuracy.png, refresh-*.png, runs/"
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

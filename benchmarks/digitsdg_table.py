@@ -15,9 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from common import REPO, run, write_report
+from domainfusion.report import cost_table, load_records
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
 
@@ -57,7 +56,9 @@ def main() -> None:
         f"{100 * r['val_acc']:.1f} |"
         for r in sorted(rows, key=lambda r: (r["algorithm"], r["test_env"], r["trial_seed"]))
     )
-    costs = _costs(Path(a.output_dir))
+    costs = cost_table(load_records(a.output_dir), a.algorithms.split(",")) + (
+        "\nStep time includes DomainFusion's pool refreshes (they run inside training steps); CDGA's offline "
+        "generation happens before step 0 and is only in the generation column.\n")
     body = (
         f"Budget: {a.steps} steps per run, checkpoint every {a.checkpoint_freq} steps, default hparams "
         f"(hparams seed 0) with overrides {a.hparams or 'none'}, {a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
@@ -69,32 +70,6 @@ def main() -> None:
         f"|---|---|---|---|---|\n{per_trial}\n\n![accuracy vs step]({plot.name})\n"
     )
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
-
-
-def _costs(sweep_dir: Path) -> str:
-    """Markdown table per algorithm: mean step time (and its ratio to ERM's), generated images, generation time."""
-    per_alg: dict[str, dict[str, list[float]]] = {}
-    for f in sorted(sweep_dir.glob("*/results.jsonl")):
-        records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if not records:
-            continue
-        last = records[-1]
-        steps = [r["step"] for r in records]
-        windows = np.diff([-1] + steps)  # each record's step_time is the mean over the steps since the previous one
-        step_time = float(np.average([r["step_time"] for r in records], weights=windows))
-        row = per_alg.setdefault(last["args"]["algorithm"], {"step": [], "gen": [], "gen_s": []})
-        row["step"].append(step_time)
-        row["gen"].append(last.get("generated_images", 0))
-        row["gen_s"].append(last.get("generation_s", 0.0))
-    erm = np.mean(per_alg["ERM"]["step"]) if "ERM" in per_alg else float("nan")
-    lines = ["| algorithm | runs | step time (s) | × ERM | generated images / run | generation time / run (s) |",
-             "|---|---|---|---|---|---|"]
-    for alg, row in per_alg.items():
-        mean_step = float(np.mean(row["step"]))
-        lines.append(f"| {alg} | {len(row['step'])} | {mean_step:.3f} | {mean_step / erm:.2f} | "
-                     f"{np.mean(row['gen']):,.0f} | {np.mean(row['gen_s']):.0f} |")
-    return "\n".join(lines) + "\n\nStep time includes DomainFusion's pool refreshes (they run inside training " \
-        "steps); CDGA's offline generation happens before step 0 and is only in the generation column.\n"
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def results(
     """Model selection and DomainBed-style result tables (mean ± standard error over trial seeds)."""
     from .algorithms import ALGORITHMS
     from .data import DATASETS, dataset_class
-    from .report import SELECTION_METHODS, latex_document, load_records, per_trial_rows, results_table
+    from .report import SELECTION_METHODS, cost_table, latex_document, load_records, per_trial_rows, results_table
 
     if selection not in SELECTION_METHODS:
         raise UserError(f"--selection {selection!r} is unknown; choose one of {', '.join(SELECTION_METHODS)}")
@@ -162,7 +162,10 @@ def results(
         env_names.setdefault(r["args"]["dataset"], _env_names(r))
     method = SELECTION_METHODS[selection]
     text = results_table(records, method, latex=latex, env_names=env_names, algorithm_order=list(ALGORITHMS), strict=strict)
-    text = latex_document(text) if latex else text
+    if latex:
+        text = latex_document(text)
+    else:
+        text += "\n## Cost per run\n\n" + cost_table(records, list(ALGORITHMS))
     typer.echo(text)
     if out:
         out.write_text(text)

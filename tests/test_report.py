@@ -251,3 +251,21 @@ def test_plot_writes_png(tmp_path):
 def test_plot_without_single_test_env_runs(tmp_path):
     with pytest.raises(UserError):
         plot_accuracy_vs_step([rec(0, [0, 1])], tmp_path / "x.png")
+
+
+def test_cost_table_weights_step_times_by_steps_covered():
+    from domainfusion.report import cost_table, run_costs
+
+    def rec(alg: str, out: str, step: int, step_time: float, **extra) -> dict:
+        return {"step": step, "step_time": step_time, "args": {"algorithm": alg, "output_dir": out}, **extra}
+
+    records = [rec("ERM", "a", 0, 1.0), rec("ERM", "a", 10, 2.0),
+               rec("DomainFusion", "b", 0, 3.0, generated_images=8, generation_s=1.0),
+               rec("DomainFusion", "b", 10, 4.0, generated_images=40, generation_s=5.0)]
+    costs = run_costs(records)
+    assert costs["ERM"][0]["step_time"] == pytest.approx(21 / 11)  # (1·1 + 2·10) / 11 steps
+    assert costs["DomainFusion"] == [{"step_time": pytest.approx(43 / 11), "generated_images": 40.0,
+                                      "generation_s": 5.0}]
+    table = cost_table(records, ["ERM", "DomainFusion"])
+    assert "| ERM | 1 | 1.909 | 1.00 | 0 | 0 |" in table
+    assert "| DomainFusion | 1 | 3.909 | 2.05 | 40 | 5 |" in table

@@ -1,5 +1,6 @@
 """Sweep reporting with DomainBed's exact semantics: load results, select models, print tables, plot curves."""
 
+from domainfusion.report.costs import cost_table, run_costs
 from domainfusion.report.plots import plot_accuracy_vs_step
 from domainfusion.report.records import RecordGroup, group_records, load_records
 from domainfusion.report.selection import (
@@ -20,10 +21,12 @@ __all__ = [
     "RecordGroup",
     "RunAcc",
     "SelectionMethod",
+    "cost_table",
     "group_records",
     "latex_document",
     "load_records",
     "per_trial_rows",
     "plot_accuracy_vs_step",
     "results_table",
+    "run_costs",
 ]
