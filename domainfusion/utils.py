@@ -77,6 +77,7 @@ def publish_dir(build: Callable[[Path], object], dest: Path, replace: bool = Tru
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
     try:
         build(tmp)
+        _readable_by_all(tmp)
         if replace and dest.exists():
             shutil.rmtree(dest)
         try:
@@ -89,3 +90,12 @@ def publish_dir(build: Callable[[Path], object], dest: Path, replace: bool = Tru
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only files; published folders get the usual 0755/0644 (minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~umask)
