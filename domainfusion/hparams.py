@@ -95,10 +95,10 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
     """
     generative = algorithm.startswith("DomainFusion") or algorithm == "CDGA"
     if generative:
-        hparam("synthetic_batch_size", 32, lambda r: int(r.choice([16, 32, 64])), 1, 4096)
+        hparam("synthetic_fraction", 0.15, lambda r: float(r.uniform(0.05, 0.3)), 0.0, 0.9)
         hparam("img2img_strength", 0.5, lambda r: float(r.uniform(0.3, 0.7)), 0.0, 1.0)
         hparam("img2img_steps", 20, lambda r: int(r.choice([10, 20])), 1, 1000)
-        hparam("img2img_guidance", 1.0, lambda r: float(r.choice([1.0, 2.0])), 1.0, 50.0)
+        hparam("img2img_guidance", 2.0, lambda r: float(r.choice([1.0, 2.0, 3.0])), 1.0, 50.0)
     if algorithm.startswith("DomainFusion"):
         # Latent distillation (method.md §1).
         hparam("ld_weight", 1.0, lambda r: float(10 ** r.uniform(-2, 1)), 0.0, 1e4)
@@ -111,7 +111,7 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         # Online lightweight augmentation (method.md §2).
         hparam("aug_every_epochs", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])), 1e-3, 1e6)
         hparam("aug_candidates", 4, lambda r: int(r.choice([2, 4, 8])), 1, 64)
-        hparam("aug_pool_fraction", 0.02, lambda r: float(10 ** r.uniform(-2.3, -1)), 1e-6, 1.0)
+        hparam("aug_pool_fraction", 0.01, lambda r: float(10 ** r.uniform(-2.3, -1.3)), 1e-6, 1.0)
     if algorithm == "CDGA":
         hparam("cdga_variants", 1, lambda r: int(r.choice([1, 2])), 1, 1000)
 

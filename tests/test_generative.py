@@ -19,7 +19,7 @@ from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "synthetic_batch_size": 3, "img2img_steps": 4, "aug_candidates": 2,
+FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "synthetic_fraction": 0.25, "img2img_steps": 4, "aug_candidates": 2,
         "aug_pool_fraction": 0.25, "aug_every_epochs": 0.5, "ld_batch_size": 4}
 
 
@@ -90,6 +90,25 @@ def test_same_cli_command_on_real_pacs_mini(pacs_mini: Path, sd_folder: Path, tm
     assert [r["step"] for r in records] == [0, 2]
     assert records[-1]["generated_images"] == records[-1]["pool_refreshes"] * records[-1]["pool_size"] * 2 > 0
     assert records[-1]["environments"] == list(PACS_DOMAINS)
+
+
+def test_synthetic_images_replace_source_images_evenly() -> None:
+    from domainfusion.algorithms.generative import keep_source
+
+    batches = [(torch.arange(5).float(), torch.arange(5)) for _ in range(3)]
+    kept = keep_source(batches, 4)  # 15 images, 4 replaced: 2 off the first domain, 1 off each other one
+    assert [len(y) for _, y in kept] == [3, 4, 4]
+    assert kept[0][1].tolist() == [0, 1, 2]
+    assert [len(y) for _, y in keep_source(batches, 0)] == [5, 5, 5]
+
+
+def test_step_sees_as_many_images_as_erm(tmp_path: Path, sd_folder: Path, monkeypatch) -> None:
+    algorithm = build("DomainFusion_Aug", tensor_context(tmp_path, sd_folder))
+    seen = []
+    predict = algorithm.predict
+    monkeypatch.setattr(algorithm, "predict", lambda x: seen.append(len(x)) or predict(x))
+    algorithm.update(minibatches(0))  # 2 domains × 4 images; 0.25 · 8 = 2 from the pool
+    assert seen == [8]
 
 
 def test_ldm_is_frozen_and_the_classifier_learns(tmp_path: Path, sd_folder: Path) -> None:

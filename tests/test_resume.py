@@ -65,7 +65,7 @@ def test_sigkill_then_resume_gives_identical_results(algorithm: str, tiny_folder
     ldm = str(save_tiny_ldm(tmp_path / "tiny_ldm")) if algorithm == "DomainFusion" else "embedded"
     hparams = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8}
     if algorithm == "DomainFusion":
-        hparams.update(synthetic_batch_size=4, img2img_steps=4, aug_candidates=2, aug_pool_fraction=0.3,
+        hparams.update(synthetic_fraction=0.25, img2img_steps=4, aug_candidates=2, aug_pool_fraction=0.3,
                        aug_every_epochs=0.5, ld_batch_size=4)
     steps = 400 if algorithm == "ERM" else 60
 

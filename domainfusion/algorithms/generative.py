@@ -1,8 +1,11 @@
 """ERM on real ∪ synthetic images: the shared base of DomainFusion and the generative baselines (CDGA, DSI).
 
-Each step draws one batch per source domain (as ERM) plus `synthetic_batch_size` images from an on-disk
-`SyntheticPool`, and minimises the mean cross-entropy over all of them plus an optional extra loss on the source
-part (DomainFusion's latent distillation). Subclasses decide what the pool holds and when it changes.
+Each step sees as many images as an ERM step: the per-domain batches, with a `synthetic_fraction` of their images
+replaced by images drawn from an on-disk `SyntheticPool` (taken evenly off the end of each domain's batch, so every
+domain keeps its share). It minimises the mean cross-entropy over all of them plus an optional extra loss on the
+source part (DomainFusion's latent distillation). Keeping the classifier's work per step equal to ERM's makes
+"identical budget" comparisons fair and leaves the LDM as the only extra cost. Subclasses decide what the pool holds
+and when it changes.
 """
 
 from __future__ import annotations
@@ -65,11 +68,12 @@ class PoolERM(ERM):
 
     def update(self, minibatches: Minibatches) -> dict[str, float]:
         self.before_step()
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
+        total = sum(len(y) for _, y in minibatches)
+        n_synthetic = round(self.hparams["synthetic_fraction"] * total) if self.pool is not None else 0
+        x, y = (torch.cat(parts) for parts in zip(*keep_source(minibatches, n_synthetic)))
         inputs, targets = x, y
-        if self.pool is not None:
-            px, py = self.pool.sample(self.hparams["synthetic_batch_size"], self.pool_generator)
+        if n_synthetic:
+            px, py = self.pool.sample(n_synthetic, self.pool_generator)
             inputs, targets = torch.cat([x, px.to(x.device)]), torch.cat([y, py.to(y.device)])
         logits = self.predict(inputs)
         ce = F.cross_entropy(logits, targets)
@@ -86,3 +90,13 @@ class PoolERM(ERM):
             return {"generated_images": 0, "generation_s": 0.0}
         return {"generated_images": self.pool.generated, "generation_s": self.generation_s.item(),
                 "pool_size": len(self.pool), "pool_refreshes": self.pool.refreshes}
+
+
+def keep_source(minibatches: Minibatches, n_drop: int) -> Minibatches:
+    """Drop `n_drop` images off the ends of the domain batches, as evenly as possible (earlier domains first)."""
+    base, extra = divmod(n_drop, len(minibatches))
+    kept = []
+    for i, (x, y) in enumerate(minibatches):
+        keep = max(0, len(y) - base - (i < extra))
+        kept.append((x[:keep], y[:keep]))
+    return kept

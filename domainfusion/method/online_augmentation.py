@@ -180,7 +180,7 @@ class AugSettings:
     strength: float = 0.5  # SDEdit strength s
     steps: int = 20  # DDIM steps at strength 1 (int(steps · s) run)
     guidance: float = 1.0
-    pool_fraction: float = 0.02
+    pool_fraction: float = 0.01
     selection: str = "style_content"  # or "random" (the ablation)
 
     @classmethod
