@@ -101,7 +101,7 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("img2img_guidance", 2.0, lambda r: float(r.choice([1.0, 2.0, 3.0])), 1.0, 50.0)
     if algorithm.startswith("DomainFusion"):
         # Latent distillation (method.md §1).
-        hparam("ld_weight", 1.0, lambda r: float(10 ** r.uniform(-2, 1)), 0.0, 1e4)
+        hparam("ld_weight", 0.1, lambda r: float(10 ** r.uniform(-3, 0)), 0.0, 1e4)
         hparam("ld_batch_size", 16, lambda r: int(r.choice([8, 16, 32])), 1, 4096)
         hparam("ld_t_min", 0.02, lambda r: float(r.uniform(0.02, 0.2)), 0.0, 1.0)
         hparam("ld_t_max", 0.98, lambda r: float(r.uniform(0.5, 0.98)), 0.0, 1.0)

@@ -35,7 +35,7 @@ WEIGHTINGS = ("sds", "uniform")
 class LDSettings:
     """The [decision] knobs of method.md §1; every one is an hparam (`ld_*`) in the registry."""
 
-    weight: float = 1.0  # λ_LD
+    weight: float = 0.1  # λ_LD
     batch_size: int = 16  # LD sub-batch: source images distilled per step
     t_min: float = 0.02  # fractions of the number of training timesteps T
     t_max: float = 0.98
