@@ -27,7 +27,7 @@ test: install
 # The embedded default end to end, offline, on a CPU: build DigitsDG-offline and look at it, sample the embedded LDM,
 # train ERM and DomainFusion holding out mnist_m with one identical budget, print the DomainBed table, plot accuracy
 # against steps and keep DomainFusion's pool-refresh grids.
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 200
 DEMO_FLAGS = --dataset DigitsDG --test-envs 1 --data-dir $(DATA) --steps $(DEMO_STEPS) --checkpoint-freq 100 \
 	--no-eval-train-in --hparams '{"batch_size": 32}' --overwrite
 demo: install

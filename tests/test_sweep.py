@@ -122,7 +122,7 @@ def test_command_flags(tmp_path):
         sys.executable, "-m", "domainfusion", "train", "--dataset", "DigitsDG", "--algorithm", "ERM",
         "--test-envs", "1,2", "--data-dir", "d", "--output-dir", str(job.output_dir), "--hparams-seed", "0",
         "--trial-seed", "0", "--seed", str(job.args["seed"]), "--steps", "7", "--holdout-fraction", "0.2",
-        "--allow-missing-classes", "--no-eval-train-in", "--no-progress",
+        "--allow-missing-classes", "--no-eval-train-in", "--resume", "--no-progress",
     ]
 
 
@@ -130,7 +130,7 @@ def test_command_flags(tmp_path):
     "kw, message",
     [
         ({"datasets": ["Nope"]}, "known datasets: .*DigitsDG"),
-        ({"algorithms": ["Nope"]}, "known algorithms: ERM"),
+        ({"algorithms": ["Nope"]}, "known algorithms: CDGA, DomainFusion, .*ERM"),
         ({"hparams": '{"lrr": 1}'}, "unknown hparam"),
         ({"test_envs": [[4]]}, "invalid for DigitsDG"),
         ({"test_envs": [[0, 1, 2, 3]]}, "at least one training environment"),
@@ -221,8 +221,10 @@ def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
     assert sweep("launch", again, "local", n_parallel=2, skip_confirmation=True) == 0
     assert "Nothing to launch: all 2 jobs are done." in capsys.readouterr().out
     assert [read_steps(j) for j in again] == [[0, 2], [0, 2]]
-    with pytest.raises(UserError, match=r"1 job\(s\) are incomplete"):
-        sweep("launch", [*again, bad], "local", skip_confirmation=True)
+    # The failed job is incomplete: a new launch resumes (here: retries) it and leaves the finished ones alone.
+    assert sweep("launch", [*again, bad], "local", skip_confirmation=True) == 1
+    assert "1 incomplete resume from their last checkpoint" in capsys.readouterr().out
+    assert [read_steps(j) for j in again] == [[0, 2], [0, 2]]
 
 
 def test_cli_list_prints_counts(tmp_path):

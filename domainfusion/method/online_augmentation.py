@@ -259,5 +259,5 @@ class OnlineAugmentation:
                            decoded[i, out.content_pick[i]][None].cpu(), out.results[i:i + 1].cpu()])
                 for i in range(m)]  # fmt: skip
         n = self.settings.candidates
-        label = f"orig | {n} candidates | style | content | result"
+        label = f"orig|{n} cand|style|content|new"  # fits the grid's label column
         return save_grid(rows, path, [label] + [""] * (m - 1))
