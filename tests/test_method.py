@@ -3,11 +3,13 @@ style/content algebra and selection, pool refresh bookkeeping, and a frozen LDM.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+from domainfusion import hparams as registry
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
@@ -16,6 +18,7 @@ from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentat
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DEFAULTS = registry.default_hparams("DomainFusion", "DigitsDG")
 PROMPTS = ["a photo of a dog", "a photo of a cat", "a sketch of a house"]
 
 
@@ -29,6 +32,11 @@ def ldm(ldm_folder: Path) -> LatentDiffusion:
     return LatentDiffusion.from_pretrained(ldm_folder, device="cpu")
 
 
+def ld_settings(**changes) -> LDSettings:
+    """The registry's default LD settings, with `changes`."""
+    return dataclasses.replace(LDSettings.from_hparams(DEFAULTS), **changes)
+
+
 def batch(n: int = 4, channels: int = 3, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, channels, size, size, generator=g), torch.randint(len(PROMPTS), (n,), generator=g)
@@ -40,7 +48,7 @@ def batch(n: int = 4, channels: int = 3, size: int = 32, seed: int = 0) -> tuple
 def test_sds_gradient_wrt_latent_is_weighted_noise_residual(ldm: LatentDiffusion) -> None:
     x, y = batch(4)
     logits = torch.randn(4, len(PROMPTS), requires_grad=True)
-    ld = LatentDistillation(ldm, PROMPTS, LDSettings())
+    ld = LatentDistillation(ldm, PROMPTS, ld_settings())
     out = ld(logits, x, y, torch.Generator().manual_seed(7))
     (grad_z,) = torch.autograd.grad(out.loss, out.latents, retain_graph=True)
     # Replay the same draws: t first, then ε, from the same seed.
@@ -71,7 +79,7 @@ def test_sds_loss_and_gradient_vanish_when_the_unet_predicts_the_noise(ldm: Late
     monkeypatch.setattr(ldm, "predict_noise", lambda z_t, t, embeds, guidance=1.0: drawn["noise"].clone())
     x, y = batch(3)
     logits = torch.randn(3, len(PROMPTS), requires_grad=True)
-    out = LatentDistillation(ldm, PROMPTS, LDSettings())(logits, x, y, torch.Generator().manual_seed(0))
+    out = LatentDistillation(ldm, PROMPTS, ld_settings())(logits, x, y, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert torch.count_nonzero(logits.grad) == 0
@@ -79,7 +87,7 @@ def test_sds_loss_and_gradient_vanish_when_the_unet_predicts_the_noise(ldm: Late
 
 def test_full_gradient_matches_finite_differences(ldm_folder: Path) -> None:
     ldm64 = LatentDiffusion.from_pretrained(ldm_folder, device="cpu", dtype=torch.float64)
-    ld = LatentDistillation(ldm64, PROMPTS, LDSettings(grad="full", t_min=0.3, t_max=0.6))
+    ld = LatentDistillation(ldm64, PROMPTS, ld_settings(grad="full", t_min=0.3, t_max=0.6))
     x, y = batch(2)
     x = x.double()
 
@@ -96,7 +104,7 @@ def test_confidence_darkens_the_image_fed_to_the_vae(ldm: LatentDiffusion, monke
     monkeypatch.setattr(ldm, "encode", lambda images: seen.setdefault("x", images) is not None and encode(images))
     x, y = batch(2)
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    out = LatentDistillation(ldm, PROMPTS, LDSettings())(logits, x, torch.tensor([0, 1]), torch.Generator())
+    out = LatentDistillation(ldm, PROMPTS, ld_settings())(logits, x, torch.tensor([0, 1]), torch.Generator())
     expected_c = torch.tensor([torch.e ** 2 / (torch.e ** 2 + 2), 1 / 3])
     torch.testing.assert_close(out.confidence, expected_c)
     torch.testing.assert_close(seen["x"], expected_c.view(-1, 1, 1, 1) * x)
@@ -177,15 +185,20 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(9)], 1.0, seed=0))
     before_images, before_labels = pool.read(torch.arange(9))
     before_sources = torch.cat([s for _, _, s in pool.shards()])
-    settings = AugSettings(candidates=3, strength=0.5, steps=4)
+    settings = dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), candidates=3, strength=0.5,
+                                   steps=4)
     aug = OnlineAugmentation(ldm, pool, PROMPTS, (1, 28, 28), settings, seed=0, grid_dir=tmp_path / "grids")
     calls = []
     img2img = ldm.img2img
     monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
+    encode = ldm.encode
+    encoded = []
+    monkeypatch.setattr(ldm, "encode", lambda x: encoded.append(len(x)) or encode(x))
     assert aug.due(0.0)
     assert aug.refresh() == 27
     assert pool.generated == 27 and pool.refreshes == 1 and len(pool) == 9
     assert sum(len(p) for p in calls) == 27  # N candidates per image, each image once
+    assert sum(encoded) == 9  # each pool image is VAE-encoded once, not once per candidate
     after_images, after_labels = pool.read(torch.arange(9))
     assert torch.equal(after_labels, before_labels)
     assert torch.equal(torch.cat([s for _, _, s in pool.shards()]), before_sources)

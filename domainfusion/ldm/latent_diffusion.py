@@ -216,10 +216,10 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def img2img(self, images: torch.Tensor, prompts: list[str] | None = None, strength: float = 0.5,
+    def img2img(self, images: torch.Tensor | None, prompts: list[str] | None = None, strength: float = 0.5,
                 num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | None = 0,
                 batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
-                output: str = "images") -> torch.Tensor:
+                output: str = "images", latents: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt.
 
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
@@ -227,7 +227,9 @@ class LatentDiffusion:
         when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`,
         so results do not depend on `batch_size`. Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
         for prompts no string spells (CDGA's interpolations between domain descriptions). `output="latents"` returns
-        the scaled latents instead of [0, 1] images (online augmentation works in latent space).
+        the scaled latents instead of [0, 1] images, and `latents` (already encoded, instead of `images`) lets a
+        caller that needs the source latents anyway encode each image once (online augmentation works in latent
+        space).
         """
         if not 0 <= strength <= 1:
             raise UserError(f"img2img strength must be in [0, 1], got {strength}")
@@ -235,20 +237,24 @@ class LatentDiffusion:
             raise UserError(f"img2img output must be 'images' or 'latents', got {output!r}")
         if (prompts is None) == (prompt_embeds is None):
             raise UserError("img2img needs either prompts or prompt_embeds (exactly one of them)")
+        if (images is None) == (latents is None):
+            raise UserError("img2img needs either images or latents (exactly one of them)")
+        n = len(images) if images is not None else len(latents)
         n_cond = len(prompts) if prompts is not None else len(prompt_embeds)
-        if n_cond != len(images):
-            raise UserError(f"img2img needs one prompt per image, got {n_cond} prompts for {len(images)} images")
-        self.check_images(images)
+        if n_cond != n:
+            raise UserError(f"img2img needs one prompt per image, got {n_cond} prompts for {n} images")
+        if images is not None:
+            self.check_images(images)
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
         out = []
-        for start in range(0, len(images), batch_size):
+        for start in range(0, n, batch_size):
             stop = start + batch_size
-            latents = self.encode(images[start:stop])
+            z = self.encode(images[start:stop]) if images is not None else latents[start:stop].to(self.device, self.dtype)
             if int(num_inference_steps * strength) > 0:
                 embeds = self.encode_prompts(prompts[start:stop]) if prompts is not None else prompt_embeds[start:stop]
-                latents = pipe(image=latents, strength=strength, num_inference_steps=num_inference_steps,
-                               **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed))[0]
-            out.append(latents if output == "latents" else self.decode(latents))
+                z = pipe(image=z, strength=strength, num_inference_steps=num_inference_steps,
+                         **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed))[0]
+            out.append(z if output == "latents" else self.decode(z))
         return torch.cat(out)
 
     @torch.no_grad()

@@ -33,15 +33,16 @@ WEIGHTINGS = ("sds", "uniform")
 
 @dataclass(frozen=True)
 class LDSettings:
-    """The [decision] knobs of method.md §1; every one is an hparam (`ld_*`) in the registry."""
+    """The [decision] knobs of method.md §1; every one is an hparam (`ld_*`) in the registry, which holds the
+    defaults."""
 
-    weight: float = 0.1  # λ_LD
-    batch_size: int = 16  # LD sub-batch: source images distilled per step
-    t_min: float = 0.02  # fractions of the number of training timesteps T
-    t_max: float = 0.98
-    weighting: str = "sds"
-    grad: str = "sds"
-    guidance: float = 1.0
+    weight: float  # λ_LD
+    batch_size: int  # LD sub-batch: source images distilled per step
+    t_min: float  # fractions of the number of training timesteps T
+    t_max: float
+    weighting: str  # "sds" (1 − ᾱ_t) or "uniform"
+    grad: str  # "sds" or "full"
+    guidance: float
 
     @classmethod
     def from_hparams(cls, hp: dict) -> "LDSettings":

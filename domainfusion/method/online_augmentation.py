@@ -173,15 +173,16 @@ def subset_chunks(datasets: list[Dataset], fraction: float, seed: int) -> Iterat
 
 @dataclass(frozen=True)
 class AugSettings:
-    """The [decision] knobs of method.md §2; every one is an hparam (`aug_*`) in the registry."""
+    """The [decision] knobs of method.md §2; every one is an hparam (`aug_*`, `img2img_*`) in the registry, which
+    holds the defaults."""
 
-    every_epochs: float = 1.0  # T, in passes over all source images
-    candidates: int = 4  # N
-    strength: float = 0.5  # SDEdit strength s
-    steps: int = 20  # DDIM steps at strength 1 (int(steps · s) run)
-    guidance: float = 1.0
-    pool_fraction: float = 0.01
-    selection: str = "style_content"  # or "random" (the ablation)
+    every_epochs: float  # T, in passes over all source images
+    candidates: int  # N
+    strength: float  # SDEdit strength s
+    steps: int  # DDIM steps at strength 1 (int(steps · s) run)
+    guidance: float
+    pool_fraction: float
+    selection: str  # "style_content" or "random" (the ablation)
 
     @classmethod
     def from_hparams(cls, hp: dict, selection: str) -> "AugSettings":
@@ -220,13 +221,14 @@ class OnlineAugmentation:
         """Steps 1-4 for a batch of dataset-space images in [0, 1]."""
         s, ldm = self.settings, self.ldm
         originals = to_ldm_images(images.to(ldm.device), ldm.image_size)
+        source = ldm.encode(originals)  # once per image: img2img starts from it and selection compares to it
         n = s.candidates
-        candidates = ldm.img2img(originals.repeat_interleave(n, dim=0),
-                                 [self.prompts[int(y)] for y in labels for _ in range(n)], strength=s.strength,
-                                 num_inference_steps=s.steps, guidance_scale=s.guidance, seed=seed,
-                                 output="latents").float().unflatten(0, (len(images), n))
+        candidates = ldm.img2img(None, [self.prompts[int(y)] for y in labels for _ in range(n)],
+                                 strength=s.strength, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                                 seed=seed, output="latents", latents=source.repeat_interleave(n, dim=0),
+                                 ).float().unflatten(0, (len(images), n))  # fmt: skip
         if s.selection == "style_content":
-            style_pick, content_pick = select_style_content(ldm.encode(originals).float(), candidates)
+            style_pick, content_pick = select_style_content(source.float(), candidates)
         else:
             style_pick, content_pick = torch.randint(n, (2, len(images)), generator=generator).to(ldm.device)
         results = ldm.decode(recombine(candidates, style_pick, content_pick))
