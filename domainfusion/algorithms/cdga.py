@@ -39,11 +39,11 @@ class CDGA(PoolERM):
         generator = torch.Generator().manual_seed(seed_hash(ctx.seed, "cdga"))
         seed = seed_hash(ctx.seed, "cdga_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
-            originals = to_ldm_images(images_u8.float().div(255).to(ldm.device), ldm.image_size)
+            latents = ldm.encode(to_ldm_images(images_u8.float().div(255).to(ldm.device), ldm.image_size))
             domains = torch.searchsorted(offsets, sources, right=True) - 1
-            for k in range(variants):
+            for k in range(variants):  # the chunk is encoded once, whatever K
                 embeds = self.interpolated_prompts(labels, domains, generator)
-                out = ldm.img2img(originals, prompt_embeds=embeds, strength=hp["img2img_strength"],
+                out = ldm.img2img(None, prompt_embeds=embeds, latents=latents, strength=hp["img2img_strength"],
                                   num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
                                   seed=seed + (k * int(offsets[-1]) + int(sources[0])))  # fmt: skip
                 yield to_uint8(from_ldm_images(out, self.input_shape)), labels, sources
