@@ -57,7 +57,7 @@ def report(a: argparse.Namespace) -> None:
     """Training-domain validation per (dataset, held-out env), mean ± SE over trials, against the published table."""
     out = Path(a.output_dir)
     info = json.loads((out / LAUNCH_INFO).read_text())
-    records = load_records(out)
+    records = [r for done in sorted(out.glob("*/done")) for r in load_records(done.parent)]  # finished runs only
     results = trial_results(records, IIDAccuracySelection())
     lines, step_times = [], {}
     for r in records:
