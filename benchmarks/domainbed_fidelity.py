@@ -71,7 +71,7 @@ def report(a: argparse.Namespace) -> None:
             mean, err = float(np.mean(accs)), float(np.std(accs) / np.sqrt(len(accs)))
             trials = ", ".join(f"{x:.1f}" for x in accs)
             lines.append(f"| {dataset} | {ENV_NAMES[dataset][env]} | {mean:.1f} ± {err:.1f} | {trials} | {pub:.1f} | "
-                         f"{mean - pub:+.1f} | {'yes' if abs(mean - pub) <= 1.0 else 'no'} |")
+                         f"{mean - pub:+.2f} | {'yes' if abs(mean - pub) <= 1.0 else 'no'} |")
     steps = sorted({r["args"]["steps"] for r in records})
     freqs = sorted({r["args"]["checkpoint_freq"] for r in records})
     timing = "; ".join(f"{d} {1000 * np.mean(t):.1f} ms" for d, t in sorted(step_times.items()))
@@ -81,7 +81,7 @@ def report(a: argparse.Namespace) -> None:
         f"evaluated, training-domain validation selection, mean ± standard error over trial "
         f"seeds (DomainBed's formula). Target: within 1.0 point of each published number.\n\n"
         "| dataset | test env | ours | per trial | DomainBed | gap | within 1.0 |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n\nMean step time: {timing}.\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n\nMean step time: {timing}.\n" + (f"\n{a.note}\n" if a.note else "")
     )
     write_report("domainbed-fidelity", shlex.join([sys.executable, *sys.argv]), body)
 
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--output-dir", default="runs/bench_fidelity")
+    p.add_argument("--note", default="", help="report: a paragraph on how the runs went (interruptions, load)")
     a = p.parse_args()
     launch(a) if a.phase == "launch" else report(a)
 
