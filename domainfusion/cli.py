@@ -20,6 +20,8 @@ console = Console(stderr=True)
 
 LDM_HELP = "'embedded' (the shipped tiny LDM), a diffusers Stable Diffusion folder, or a hub id."
 PROMPT_HELP = "Class prompt with a {cls} placeholder (default: 'a photo of the digit {cls}' for digits, else 'a photo of a {cls}')."
+SKIP_BAD_HELP = ("Leave out images that cannot be read (truncated, corrupt) instead of stopping; they are counted in "
+                 "results.jsonl (skipped_images) and listed in OUTPUT_DIR/skipped_images.txt.")
 DATA_DIR_HELP = "Folder holding the datasets (DomainBed layout: DATA_DIR/PACS/<domain>/<class>/...)."
 
 
@@ -46,6 +48,7 @@ def train(
     holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP),
     eval_train_in: bool = typer.Option(
         True, help="Also evaluate the training domains' in-splits (DomainBed does; no selection method uses them)."
     ),
@@ -67,8 +70,9 @@ def train(
         dataset=dataset, algorithm=algorithm, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
-        allow_missing_classes=allow_missing_classes, image_size=image_size, eval_train_in=eval_train_in,
-        pretrained=pretrained, ldm=ldm, prompt_template=prompt_template, num_workers=num_workers, device=device,
+        allow_missing_classes=allow_missing_classes, image_size=image_size, skip_bad_images=skip_bad_images,
+        eval_train_in=eval_train_in, pretrained=pretrained, ldm=ldm, prompt_template=prompt_template,
+        num_workers=num_workers, device=device,
         skip_model_save=skip_model_save, overwrite=overwrite, resume=resume, tensorboard=tensorboard, progress=progress,
     )
     records = run_train(args)
@@ -109,6 +113,7 @@ def sweep_command(
                                            "(default: they resume from their last checkpoint)."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP + " Every job."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
@@ -128,6 +133,7 @@ def sweep_command(
         single_test_envs=single_test_envs, test_envs=_parse_env_sets(test_envs) if test_envs else None,
         hparams=hparams,
         extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
+               "skip_bad_images": skip_bad_images,
                "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
                "ldm": ldm, "prompt_template": prompt_template, "device": device},
     )

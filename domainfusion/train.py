@@ -54,6 +54,7 @@ class TrainArgs:
     holdout_fraction: float = 0.2
     allow_missing_classes: bool = False
     image_size: int | None = None
+    skip_bad_images: bool = False
     eval_train_in: bool = True
     pretrained: str | None = None
     ldm: str = "embedded"
@@ -117,7 +118,8 @@ def _check_same_run(out: Path, args: TrainArgs) -> None:
     """Refuse to resume a run with arguments that would change its results."""
     saved = json.loads((out / "args.json").read_text())["args"]
     current = json.loads(json.dumps(dataclasses.asdict(args)))
-    changed = sorted(k for k in current if k not in RESUME_FREE_ARGS and saved.get(k) != current[k])
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainArgs())))  # runs saved before a field existed
+    changed = sorted(k for k in current if k not in RESUME_FREE_ARGS and saved.get(k, defaults[k]) != current[k])
     if changed:
         raise UserError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use the same "
                         "arguments, or drop --resume to start over")
@@ -149,8 +151,13 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     seed_everything(args.seed)
 
     dataset = get_dataset(
-        args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size
+        args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size,
+        args.skip_bad_images,
     )
+    if dataset.skipped_images:
+        atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
+        print(f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
+              file=sys.stderr)
     in_splits, out_splits = [], []
     for env_i, env in enumerate(dataset):
         n_out = int(len(env) * args.holdout_fraction)
@@ -233,6 +240,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
                 record[name + "_acc"] = accuracy(algorithm, loader, device)
             record.update(algorithm.checkpoint_stats())
             record["mem_gb"] = peak_memory_gb(device)
+            if args.skip_bad_images:
+                record["skipped_images"] = len(dataset.skipped_images)
             record["environments"] = dataset.environments
             record.update({"hparams": hp, "args": dataclasses.asdict(args)})
             append_jsonl(out / "results.jsonl", record)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from domainfusion.data import get_dataset
+from domainfusion.data.image_folder import image_problem
 from domainfusion.data.loaders import InfiniteDataLoader, class_balanced_weights, split_dataset
 from domainfusion.errors import UserError
+from domainfusion.train import TrainArgs, train
 from domainfusion.utils import seed_hash
 
 HP = {"data_augmentation": False}
@@ -101,6 +103,54 @@ def test_empty_domain_and_unreadable_image(tiny_folder: Path):
     bad.write_bytes(b"not a png")
     with pytest.raises(UserError, match="broken.png"):
         get_dataset("ImageFolder", tiny_folder, [0], HP)
+
+
+def _truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_images_are_found_before_training(tiny_folder: Path):
+    """A valid header with the data cut off opens fine; the check must still name the file, per format."""
+    from PIL import Image
+
+    png = tiny_folder / "d1" / "dog" / "0.png"
+    jpg = tiny_folder / "d2" / "cat" / "photo.jpg"
+    Image.open(tiny_folder / "d2" / "cat" / "0.png").convert("RGB").resize((64, 64)).save(jpg, quality=90)
+    assert image_problem(str(png)) is None and image_problem(str(jpg)) is None
+    _truncate(png)
+    _truncate(jpg)
+    with Image.open(png) as im:
+        assert im.size == (16, 16)  # the header alone does not show the damage
+    assert image_problem(str(png)) and image_problem(str(jpg))
+    with pytest.raises(UserError, match=r"cannot read 2 image\(s\):.*0.png.*photo.jpg.*--skip-bad-images"):
+        get_dataset("ImageFolder", tiny_folder, [0], HP)
+
+
+def test_jpeg_with_trailing_bytes_after_its_end_marker_is_fine(tiny_folder: Path):
+    from PIL import Image
+
+    jpg = tiny_folder / "d0" / "cat" / "padded.jpg"
+    Image.open(tiny_folder / "d0" / "cat" / "0.png").convert("RGB").save(jpg)
+    jpg.write_bytes(jpg.read_bytes() + b"\0" * 100)
+    assert image_problem(str(jpg)) is None
+
+
+def test_skip_bad_images_drops_and_counts(tiny_folder: Path, tmp_path: Path):
+    good = get_dataset("ImageFolder", tiny_folder, [0], HP)
+    (tiny_folder / "d1" / "dog" / "broken.png").write_bytes(b"not a png")
+    _truncate(tiny_folder / "d2" / "cat" / "3.png")
+    ds = get_dataset("ImageFolder", tiny_folder, [0], HP, skip_bad_images=True)
+    assert sorted(Path(p).name for p in ds.skipped_images) == ["3.png", "broken.png"]
+    assert [len(e) for e in ds] == [len(good[0]), len(good[1]), len(good[2]) - 1]
+    assert all(not p.endswith("cat/3.png") for p, _ in ds[2].samples) and ds[2].targets == [t for _, t in ds[2].samples]
+
+    args = TrainArgs(dataset="ImageFolder", data_dir=str(tiny_folder), test_envs=[0], steps=2, checkpoint_freq=1,
+                     output_dir=str(tmp_path / "run"), skip_bad_images=True, progress=False, image_size=16,
+                     hparams='{"batch_size": 4}')
+    records = train(args)
+    assert [r["skipped_images"] for r in records] == [2, 2]
+    assert (tmp_path / "run" / "skipped_images.txt").read_text().count("\n") == 2
 
 
 def test_test_env_out_of_range_lists_valid_ones(tiny_folder: Path, data_dir: Path):

@@ -36,10 +36,12 @@ def get_dataset(
     hparams: dict,
     allow_missing_classes: bool = False,
     image_size: int | None = None,
+    skip_bad_images: bool = False,
 ) -> MultipleDomainDataset:
     """Build a dataset by registry name; test envs are checked against the known environments first.
 
-    `allow_missing_classes` and `image_size` apply to image-folder datasets (the others have fixed content).
+    `allow_missing_classes`, `image_size` and `skip_bad_images` apply to image-folder datasets (the others have
+    fixed content).
     """
     cls = dataset_class(name)
     if cls.ENVIRONMENTS:
@@ -47,7 +49,7 @@ def get_dataset(
     from .image_folder import MultipleEnvironmentImageFolder
 
     if issubclass(cls, MultipleEnvironmentImageFolder):
-        dataset = cls(data_dir, test_envs, hparams, allow_missing_classes, image_size)
+        dataset = cls(data_dir, test_envs, hparams, allow_missing_classes, image_size, skip_bad_images)
     else:
         dataset = cls(data_dir, test_envs, hparams)
     check_test_envs(test_envs, dataset.environments, name)

@@ -28,6 +28,7 @@ class MultipleDomainDataset:
         self.num_classes: int = 0
         self.class_names: list[str] = []
         self.environments: list[str] = list(self.ENVIRONMENTS)
+        self.skipped_images: list[str] = []  # unreadable files left out (--skip-bad-images)
 
     def __getitem__(self, index: int) -> torch.utils.data.Dataset:
         return self.datasets[index]

@@ -74,14 +74,51 @@ def scan_domains(root: Path, allow_missing_classes: bool) -> tuple[list[str], li
     return domains, all_classes
 
 
-def check_images_readable(paths: Sequence[str]) -> None:
-    """Open every image header (cheap) so an unreadable file is reported before training starts."""
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.size
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise UserError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+# How much of a JPEG's end may follow its end-of-image marker (some writers pad with zeros or append metadata).
+_JPEG_TAIL = 4096
+MAX_LISTED = 5
+
+
+def image_problem(path: str) -> str | None:
+    """Why an image cannot be used (None when it can), found before training without decoding every pixel.
+
+    The header must parse. Truncation, the usual damage (an interrupted download or copy), is caught per format:
+    PNG chunks are CRC-checked to the end (`verify`), a JPEG without its end-of-image marker is decoded to
+    confirm, and any other format is decoded in full. Damage inside a complete JPEG is only found when the
+    training loader decodes it; that error names the file too.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            elif im.format != "JPEG":
+                im.load()
+            elif not _jpeg_ends_with_eoi(path):
+                im.load()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _jpeg_ends_with_eoi(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _JPEG_TAIL))
+        return b"\xff\xd9" in f.read()
+
+
+def find_bad_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(path, reason) for every unusable image in `paths`."""
+    return [(p, why) for p in paths if (why := image_problem(p)) is not None]
+
+
+def bad_images_error(bad: Sequence[tuple[str, str]]) -> UserError:
+    listed = "; ".join(f"{path}: {why}" for path, why in bad[:MAX_LISTED])
+    more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+    return UserError(
+        f"cannot read {len(bad)} image(s): {listed}{more}. Remove or replace them, or pass --skip-bad-images to "
+        f"train without them (they are counted in results.jsonl and listed in OUTPUT_DIR/skipped_images.txt)."
+    )
 
 
 def domainbed_transforms(size: int) -> tuple[transforms.Compose, transforms.Compose]:
@@ -111,6 +148,7 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
         hparams: dict,
         allow_missing_classes: bool = False,
         image_size: int | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         size = image_size or self.IMAGE_SIZE
@@ -122,15 +160,31 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
                 f"{len(domains)}: {domains}"
             )
         plain, augment = domainbed_transforms(size)
+        all_bad: list[tuple[str, str]] = []
         for i, domain in enumerate(domains):
             use_aug = hparams.get("data_augmentation", True) and i not in test_envs
             ds = _DomainFolder(str(folder / domain), classes, augment if use_aug else plain)
-            check_images_readable([p for p, _ in ds.samples])
+            bad = find_bad_images([p for p, _ in ds.samples])
+            if bad and skip_bad_images:
+                _drop(ds, {p for p, _ in bad})
+            all_bad += bad
             self.datasets.append(ds)
+        if all_bad and not skip_bad_images:
+            raise bad_images_error(all_bad)
+        self.skipped_images = [p for p, _ in all_bad]
         self.environments = domains
         self.class_names = classes
         self.num_classes = len(classes)
         self.input_shape = (3, size, size)
+
+
+def _drop(ds: _DomainFolder, paths: set[str]) -> None:
+    """Remove samples before any split is drawn, so the splits are a deterministic function of the good images."""
+    ds.samples = [s for s in ds.samples if s[0] not in paths]
+    ds.imgs = ds.samples
+    ds.targets = [t for _, t in ds.samples]
+    if not ds.samples:
+        raise UserError(f"every image in {ds.root} is unreadable")
 
 
 class ImageFolderDataset(MultipleEnvironmentImageFolder):
