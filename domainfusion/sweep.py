@@ -12,15 +12,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from tqdm import tqdm
+from typing import Any, Sequence
 
 from . import hparams as hparams_registry
 from .algorithms import algorithm_class
@@ -207,64 +202,12 @@ def _cpu_count() -> int:
 
 
 def thread_env(n_parallel: int, cores: int | None = None) -> dict[str, str]:
-    """Environment for each job: cores split evenly so parallel jobs do not oversubscribe the CPU.
+    """Thread variables for each job: cores split evenly so parallel jobs do not oversubscribe the CPU.
 
     A thread count the user exported explicitly wins.
     """
     threads = str(max(1, (cores or _cpu_count()) // n_parallel))
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, threads)
-    return env
-
-
-def _run_job(job: Job, env: dict[str, str]) -> int:
-    job.output_dir.mkdir(parents=True, exist_ok=True)
-    with open(job.output_dir / "out.txt", "w") as out, open(job.output_dir / "err.txt", "w") as err:
-        return subprocess.run(job.command, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL).returncode
-
-
-def _tail(path: Path, n: int = 3) -> list[str]:
-    """The end of a job's stderr: a traceback's exception line or the wrapped `error:` message of a UserError."""
-    lines = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-n:] or ["(empty)"]
-
-
-def local_launcher(jobs: Sequence[Job], n_parallel: int) -> int:
-    """Run jobs as subprocesses, `n_parallel` at a time; a failure does not stop the rest. Returns the failures."""
-    env = thread_env(n_parallel)
-    failed: list[tuple[Job, int]] = []
-    pool = ThreadPoolExecutor(max_workers=n_parallel)
-    try:
-        futures = {pool.submit(_run_job, job, env): job for job in jobs}
-        with tqdm(total=len(jobs), unit="job", desc="sweep", file=sys.stderr) as bar:
-            for future in as_completed(futures):
-                returncode = future.result()
-                if returncode != 0:
-                    failed.append((futures[future], returncode))
-                    bar.set_postfix(failed=len(failed))
-                bar.update()
-    finally:
-        # On Ctrl-C start nothing new; running jobs (same process group, same SIGINT) stop and stay INCOMPLETE.
-        pool.shutdown(wait=True, cancel_futures=True)
-    print(f"{len(jobs) - len(failed)} of {len(jobs)} jobs finished, {len(failed)} failed.")
-    for job, returncode in failed:
-        err = job.output_dir / "err.txt"
-        print(f"  failed (exit {returncode}): {job.args['dataset']} {job.args['algorithm']} "
-              f"test_envs={job.args['test_envs']} hparams_seed={job.args['hparams_seed']} "
-              f"trial_seed={job.args['trial_seed']}\n    {err}:")
-        print("\n".join("      " + line for line in _tail(err)))
-    return len(failed)
-
-
-def dummy_launcher(jobs: Sequence[Job], n_parallel: int) -> int:
-    """Print the commands instead of running them (to inspect a sweep, or to hand them to another scheduler)."""
-    for job in jobs:
-        print(shlex.join(job.command))
-    return 0
-
-
-LAUNCHERS: dict[str, Callable[[Sequence[Job], int], int]] = {"local": local_launcher, "dummy": dummy_launcher}
+    return {var: os.environ.get(var, threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def state_counts(jobs: Sequence[Job]) -> dict[str, int]:
@@ -303,15 +246,18 @@ def sweep(
     n_parallel: int = 1,
     skip_confirmation: bool = False,
     delete_incomplete: bool = False,
+    launcher_options: dict[str, Any] | None = None,
 ) -> int:
     """Run a sweep command; returns the number of failed jobs (0 for list, delete_incomplete, or a cancelled launch).
 
     `launch` runs every job that is not done; interrupted ones resume from their last checkpoint, unless
-    `delete_incomplete` removes them first so they start over.
+    `delete_incomplete` removes them first so they start over. `launcher_options` go to the launcher (None = its
+    default), e.g. `{"cpus_per_job": 4}` for ray or slurm.
     """
+    from .launchers import get_launcher  # launchers run this module's Jobs, so they import it
+
     command = normalize_command(command)
-    if launcher not in LAUNCHERS:
-        raise UserError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    run = get_launcher(launcher, launcher_options or {})
     if n_parallel < 1:
         raise UserError(f"--n-parallel must be at least 1, got {n_parallel}")
 
@@ -350,7 +296,7 @@ def sweep(
         return 0
     if incomplete and delete_incomplete:
         _delete(incomplete)
-    return LAUNCHERS[launcher](to_launch, n_parallel)
+    return run(to_launch, n_parallel)
 
 
 def _delete(jobs: Sequence[Job]) -> None:
