@@ -199,7 +199,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         train_env_names=[dataset.environments[i] for i in train_envs], class_names=list(dataset.class_names),
         steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
         seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
-        device=device, resume=resume_state is not None,
+        device=device, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
     )
     if resume_state is not None:
         restore_pool(out, resume_state)

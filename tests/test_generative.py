@@ -12,7 +12,8 @@ import torch
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.ldm import LatentDiffusion
-from domainfusion.ldm.adapt import domain_prompt
+from domainfusion.errors import UserError
+from domainfusion.ldm.adapt import check_resolution, domain_prompt
 from domainfusion.train import TrainArgs, train
 from conftest import make_image_folder
 from tiny_ldm import save_tiny_ldm
@@ -90,6 +91,17 @@ def test_same_cli_command_on_real_pacs_mini(pacs_mini: Path, sd_folder: Path, tm
     assert [r["step"] for r in records] == [0, 2]
     assert records[-1]["generated_images"] == records[-1]["pool_refreshes"] * records[-1]["pool_size"] * 2 > 0
     assert records[-1]["environments"] == list(PACS_DOMAINS)
+
+
+def test_ldm_far_below_the_image_size_is_refused_before_training(pacs_root: Path, sd_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    args = TrainArgs(dataset="PACS", algorithm="DomainFusion", data_dir=str(pacs_root), ldm=str(sd_folder),
+                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=2, image_size=80, progress=False,
+                     hparams=json.dumps(FAST))  # fmt: skip
+    with pytest.raises(UserError, match=r"works at 32x32 px but the images are 80x80.*shrunk 2.5x.*--image-size 32"):
+        train(args)
+    assert not (tmp_path / "run" / "results.jsonl").exists() and not (tmp_path / "run" / "pool").exists()
+    check_resolution(32, (3, 64, 64), "tiny")  # 2x smaller is within bounds
 
 
 def test_synthetic_images_replace_source_images_evenly() -> None:

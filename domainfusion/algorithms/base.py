@@ -40,13 +40,18 @@ class RunContext:
     prompt_template: str | None = None  # "{cls}" placeholder; None: the dataset's default
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     resume: bool = False  # reopen on-disk state (synthetic pools) restored from the checkpoint instead of rebuilding
+    input_shape: tuple[int, int, int] | None = None  # the dataset's (C, H, W); checked against the LDM's resolution
     _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
 
     def ldm(self) -> "LatentDiffusion":
         if self._ldm is None:
             from ..ldm import load_ldm
+            from ..ldm.adapt import check_resolution
 
-            self._ldm = load_ldm(self.ldm_model, self.data_dir, self.device)
+            ldm = load_ldm(self.ldm_model, self.data_dir, self.device)
+            if self.input_shape is not None:
+                check_resolution(ldm.image_size, self.input_shape, self.ldm_model)
+            self._ldm = ldm
         return self._ldm
 
     def class_prompts(self) -> list[str]:

@@ -47,6 +47,25 @@ def from_ldm_images(x: torch.Tensor, input_shape: tuple[int, int, int]) -> torch
     return x.clamp(0, 1).contiguous()
 
 
+# The LDM may see images at most this many times smaller than the dataset's: beyond it, distillation and
+# augmentation would act on thumbnails and the synthetic images would come back as blurred upscales.
+MAX_DOWNSCALE = 2.0
+
+
+def check_resolution(ldm_size: int, input_shape: tuple[int, int, int], ldm_name: str) -> None:
+    """Refuse, before any generation, an LDM whose resolution is far below the dataset's images."""
+    side = max(input_shape[1:])
+    if side > MAX_DOWNSCALE * ldm_size:
+        from ..errors import UserError
+
+        raise UserError(
+            f"--ldm {ldm_name} works at {ldm_size}x{ldm_size} px but the images are {input_shape[1]}x{input_shape[2]}: "
+            f"they would be shrunk {side / ldm_size:.1f}x before the LDM sees them. Use an LDM trained at "
+            f">= {-(-side // int(MAX_DOWNSCALE))} px (e.g. Stable Diffusion), or train at the LDM's size with "
+            f"--image-size {ldm_size} (image-folder datasets)."
+        )
+
+
 # How each known domain is described to an LDM (CDGA's prompts move between these). Digit descriptions use the
 # embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
 DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
