@@ -55,6 +55,8 @@ def train(
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
     ldm: str = typer.Option("embedded", help=LDM_HELP + " Used by DomainFusion*, CDGA."),
     prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
+    dsi_mode: Optional[str] = typer.Option(None, help="With --algorithm DSI: 'train-time' (translate the sources, the "
+                                           "default) or 'test-time' (translate test images; = --algorithm DSI_TestTime)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
@@ -66,6 +68,12 @@ def train(
     """Train one model (one dataset, algorithm, held-out domain set, hparams and seeds)."""
     from .train import TrainArgs, train as run_train
 
+    if dsi_mode is not None:
+        modes = {"train-time": "DSI", "test-time": "DSI_TestTime"}
+        if algorithm not in modes.values() or dsi_mode not in modes:
+            raise UserError(f"--dsi-mode takes {' or '.join(modes)} and needs --algorithm DSI; got --dsi-mode "
+                            f"{dsi_mode!r} with --algorithm {algorithm}")
+        algorithm = modes[dsi_mode]  # a variant name, so result tables show the two readings as separate rows
     args = TrainArgs(
         dataset=dataset, algorithm=algorithm, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
@@ -242,9 +250,16 @@ def datasets_extract_minis(
 def ldm_train(
     output_dir: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, samples/, and the final ldm/."),
     preset: Optional[str] = typer.Option(None, help="'embedded': the embedded LDM's recipe on the digit corpus."),
-    data: str = typer.Option("corpus", help="'corpus' (style-diverse MNIST-train digits) or a dataset name."),
+    data: str = typer.Option("corpus", "--data", "--dataset",
+                             help="'corpus' (style-diverse MNIST-train digits) or a dataset name."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
-    envs: Optional[str] = typer.Option(None, help="Dataset environments to train on, e.g. '0,2' (default: all)."),
+    envs: Optional[str] = typer.Option(None, help="Dataset environments to train on, e.g. '0,2' (default: all but "
+                                       "--test-envs)."),
+    domain: Optional[str] = typer.Option(None, help="Train on this one environment (name or index), e.g. mnist."),
+    test_envs: Optional[str] = typer.Option(None, help="Held-out environments of the DG run: never trained on."),
+    holdout_fraction: Optional[float] = typer.Option(None, help="Train on the in-splits only, split exactly as "
+                                                     "`domainfusion train --holdout-fraction F --trial-seed S` does."),
+    trial_seed: int = typer.Option(0, help="Seeds the in/out split with --holdout-fraction (as in `train`)."),
     init_from: Optional[str] = typer.Option(None, help="LDM folder or hub id to fine-tune (default: from scratch)."),
     vae_steps: Optional[int] = typer.Option(None, help="VAE steps (0 keeps the initial VAE)."),
     unet_steps: Optional[int] = typer.Option(None, help="UNet steps."),
@@ -277,8 +292,16 @@ def ldm_train(
     values.update(output_dir=str(output_dir), data_dir=str(data_dir), resume=resume, device=device)
     if preset is None or data != "corpus":
         values["data"] = data
+    if envs is not None and domain is not None:
+        raise UserError("give either --envs or --domain, not both")
     if envs is not None:
         values["envs"] = _parse_envs(envs)
+    if domain is not None:
+        values["envs"] = [int(domain) if domain.isdigit() else domain]
+    if test_envs is not None:
+        values["test_envs"] = _parse_envs(test_envs)
+    if holdout_fraction is not None:
+        values.update(holdout_fraction=holdout_fraction, trial_seed=trial_seed)
     for key, value in (("init_from", init_from), ("vae_steps", vae_steps), ("unet_steps", unet_steps)):
         if value is not None:
             values[key] = value

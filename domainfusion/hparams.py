@@ -91,9 +91,10 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
     """Algorithm-specific hyperparameters. ERM has none beyond the shared block.
 
     Every DomainFusion variant registers the same names, so one hparams seed draws the same values for the full
-    method and each ablation; CDGA shares the img2img settings, so both generators are configured alike.
+    method and each ablation; CDGA and DSI share the img2img settings, so the generators are configured alike, and
+    both DSI modes register the same names (one hparams seed fine-tunes identical per-domain LDMs for both).
     """
-    generative = algorithm.startswith("DomainFusion") or algorithm == "CDGA"
+    generative = algorithm.startswith(("DomainFusion", "DSI")) or algorithm == "CDGA"
     if generative:
         hparam("synthetic_fraction", 0.15, lambda r: float(r.uniform(0.05, 0.3)), 0.0, 0.9)
         hparam("img2img_strength", 0.5, lambda r: float(r.uniform(0.3, 0.7)), 0.0, 1.0)
@@ -114,6 +115,17 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("aug_pool_fraction", 0.01, lambda r: float(10 ** r.uniform(-2.3, -1.3)), 1e-6, 1.0)
     if algorithm == "CDGA":
         hparam("cdga_variants", 1, lambda r: int(r.choice([1, 2])), 1, 1000)
+    if algorithm.startswith("DSI"):
+        # One LDM fine-tuned per source domain: UNet steps at a fine-tuning LR (10x below pre-training's 1e-3);
+        # the VAE stays the shared one unless dsi_finetune_vae_steps > 0 (not searched).
+        hparam("dsi_finetune_steps", 300, lambda r: int(r.choice([100, 300, 1000])), 1, 10**6)
+        hparam("dsi_finetune_lr", 1e-4, lambda r: float(10 ** r.uniform(-5, -3)), 1e-8, 1.0)
+        hparam("dsi_finetune_batch_size", 32, lambda r: int(r.choice([16, 32, 64])), 1, 4096)
+        hparam("dsi_finetune_vae_steps", 0, lambda r: 0, 0, 10**6)
+        # DSI (train-time): share of source images translated into every other source style (1 = all, as DSI).
+        hparam("dsi_translate_fraction", 1.0, lambda r: 1.0, 1e-6, 1.0)
+        # DSI_TestTime: SDEdit strength of the translation toward each source domain (modest: keep the content).
+        hparam("dsi_test_strength", 0.3, lambda r: float(r.uniform(0.1, 0.5)), 0.0, 1.0)
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:

@@ -265,7 +265,8 @@ def test_cost_table_weights_step_times_by_steps_covered():
     costs = run_costs(records)
     assert costs["ERM"][0]["step_time"] == pytest.approx(21 / 11)  # (1·1 + 2·10) / 11 steps
     assert costs["DomainFusion"] == [{"step_time": pytest.approx(43 / 11), "generated_images": 40.0,
-                                      "generation_s": 5.0}]
+                                      "generation_s": 5.0, "ldm_finetuned_models": 0.0, "ldm_finetune_s": 0.0,
+                                      "total_s": pytest.approx(43.0 + 5.0)}]
     table = cost_table(records, ["ERM", "DomainFusion"])
     assert "| ERM | 1 | 1.909 | 1.00 | 0 | 0 |" in table
     assert "| DomainFusion | 1 | 3.909 | 2.05 | 40 | 5 |" in table

@@ -4,7 +4,7 @@ ERM needs only torch; the generative algorithms import diffusers when they are f
 next to loading any dataset.
 """
 
-from . import cdga, domainfusion, erm  # noqa: F401  (registration side effects)
+from . import cdga, domainfusion, dsi, erm  # noqa: F401  (registration side effects)
 from .base import ALGORITHMS, Algorithm, RunContext, algorithm_class, register
 
 __all__ = ["ALGORITHMS", "Algorithm", "RunContext", "algorithm_class", "register"]

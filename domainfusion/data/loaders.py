@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from ..errors import UserError
+from ..utils import seed_hash
+
 
 class SplitDataset(Dataset):
     """A view of `dataset` restricted to `keys` (DomainBed's `_SplitDataset`)."""
@@ -29,6 +32,18 @@ def split_dataset(dataset: Dataset, n: int, seed: int = 0) -> tuple[SplitDataset
     keys = list(range(len(dataset)))
     np.random.RandomState(seed).shuffle(keys)
     return SplitDataset(dataset, keys[:n]), SplitDataset(dataset, keys[n:])
+
+
+def holdout_split(env: Dataset, env_index: int, holdout_fraction: float, trial_seed: int,
+                  name: str = "") -> tuple[SplitDataset, SplitDataset]:
+    """(out, in) of one environment exactly as a DomainBed run splits it: the first int(n · holdout_fraction) of a
+    shuffle seeded by (trial_seed, env_index). Anything that must use "the run's in-split" (DSI's fine-tuning data)
+    calls this, so it cannot drift from the training loop's split."""
+    n_out = int(len(env) * holdout_fraction)
+    if n_out == 0 or n_out == len(env):
+        raise UserError(f"environment {env_index} ({name}) has {len(env)} images: too few to hold out "
+                        f"--holdout-fraction {holdout_fraction} and keep both splits non-empty")
+    return split_dataset(env, n_out, seed_hash(trial_seed, env_index))
 
 
 def labels_of(dataset: Dataset) -> list[int]:

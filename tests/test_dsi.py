@@ -1,0 +1,194 @@
+"""DSI baseline: per-source-domain fine-tunes of the shared LDM (from its weights, leaving it untouched, only on the
+run's source in-splits), train-time translation counts, test-time prediction, reuse on resume, `ldm train` on an
+in-split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from domainfusion import hparams as registry
+from domainfusion.algorithms import RunContext, algorithm_class
+from domainfusion.algorithms.dsi import DSI
+from domainfusion.cli import app
+from domainfusion.data import get_dataset
+from domainfusion.data.loaders import holdout_split
+from domainfusion.ldm import LatentDiffusion, training
+from domainfusion.train import TrainArgs, train
+from conftest import make_image_folder
+from tiny_ldm import save_tiny_ldm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "img2img_steps": 4, "dsi_finetune_steps": 2,
+        "dsi_finetune_batch_size": 4}
+SENTINEL = (255, 0, 255)  # every pixel of the held-out domain
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    return save_tiny_ldm(tmp_path_factory.mktemp("sd"), kind="clip")
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), resume: bool = False) -> RunContext:
+    g = torch.Generator().manual_seed(0)
+    splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
+              for k in n]  # fmt: skip
+    return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits, train_env_names=list(DOMAINS[: len(n)]),
+                      class_names=["dog", "horse"], steps_per_epoch=2.0, seed=0, ldm_model=str(ldm_folder),
+                      resume=resume)  # fmt: skip
+
+
+def build(name: str, ctx: RunContext, **overrides) -> DSI:
+    hp = {**registry.default_hparams(name, "PACS"), **FAST, **overrides}
+    return algorithm_class(name)((3, 32, 32), 2, len(ctx.train_splits), hp, context=ctx)
+
+
+def test_one_finetune_per_source_from_the_shared_weights_which_stay_untouched(tmp_path, sd_folder, monkeypatch):
+    ctx = context(tmp_path, sd_folder)
+    shared = ctx.ldm()
+    disk_before, unet_before, vae_before = folder_hash(sd_folder), state_hash(shared.unet), state_hash(shared.vae)
+    starts, datasets = [], []
+    run_stage, train_ldm = training._run_stage, training.train_ldm
+
+    def spy_stage(stage, out, config, total, peak_lr, modules, trained, *args, **kwargs):
+        starts.append((stage, {k: v.clone() for k, v in trained.state_dict().items()}))
+        return run_stage(stage, out, config, total, peak_lr, modules, trained, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_run_stage", spy_stage)
+    monkeypatch.setattr(training, "train_ldm", lambda config, data=None: datasets.append(data) or train_ldm(config, data))
+    alg = build("DSI", ctx)
+    # Exactly one model per source domain, each trained on its own domain's images only, UNet only, from the shared
+    # weights at its first step.
+    assert [p.parent.name for p in alg.model_dirs] == list(DOMAINS[:3]) and len(set(alg.model_dirs)) == 3
+    assert [s for s, _ in starts] == ["unet"] * 3
+    assert all(torch.equal(state[k], v) for _, state in starts for k, v in shared.unet.state_dict().items())
+    for split, data in zip(ctx.train_splits, datasets):
+        assert torch.equal(data.images, (split.tensors[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    for folder in alg.model_dirs:
+        tuned = LatentDiffusion.from_pretrained(folder, device="cpu")
+        assert state_hash(tuned.vae) == vae_before and state_hash(tuned.unet) != unet_before
+    assert (folder_hash(sd_folder), state_hash(shared.unet), state_hash(shared.vae)) == (disk_before, unet_before,
+                                                                                        vae_before)
+    # Every source image translated into each of the 2 other source styles, labels and provenance kept.
+    stats = alg.checkpoint_stats()
+    assert len(alg.pool) == stats["generated_images"] == (6 + 5 + 4) * 2
+    assert stats["ldm_finetuned_models"] == 3 and stats["ldm_finetune_s"] > 0 and stats["generation_s"] > 0
+    labels = torch.cat([s.tensors[1] for s in ctx.train_splits])
+    for _, y, sources in alg.pool.shards():
+        assert torch.equal(y, labels[sources])
+    assert torch.bincount(torch.cat([s for _, _, s in alg.pool.shards()])).tolist() == [2] * 15
+    # Resume reuses the fine-tuned models (no optimisation step runs) and their recorded fine-tuning time.
+    starts.clear()
+    again = build("DSI", context(tmp_path, sd_folder, resume=True))
+    assert starts == [] and again.model_dirs == alg.model_dirs and again.finetune_s == alg.finetune_s
+    # Other settings: that domain's model is fine-tuned again, from scratch.
+    build("DSI", context(tmp_path, sd_folder), dsi_finetune_lr=1e-3)
+    assert len(starts) == 3
+
+
+def test_run_finetunes_only_on_source_in_splits(tmp_path, sd_folder, monkeypatch):
+    root = make_image_folder(tmp_path / "data" / "PACS", {d: ["dog", "horse"] for d in DOMAINS}, per_class=5, size=16)
+    held_out = root / DOMAINS[3]
+    for png in held_out.rglob("*.png"):  # the held-out domain is a sentinel colour
+        from PIL import Image
+
+        Image.new("RGB", (16, 16), SENTINEL).save(png)
+    seen = []
+    train_ldm = training.train_ldm
+    monkeypatch.setattr(training, "train_ldm", lambda config, data=None: seen.append(data) or train_ldm(config, data))
+    args = TrainArgs(dataset="PACS", algorithm="DSI", data_dir=str(tmp_path / "data"), ldm=str(sd_folder),
+                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=2, checkpoint_freq=2, image_size=16,
+                     trial_seed=1, progress=False, hparams=json.dumps(FAST))  # fmt: skip
+    records = train(args)
+    assert len(seen) == 3
+    used = torch.cat([d.images for d in seen])
+    assert not (used == torch.tensor(SENTINEL, dtype=torch.uint8)).all(dim=-1).any()
+    # Exactly the in-splits `train` used (trial seed 1, holdout 0.2): every image of them, nothing else.
+    ds = get_dataset("PACS", str(tmp_path / "data"), [3], {"data_augmentation": False}, image_size=16)
+    for env, data in enumerate(seen):
+        split = holdout_split(ds[env], env, 0.2, 1)[1]
+        expected = training.dataset_training_data([split], [DOMAINS[env]], ds.class_names, "a photo of a {cls}", 32)
+        assert torch.equal(data.images, expected.images) and data.captions == expected.captions
+    last = records[-1]
+    n_in = sum(len(d.images) for d in seen)
+    assert last["generated_images"] == n_in * 2 and last["ldm_finetuned_models"] == 3 and last["ldm_finetune_s"] > 0
+
+
+class Invert:
+    """A stand-in for a fine-tuned LDM whose 'style' is colour inversion."""
+
+    image_size = 32
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def img2img(self, images, prompts, **kwargs):
+        self.calls += 1
+        assert prompts == [""] * len(images) and kwargs["guidance_scale"] == 1.0  # the label is unknown at test time
+        return 1 - images
+
+
+def test_test_time_mode_averages_softmax_over_source_translations(tmp_path, sd_folder):
+    alg = build("DSI_TestTime", context(tmp_path, sd_folder, n=(4, 4)))
+    assert alg.pool is None
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(alg.predict(x), alg.network(x))  # training mode: plain ERM
+    alg.eval()
+    with torch.inference_mode():
+        out = alg.predict(x)
+        versions = alg.source_versions(x)
+        expected = torch.stack([alg.network(v).softmax(1) for v in versions]).mean(0).log()
+    assert len(versions) == 2 and torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out.exp(), alg.network(x).softmax(1), atol=1e-3)
+    assert alg.checkpoint_stats()["generated_images"] == 5 * 2  # cached: the second call translated nothing
+
+    # A constructed case: a brightness classifier and sources whose style is inversion flip every prediction.
+    class Brightness(torch.nn.Module):
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([m - 0.5, 0.5 - m], dim=1) * 20
+
+    alg.network = Brightness()
+    alg._models, alg._cache = [Invert(), Invert()], {}
+    bright = torch.full((3, 3, 32, 32), 0.9)
+    with torch.inference_mode():
+        assert alg.network(bright).argmax(1).tolist() == [0, 0, 0]
+        assert alg.predict(bright).argmax(1).tolist() == [1, 1, 1]
+        alg.predict(bright)
+    assert [m.calls for m in alg._models] == [1, 1]
+
+
+def test_ldm_train_cli_fine_tunes_on_one_domains_in_split(tmp_path, sd_folder):
+    root = make_image_folder(tmp_path / "folder", {d: ["cat", "dog"] for d in ("d0", "d1", "d2")}, per_class=5)
+    common = ["ldm", "train", "--dataset", "ImageFolder", "--data-dir", str(root), "--init-from", str(sd_folder),
+              "--test-envs", "0", "--holdout-fraction", "0.2", "--trial-seed", "1", "--vae-steps", "0",
+              "--unet-steps", "1", "--config", json.dumps({"unet_batch_size": 4, "warmup_steps": 1, "sample_every": 0,
+                                                           "sample_seeds": 1, "sample_steps": 2, "progress": False})]
+    result = CliRunner().invoke(app, common + ["--domain", "d1", "--output-dir", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["images"] == 10 - int(10 * 0.2)  # d1's in-split only
+    result = CliRunner().invoke(app, common + ["--domain", "d0", "--output-dir", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "held out" in str(result.exception)
