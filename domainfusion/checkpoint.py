@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 
@@ -29,11 +30,13 @@ from .utils import publish_dir
 CHECKPOINT = "checkpoint"
 
 
-def _optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+def optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    """The optimisers an algorithm owns (attributes): what a checkpoint saves and data parallelism synchronises."""
     return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.optim.Optimizer)}
 
 
-def _generators(algorithm: torch.nn.Module) -> dict[str, torch.Generator]:
+def generators(algorithm: torch.nn.Module) -> dict[str, torch.Generator]:
+    """The random generators an algorithm owns (attributes): saved per rank, seeded per rank under data parallelism."""
     return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.Generator)}
 
 
@@ -50,21 +53,50 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any]) -> Path:
-    """Replace OUTPUT_DIR/checkpoint with the state after training step `step` (0-based, completed)."""
+def rng_state(algorithm: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's random state: tensors (torch CPU/CUDA, numpy keys, the algorithm's generators) and the
+    JSON-able rest (python, numpy position)."""
+    np_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"generator.{k}": g.get_state() for k, g in generators(algorithm).items()})
+    py_version, py_keys, py_gauss = random.getstate()
+    scalars = {"python_random": [py_version, list(py_keys), py_gauss],
+               "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, scalars
+
+
+def set_rng_state(algorithm: torch.nn.Module, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    """Inverse of `rng_state`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda")])
+    for name, generator in generators(algorithm).items():
+        generator.set_state(tensors[f"generator.{name}"])
+    py_version, py_keys, py_gauss = scalars["python_random"]
+    random.setstate((py_version, tuple(py_keys), py_gauss))
+    kind, pos, has_gauss, cached = scalars["numpy_random"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any],
+                     rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = ()) -> Path:
+    """Replace OUTPUT_DIR/checkpoint with the state after training step `step` (0-based, completed).
+
+    Under data parallelism rank 0 writes; `rank_rngs` are ranks 1…W−1's `rng_state`s (`rng-rank{r}.safetensors`),
+    since each rank draws its own random streams.
+    """
 
     def build(tmp: Path) -> None:
         safetensors.torch.save_model(algorithm, str(tmp / "model.safetensors"))
-        torch.save({k: o.state_dict() for k, o in _optimizers(algorithm).items()}, tmp / "optimizers.pt")
-        np_state = np.random.get_state()
-        tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
-        if torch.cuda.is_available():
-            tensors.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        tensors.update({f"generator.{k}": g.get_state() for k, g in _generators(algorithm).items()})
+        torch.save({k: o.state_dict() for k, o in optimizers(algorithm).items()}, tmp / "optimizers.pt")
+        tensors, scalars = rng_state(algorithm)
         safetensors.torch.save_file(tensors, str(tmp / "rng.safetensors"))
-        py_version, py_keys, py_gauss = random.getstate()
-        state = {"step": step, "python_random": [py_version, list(py_keys), py_gauss],
-                 "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], **extra}
+        for r, (rank_tensors, rank_scalars) in enumerate(rank_rngs, start=1):
+            safetensors.torch.save_file(rank_tensors, str(tmp / f"rng-rank{r}.safetensors"),
+                                        metadata={"scalars": json.dumps(rank_scalars)})
+        state = {"step": step, **scalars, **extra}
         root = _pool_root(algorithm)
         if root is not None:
             state["pool"] = str(root.relative_to(out))
@@ -96,24 +128,21 @@ def restore_pool(out: Path, state: dict[str, Any]) -> None:
         shutil.copytree(out / CHECKPOINT / "pool", root, copy_function=os.link)
 
 
-def restore_checkpoint(out: Path, algorithm: torch.nn.Module) -> dict[str, Any]:
-    """Load weights, optimisers and every RNG into a freshly built algorithm; returns state.json."""
+def restore_checkpoint(out: Path, algorithm: torch.nn.Module, rank: int = 0) -> dict[str, Any]:
+    """Load weights, optimisers and every RNG (rank `rank`'s) into a freshly built algorithm; returns state.json."""
     folder = out / CHECKPOINT
     state = json.loads((folder / "state.json").read_text())
     missing, unexpected = safetensors.torch.load_model(algorithm, str(folder / "model.safetensors"))
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the algorithm (missing {missing}, unexpected {unexpected})")
     optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
-    for name, optimizer in _optimizers(algorithm).items():
+    for name, optimizer in optimizers(algorithm).items():
         optimizer.load_state_dict(optimizer_states[name])
-    rng = safetensors.torch.load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda")])
-    for name, generator in _generators(algorithm).items():
-        generator.set_state(rng[f"generator.{name}"])
-    py_version, py_keys, py_gauss = state["python_random"]
-    random.setstate((py_version, tuple(py_keys), py_gauss))
-    kind, pos, has_gauss, cached = state["numpy_random"]
-    np.random.set_state((kind, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    if rank == 0:
+        set_rng_state(algorithm, safetensors.torch.load_file(str(folder / "rng.safetensors")), state)
+    else:
+        path = str(folder / f"rng-rank{rank}.safetensors")
+        with safetensors.safe_open(path, framework="pt") as f:
+            scalars = json.loads(f.metadata()["scalars"])
+        set_rng_state(algorithm, safetensors.torch.load_file(path), scalars)
     return state

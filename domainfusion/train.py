@@ -23,9 +23,10 @@ import torch
 import safetensors.torch
 from tqdm import tqdm
 
+from . import distributed
 from . import hparams as hparams_registry
 from .algorithms import RunContext, algorithm_class
-from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool, write_checkpoint
+from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
 from .errors import UserError
@@ -69,7 +70,11 @@ class TrainArgs:
 
 
 def accuracy(network: torch.nn.Module, loader, device: torch.device) -> float:
-    """Top-1 accuracy of `network.predict` over a loader, in eval mode (DomainBed's `misc.accuracy`)."""
+    """Top-1 accuracy of `network.predict` over a loader, in eval mode (DomainBed's `misc.accuracy`).
+
+    Under data parallelism each rank's loader holds its share of the batches (`distributed.batch_shard`) and the
+    counts are summed over ranks.
+    """
     correct = total = 0
     network.eval()
     with torch.inference_mode():
@@ -78,14 +83,18 @@ def accuracy(network: torch.nn.Module, loader, device: torch.device) -> float:
             correct += (logits.argmax(1).cpu() == y).sum().item()
             total += len(y)
     network.train()
+    correct, total = distributed.sum_across_ranks([correct, total], device)
     return correct / total
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory on GPU (as DomainBed), peak resident memory of this process on CPU."""
+    """Peak accelerator memory on GPU (as DomainBed), peak resident memory of this process on CPU; the largest over
+    ranks under data parallelism."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        peak = torch.cuda.max_memory_allocated() / 1024**3
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return distributed.max_across_ranks([peak], device)[0]
 
 
 def prepare_output_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
@@ -125,10 +134,20 @@ def _check_same_run(out: Path, args: TrainArgs) -> None:
                         "arguments, or drop --resume to start over")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _prepare_output_dir_once(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
+    """`prepare_output_dir` on rank 0 only (it deletes a previous attempt's files); its outcome, a refusal included,
+    on every rank."""
+    if not distributed.is_main():
+        outcome = distributed.broadcast_object(None)
+        if isinstance(outcome, str):
+            raise UserError(outcome)
+        return outcome
+    try:
+        outcome = prepare_output_dir(args)
+    except UserError as e:
+        distributed.broadcast_object(str(e))
+        raise
+    return distributed.broadcast_object(outcome)
 
 
 def check_args(args: TrainArgs) -> None:
@@ -142,19 +161,37 @@ def check_args(args: TrainArgs) -> None:
 
 
 def train(args: TrainArgs) -> list[dict[str, Any]]:
-    """Run training and return the checkpoint records that were written to results.jsonl."""
+    """Run training and return the checkpoint records that were written to results.jsonl.
+
+    Under `torchrun` / `accelerate launch` every process runs this with the same arguments: data parallel with the
+    same global batch as one process (see docs/protocol.md, "Multi-GPU"); all return the same records and only rank 0
+    writes into the output folder.
+    """
     check_args(args)
+    with distributed.session(args.device) as device:
+        return _train(args, device)
+
+
+def _train(args: TrainArgs, device: torch.device) -> list[dict[str, Any]]:
     hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
+    local_hp = distributed.local_hparams(hp)  # this rank's share of the per-step batches
+    world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     algorithm_cls = algorithm_class(args.algorithm)
-    out, resume_state = prepare_output_dir(args)
-    device = resolve_device(args.device)
+    out, resume_state = _prepare_output_dir_once(args)
+    if resume_state is not None and resume_state.get("world_size", 1) != world_size:
+        raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "
+                        f"{resume_state.get('world_size', 1)}; launch the same number of processes")
     seed_everything(args.seed)
 
+    if not main:
+        distributed.barrier()  # rank 0 builds and caches the data first; the others then read the cache
     dataset = get_dataset(
         args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size,
         args.skip_bad_images,
     )
-    if dataset.skipped_images:
+    if main:
+        distributed.barrier()
+    if dataset.skipped_images and main:
         atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
         print(f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
               file=sys.stderr)
@@ -176,6 +213,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         num_workers = 0 if hasattr(dataset[0], "tensors") else dataset.N_WORKERS
     train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
     start_step = 0 if resume_state is None else resume_state["step"] + 1
+    # Every rank draws the single-process batch from the same seeded stream and keeps its block of rows: the global
+    # batch is exactly the one a single process would train on.
     train_loaders = [
         InfiniteDataLoader(
             in_splits[i],
@@ -184,6 +223,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             num_workers,
             generator=torch.Generator().manual_seed(seed_hash(args.seed, "train_loader", i)),
             skip_batches=start_step,
+            rows=distributed.shard_rows(hp["batch_size"]),
         )
         for i in train_envs
     ]
@@ -192,7 +232,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     eval_splits = [(f"env{i}_in", s) for i, s in enumerate(in_splits) if args.eval_train_in or i in args.test_envs]
     eval_splits += [(f"env{i}_out", s) for i, s in enumerate(out_splits)]
     eval_names = [name for name, _ in eval_splits]
-    eval_loaders = [eval_loader(s, EVAL_BATCH_SIZE, num_workers) for _, s in eval_splits]
+    eval_loaders = [eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers)
+                    for _, s in eval_splits]
 
     context = RunContext(
         dataset=args.dataset, output_dir=out, train_splits=[in_splits[i] for i in train_envs],
@@ -201,25 +242,29 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
         device=device, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
     )
-    if resume_state is not None:
+    if resume_state is not None and main:
         restore_pool(out, resume_state)
+    distributed.barrier()
     algorithm = algorithm_cls(
-        dataset.input_shape, dataset.num_classes, len(train_envs), hp, pretrained=args.pretrained, context=context
+        dataset.input_shape, dataset.num_classes, len(train_envs), local_hp, pretrained=args.pretrained,
+        context=context,
     ).to(device)
     records: list[dict[str, Any]] = []
     if resume_state is not None:
-        restore_checkpoint(out, algorithm)
-        records = _records_up_to(out / "results.jsonl", resume_state["step"])
+        restore_checkpoint(out, algorithm, rank)
+        records = _records_up_to(out / "results.jsonl", resume_state["step"], rewrite=main)
+    distributed.make_data_parallel(algorithm, args.seed, fresh=resume_state is None)
 
     n_steps = args.steps or dataset.N_STEPS
     checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
     steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]  # DomainBed's definition of `epoch`
-    writer = _tensorboard_writer(out, start_step) if args.tensorboard else None
-    atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
+    writer = _tensorboard_writer(out, start_step) if args.tensorboard and main else None
+    if main:
+        atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
 
     checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
     batches = zip(*train_loaders)
-    bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not args.progress, file=sys.stderr)
+    bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not (args.progress and main), file=sys.stderr)
     for step in bar:
         step_start = time.time()
         minibatches = [(x.to(device), y.to(device)) for x, y in next(batches)]
@@ -235,7 +280,9 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
 
         if step % checkpoint_freq == 0 or step == n_steps - 1:
             record: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
-            record.update({key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()})
+            # per-rank means → global-batch means (ranks hold equal shares of every batch)
+            record.update(distributed.mean_across_ranks(
+                {key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()}, device))
             for name, loader in zip(eval_names, eval_loaders):
                 record[name + "_acc"] = accuracy(algorithm, loader, device)
             record.update(algorithm.checkpoint_stats())
@@ -243,10 +290,16 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             if args.skip_bad_images:
                 record["skipped_images"] = len(dataset.skipped_images)
             record["environments"] = dataset.environments
+            if world_size > 1:
+                record["world_size"] = world_size
             record.update({"hparams": hp, "args": dataclasses.asdict(args)})
-            append_jsonl(out / "results.jsonl", record)
+            record = distributed.broadcast_object(record)  # rank 0's run-level stats (generation time) everywhere
             records.append(record)
-            write_checkpoint(out, step, algorithm, {})
+            rank_rngs = distributed.gather_object(rng_state(algorithm))
+            if main:
+                append_jsonl(out / "results.jsonl", record)
+                write_checkpoint(out, step, algorithm, {"world_size": world_size} if world_size > 1 else {},
+                                 rank_rngs[1:])
             if writer is not None:
                 for key, val in record.items():
                     if isinstance(val, (int, float)) and key != "step":
@@ -257,9 +310,11 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
 
     if writer is not None:
         writer.close()
-    if not args.skip_model_save:
-        write_final_model(algorithm, out, args, hp, dataset)
-    atomic_write_text(out / "done", "done")
+    if main:
+        if not args.skip_model_save:
+            write_final_model(algorithm, out, args, hp, dataset)
+        atomic_write_text(out / "done", "done")
+    distributed.barrier()  # every rank returns once the run is complete on disk
     return records
 
 
@@ -279,11 +334,13 @@ def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp
     atomic_write_text(out / "model.json", json.dumps(meta, indent=2))
 
 
-def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the results.jsonl records up to the checkpoint's step (later ones are written again) and return them."""
+def _records_up_to(path: Path, step: int, rewrite: bool) -> list[dict[str, Any]]:
+    """The results.jsonl records up to the checkpoint's step; `rewrite` drops the later ones from the file (they are
+    written again)."""
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    if rewrite:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
     return [json.loads(line) for line in kept]
 
 

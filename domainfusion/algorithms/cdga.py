@@ -5,7 +5,8 @@ Each variant's prompt embedding lies on the segment between two domain descripti
 domain's and a randomly chosen other source domain's ("a photo of a dog" → "a sketch of a dog"), at a uniform random
 point α. Then ERM trains on real ∪ generated (one generated batch per step, as DomainFusion's pool batch), so the
 only differences from DomainFusion are what is generated, when, and how much. Generated images are counted the
-same way (every img2img output).
+same way (every img2img output). Under data parallelism each rank generates its block of every source chunk (every
+draw and seed is per image, so the blocks are the single-process images) and rank 0 writes the pool.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from .. import distributed
 from ..ldm.adapt import domain_prompt, from_ldm_images, to_ldm_images
 from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
 from ..utils import seed_hash
@@ -39,24 +41,37 @@ class CDGA(PoolERM):
         generator = torch.Generator().manual_seed(seed_hash(ctx.seed, "cdga"))
         seed = seed_hash(ctx.seed, "cdga_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
-            latents = ldm.encode(to_ldm_images(images_u8.float().div(255).to(ldm.device), ldm.image_size))
+            rows = distributed.shard_rows(len(labels))  # this rank's block (all of it for one process)
+            mine = rows.start < rows.stop
+            if mine:  # the block is encoded once, whatever K
+                latents = ldm.encode(to_ldm_images(images_u8[rows].float().div(255).to(ldm.device), ldm.image_size))
             domains = torch.searchsorted(offsets, sources, right=True) - 1
-            for k in range(variants):  # the chunk is encoded once, whatever K
-                embeds = self.interpolated_prompts(labels, domains, generator)
-                out = ldm.img2img(None, prompt_embeds=embeds, latents=latents, strength=hp["img2img_strength"],
-                                  num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
-                                  seed=seed + (k * int(offsets[-1]) + int(sources[0])))  # fmt: skip
-                yield to_uint8(from_ldm_images(out, self.input_shape)), labels, sources
+            for k in range(variants):
+                embeds = self.interpolated_prompts(labels, domains, generator, rows)
+                block = None
+                if embeds is not None:
+                    out = ldm.img2img(None, prompt_embeds=embeds, latents=latents, strength=hp["img2img_strength"],
+                                      num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
+                                      seed=seed + (k * int(offsets[-1]) + int(sources[rows.start])))  # fmt: skip
+                    block = to_uint8(from_ldm_images(out, self.input_shape)), labels[rows], sources[rows]
+                chunk = distributed.gather_rows(block)
+                if chunk is not None:
+                    yield chunk
 
-    def interpolated_prompts(self, labels: torch.Tensor, domains: torch.Tensor,
-                             generator: torch.Generator) -> torch.Tensor:
-        """(1 − α)·E(own domain prompt) + α·E(other source domain prompt), α ~ U(0, 1), one per image."""
+    def interpolated_prompts(self, labels: torch.Tensor, domains: torch.Tensor, generator: torch.Generator,
+                             rows: slice = slice(None)) -> torch.Tensor | None:
+        """(1 − α)·E(own domain prompt) + α·E(other source domain prompt), α ~ U(0, 1), one per image; the draws
+        are made for all images (the same on every rank), the embeddings for the images in `rows` only (None when
+        `rows` is empty)."""
         ctx = self.context
         ldm = ctx.ldm()
         n_envs = len(ctx.train_env_names)
         shift = torch.randint(1, max(2, n_envs), (len(labels),), generator=generator)
         others = (domains + shift) % n_envs if n_envs > 1 else domains
-        alpha = torch.rand(len(labels), generator=generator).to(ldm.device, ldm.dtype).view(-1, 1, 1)
+        alpha = torch.rand(len(labels), generator=generator)[rows].to(ldm.device, ldm.dtype).view(-1, 1, 1)
+        labels, domains, others = labels[rows], domains[rows], others[rows]
+        if len(labels) == 0:
+            return None
 
         def embed(envs: torch.Tensor) -> torch.Tensor:
             return ldm.encode_prompts([domain_prompt(ctx.dataset, ctx.train_env_names[int(e)],

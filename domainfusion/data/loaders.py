@@ -77,9 +77,11 @@ class InfiniteDataLoader:
         num_workers: int,
         generator: torch.Generator | None = None,
         skip_batches: int = 0,
+        rows: slice = slice(None),
     ) -> None:
         """`skip_batches` fast-forwards the index stream (no image is loaded): a resumed run continues with exactly
-        the batches an uninterrupted run would draw next."""
+        the batches an uninterrupted run would draw next. `rows` keeps a block of each drawn batch (only those
+        images are loaded): data-parallel ranks share one stream and each trains on its block."""
         # One batch per sampler pass: with replacement this is DomainBed's distribution, and it also works when a
         # split holds fewer images than a batch (DomainBed's loader then spins forever).
         if weights is not None:
@@ -91,7 +93,8 @@ class InfiniteDataLoader:
             for _ in batch_sampler:  # a whole pass, as _Forever consumes it, draws exactly one batch's randomness
                 pass
         self._loader = DataLoader(
-            dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler), persistent_workers=num_workers > 0
+            dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler, rows),
+            persistent_workers=num_workers > 0,
         )
         self._iterator = iter(self._loader)
 
@@ -101,12 +104,14 @@ class InfiniteDataLoader:
 
 
 class _Forever:
-    def __init__(self, sampler: BatchSampler) -> None:
+    def __init__(self, sampler: BatchSampler, rows: slice) -> None:
         self.sampler = sampler
+        self.rows = rows
 
     def __iter__(self):
         while True:
-            yield from self.sampler
+            for batch in self.sampler:
+                yield batch[self.rows]
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:

@@ -11,6 +11,10 @@ Every candidate counts as a generated image (|pool|·N per refresh): the number 
 The pool lives on disk as uint8 safetensors shards, one folder per generation; a refresh writes the next
 generation beside the current one and switches `manifest.json` atomically, so a kill mid-refresh leaves the previous
 pool loadable and RAM never holds more than one shard.
+
+Under data parallelism every rank holds the frozen LDM and transforms its contiguous block of each shard (image i
+is seeded by its pool position, so blocks give the single-process images); rank 0 gathers the blocks, writes the
+generation, and after a barrier every rank reads the new pool.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..ldm.adapt import from_ldm_images, to_ldm_images
 from ..ldm.grids import save_grid
 from ..utils import atomic_write_text, publish_dir, seed_hash
@@ -63,13 +68,20 @@ class SyntheticPool:
     @classmethod
     def create(cls, root: str | Path, chunks: Iterable[Chunk], generated: int = 0) -> "SyntheticPool":
         """A fresh pool (refresh 0) from (images, labels, sources) chunks; `generated` counts the images the chunks
-        cost to make (0 for copies of source images)."""
+        cost to make (0 for copies of source images).
+
+        Collective under data parallelism: rank 0 writes the chunks its iterable yields; the other ranks run theirs
+        to the end (their share of the work, see `distributed.gather_rows`), then all open the pool."""
         root = Path(root)
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        manifest = {"generation": -1, "refreshes": 0, "generated": generated, "shards": [], "size": 0}
-        _write_generation(root, manifest, chunks)
+        if distributed.is_main():
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            manifest = {"generation": -1, "refreshes": 0, "generated": generated, "shards": [], "size": 0}
+            _write_generation(root, manifest, chunks)
+        else:
+            _exhaust(chunks)
+        distributed.barrier()
         return cls(root)
 
     def __len__(self) -> int:
@@ -110,12 +122,23 @@ class SyntheticPool:
         return images.float() / 255, labels
 
     def replace(self, chunks: Iterable[Chunk], generated: int) -> None:
-        """Write the next generation from `chunks` (which may read the current one), then switch to it."""
-        manifest = dict(self.manifest, refreshes=self.refreshes + 1, generated=self.generated + generated)
-        _write_generation(self.root, manifest, chunks)
+        """Write the next generation from `chunks` (which may read the current one), then switch to it (collective
+        under data parallelism, as `create`)."""
+        if distributed.is_main():
+            manifest = dict(self.manifest, refreshes=self.refreshes + 1, generated=self.generated + generated)
+            _write_generation(self.root, manifest, chunks)
+        else:
+            _exhaust(chunks)
+        distributed.barrier()
         old = self.root / f"gen-{self.manifest['generation']:06d}"
         self._load()
-        shutil.rmtree(old, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _exhaust(chunks: Iterable[Chunk]) -> None:
+    for _ in chunks:
+        pass
 
 
 def _write_generation(root: Path, manifest: dict, chunks: Iterable[Chunk]) -> None:
@@ -217,8 +240,9 @@ class OnlineAugmentation:
         return epoch >= self.pool.refreshes * self.settings.every_epochs
 
     def transform(self, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                  generator: torch.Generator) -> Refreshed:
-        """Steps 1-4 for a batch of dataset-space images in [0, 1]."""
+                  random_picks: torch.Tensor | None = None) -> Refreshed:
+        """Steps 1-4 for a batch of dataset-space images in [0, 1]; image i's candidates are seeded from seed + i·N.
+        The "random" selection ablation takes its (style, content) candidate indices from `random_picks` (2, B)."""
         s, ldm = self.settings, self.ldm
         originals = to_ldm_images(images.to(ldm.device), ldm.image_size)
         source = ldm.encode(originals)  # once per image: img2img starts from it and selection compares to it
@@ -230,7 +254,7 @@ class OnlineAugmentation:
         if s.selection == "style_content":
             style_pick, content_pick = select_style_content(source.float(), candidates)
         else:
-            style_pick, content_pick = torch.randint(n, (2, len(images)), generator=generator).to(ldm.device)
+            style_pick, content_pick = random_picks.to(ldm.device)
         results = ldm.decode(recombine(candidates, style_pick, content_pick))
         return Refreshed(originals, candidates, style_pick, content_pick, results)
 
@@ -243,11 +267,22 @@ class OnlineAugmentation:
         def chunks() -> Iterator[Chunk]:
             start = 0
             for images, labels, sources in self.pool.shards():
-                out = self.transform(images.float() / 255, labels, seed + start * self.settings.candidates, generator)
-                if start == 0 and self.grid_dir is not None:
-                    self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
+                picks = None
+                if self.settings.selection == "random":  # drawn for the whole shard: the same on every rank
+                    picks = torch.randint(self.settings.candidates, (2, len(images)), generator=generator)
+                rows = distributed.shard_rows(len(images))  # this rank's block (all of it for one process)
+                block = None
+                if rows.start < rows.stop:
+                    out = self.transform(images[rows].float() / 255, labels[rows],
+                                         seed + (start + rows.start) * self.settings.candidates,
+                                         None if picks is None else picks[:, rows])
+                    if start == 0 and rows.start == 0 and self.grid_dir is not None:
+                        self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
+                    block = to_uint8(from_ldm_images(out.results, self.input_shape)), labels[rows], sources[rows]
                 start += len(images)
-                yield to_uint8(from_ldm_images(out.results, self.input_shape)), labels, sources
+                chunk = distributed.gather_rows(block)
+                if chunk is not None:
+                    yield chunk
 
         generated = len(self.pool) * self.settings.candidates
         self.pool.replace(chunks(), generated)

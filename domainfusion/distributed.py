@@ -1,0 +1,219 @@
+"""Data-parallel training under `torchrun` / `accelerate launch`: the few collectives `train` needs.
+
+Both launchers describe the job in the environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR/PORT`); with
+`WORLD_SIZE` > 1 every process joins one process group (gloo on CPU, NCCL on CUDA, one GPU per local rank). Without
+it every helper here is a no-op, so a single process runs exactly the code path it always did.
+
+Algorithms call `optimizer.step()` inside `update` (DomainBed's contract), so instead of wrapping the network in
+`DistributedDataParallel` a step pre-hook on each optimiser averages the gradients of its parameters across ranks
+(one flattened all-reduce per dtype) just before the step: algorithms stay untouched, and the replicas stay
+identical because they start identical (rank 0's parameters are broadcast) and apply identical updates.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .checkpoint import generators, optimizers
+from .errors import UserError
+from .utils import seed_everything, seed_hash
+
+Chunk = tuple[torch.Tensor, ...]
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several (`WORLD_SIZE` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 is the only process that writes into the output folder."""
+    return rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available; under a launcher a bare 'cuda' (or 'auto') means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if launched() and device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"--device {name} names one GPU for every process; under torchrun/accelerate use "
+                            "--device cuda (each process takes the GPU of its LOCAL_RANK)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextmanager
+def session(device_name: str) -> Iterator[torch.device]:
+    """Join the launcher's process group for the duration of a run (no-op for one process); yields the device."""
+    device = resolve_device(device_name)
+    owned = launched() and not dist.is_initialized()
+    if owned:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (pickled: only ever objects this run's own rank 0 built)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, dist.ReduceOp.SUM, device)
+
+
+def max_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, dist.ReduceOp.MAX, device)
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average per-rank means (same keys on every rank): the mean over the global batch, since ranks hold equal
+    shares of it."""
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    sums = sum_across_ranks([values[k] for k in keys], device)
+    return {k: s / world_size() for k, s in zip(keys, sums)}
+
+
+def local_hparams(hp: dict) -> dict:
+    """The hparams one rank trains with: the per-step batch sizes split evenly across ranks, so that the global
+    batch (what `batch_size` and `ld_batch_size` mean in results) is the single-process one."""
+    w = world_size()
+    if w == 1:
+        return hp
+    local = dict(hp)
+    for key in ("batch_size", "ld_batch_size"):
+        if key in hp:
+            if hp[key] % w:
+                raise UserError(f"{key} {hp[key]} is not divisible by the {w} processes; choose a multiple of {w} "
+                                f"(--hparams '{{\"{key}\": ...}}') or another number of processes")
+            local[key] = hp[key] // w
+    return local
+
+
+def shard_rows(n: int) -> slice:
+    """This rank's contiguous block of n rows (blocks in rank order, sizes differ by at most one)."""
+    w, r = world_size(), rank()
+    return slice(n * r // w, n * (r + 1) // w)
+
+
+def batch_shard(dataset: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.Dataset:
+    """The batches r, r + W, … of a sequential loader over `dataset`: each evaluation batch is exactly the one a
+    single process forms, so predictions (and summed accuracy counts) are identical to single-process ones."""
+    w, r = world_size(), rank()
+    if w == 1:
+        return dataset
+    n = len(dataset)
+    keys = [i for b in range(r * batch_size, n, w * batch_size) for i in range(b, min(b + batch_size, n))]
+    return torch.utils.data.Subset(dataset, keys)
+
+
+def gather_rows(part: Chunk | None) -> Chunk | None:
+    """Concatenate each rank's block of a chunk (None: an empty block) on rank 0, in rank order; None elsewhere."""
+    parts = gather_object(part)
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    return tuple(torch.cat(columns) for columns in zip(*parts)) if parts else None
+
+
+@torch.no_grad()
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks, one flattened all-reduce per dtype.
+
+    A parameter that some ranks did not use (grad None) counts as a zero gradient there, which is its exact
+    contribution to the global-batch mean; its grad stays None only where no rank used it, so optimisers skip it as
+    a single process would.
+    """
+    w = world_size()
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+    for (device, dtype), group in groups.items():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        used = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
+        flat = _flatten_dense_tensors(grads + [used])
+        dist.all_reduce(flat)
+        flat /= w
+        *averaged, used = _unflatten_dense_tensors(flat, grads + [used])
+        for p, g, u in zip(group, averaged, used.tolist()):
+            if u == 0:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+
+def _average_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+
+
+def make_data_parallel(algorithm: torch.nn.Module, seed: int, fresh: bool) -> None:
+    """Turn this rank's algorithm into a replica: average gradients before every optimiser step and (for a fresh
+    run) start from rank 0's weights with this rank's own random streams.
+
+    Per-rank RNG (global and the algorithm's generators: synthetic-pool draws, LD noise) keeps ranks from drawing the
+    same synthetic images and noise for their different samples; a resumed run instead restores each rank's streams
+    from the checkpoint.
+    """
+    if world_size() == 1:
+        return
+    for optimizer in optimizers(algorithm).values():
+        optimizer.register_step_pre_hook(_average_before_step)
+    if not fresh:
+        return
+    for tensor in algorithm.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    seed_everything(seed_hash(seed, "rank", rank()))
+    for generator in generators(algorithm).values():
+        generator.manual_seed(seed_hash(generator.initial_seed(), "rank", rank()))
