@@ -1,10 +1,15 @@
 """Algorithms side by side on DigitsDG-offline: leave-one-domain-out, trial seeds, one identical CPU-sized budget.
 
 Every algorithm runs through the same `domainfusion sweep` (same seeds, splits, steps, selection); the report adds
-what generative methods cost: generated images, generation time and step time relative to ERM. Usage:
+what generative methods cost: generated images, generation time, LDM fine-tuning (DSI), their total, and step time
+relative to ERM. Launching into an existing output dir adds the new algorithms' runs next to the finished ones (the
+sweep skips those) and reports all of them. Usage:
 
     .venv/bin/python benchmarks/digitsdg_table.py --steps 300 --algorithms ERM --name erm-digitsdg
     .venv/bin/python benchmarks/digitsdg_table.py --algorithms ERM,CDGA,DomainFusion --test-envs 1 --name method-digitsdg
+    .venv/bin/python benchmarks/digitsdg_table.py --algorithms DSI,DSI_TestTime --test-envs 1 --n-trials 1 \
+        --steps 300 --checkpoint-freq 100 --output-dir runs/bench_method --name method-digitsdg-dsi \
+        --hparams '{"batch_size": 32, "dsi_finetune_steps": 100, "dsi_translate_fraction": 0.1, "img2img_steps": 10}'
 """
 
 from __future__ import annotations
@@ -60,9 +65,11 @@ def main() -> None:
         f"Budget: {a.steps} steps per run, checkpoint every {a.checkpoint_freq} steps, default hparams "
         f"(hparams seed 0) with overrides {a.hparams or 'none'}, {a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
         f"in-splits are not evaluated (`--no-eval-train-in`; no selection method reads them).\n\n"
-        f"Sweep wall time: {wall / 60:.1f} min. In the cost table, step time includes DomainFusion's pool refreshes "
-        f"(they run inside training steps); CDGA's offline generation happens before step 0 and is only in the "
-        f"generation column.\n\n"
+        f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. In the cost table, step time includes "
+        f"DomainFusion's pool refreshes (they run inside training steps); CDGA's and DSI's offline generation happens "
+        f"before step 0, DSI_TestTime's during evaluation, and DSI's per-domain LDM fine-tuning before everything: "
+        f"those are only in their own columns and in the total (steps + fine-tuning + generation outside steps; "
+        f"classifier evaluation excluded).\n\n"
         f"## Training-domain validation (the protocol's headline)\n\n{tables['iid']}\n"
         f"## Test-domain validation (oracle)\n\n{tables['oracle']}\n"
         f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | test acc | val acc |\n"
