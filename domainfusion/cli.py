@@ -114,8 +114,19 @@ def sweep_command(
     single_test_envs: bool = typer.Option(False, help="Only single held-out domains (default also adds every pair)."),
     test_envs: Optional[str] = typer.Option(None, help="Explicit held-out sets, e.g. '0;1;2' or '0,1;2'."),
     hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams in every job."),
-    launcher: str = typer.Option("local", help="local (subprocesses on this machine) or dummy (print commands)."),
-    n_parallel: int = typer.Option(1, help="Jobs run at once by the local launcher; CPU threads are split evenly."),
+    launcher: str = typer.Option("local", help="local (subprocesses on this machine), ray (one Ray task per job), "
+                                 "slurm (a SLURM job array through submitit) or dummy (print commands)."),
+    n_parallel: int = typer.Option(1, help="Jobs run at once (local: CPU threads split evenly; ray: tasks in "
+                                   "flight; slurm: array parallelism)."),
+    cpus_per_job: Optional[int] = typer.Option(None, help="ray, slurm: CPUs per job, also its thread count "
+                                               "(default 1)."),
+    gpus_per_job: Optional[float] = typer.Option(None, help="ray, slurm: GPUs per job (ray: fractions allowed, "
+                                                 "default 1 if the cluster has GPUs else 0; slurm: default 0)."),
+    ray_address: Optional[str] = typer.Option(None, help="ray: cluster to join ('auto', 'ray://head:10001'; "
+                                              "default: $RAY_ADDRESS or a new local instance)."),
+    slurm_partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's)."),
+    timeout_min: Optional[int] = typer.Option(None, help="slurm: time limit per job in minutes (default 1440); a "
+                                              "timed-out or pre-empted job is requeued and resumes."),
     skip_confirmation: bool = typer.Option(False, help="Do not ask before launching or deleting."),
     delete_incomplete: bool = typer.Option(False, help="launch: delete interrupted/failed jobs so they start over "
                                            "(default: they resume from their last checkpoint)."),
@@ -145,7 +156,9 @@ def sweep_command(
                "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
                "ldm": ldm, "prompt_template": prompt_template, "device": device},
     )
-    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete)
+    options = {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job, "ray_address": ray_address,
+               "slurm_partition": slurm_partition, "timeout_min": timeout_min}
+    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete, options)
     if failed:
         raise typer.Exit(1)
 
