@@ -25,7 +25,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .utils import publish_dir
+from .utils import load_module, publish_dir, save_module
 
 CHECKPOINT = "checkpoint"
 
@@ -89,7 +89,7 @@ def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: di
     """
 
     def build(tmp: Path) -> None:
-        safetensors.torch.save_model(algorithm, str(tmp / "model.safetensors"))
+        save_module(algorithm, tmp / "model.safetensors")
         torch.save({k: o.state_dict() for k, o in optimizers(algorithm).items()}, tmp / "optimizers.pt")
         tensors, scalars = rng_state(algorithm)
         safetensors.torch.save_file(tensors, str(tmp / "rng.safetensors"))
@@ -132,9 +132,7 @@ def restore_checkpoint(out: Path, algorithm: torch.nn.Module, rank: int = 0) -> 
     """Load weights, optimisers and every RNG (rank `rank`'s) into a freshly built algorithm; returns state.json."""
     folder = out / CHECKPOINT
     state = json.loads((folder / "state.json").read_text())
-    missing, unexpected = safetensors.torch.load_model(algorithm, str(folder / "model.safetensors"))
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the algorithm (missing {missing}, unexpected {unexpected})")
+    load_module(algorithm, folder / "model.safetensors")
     optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
     for name, optimizer in optimizers(algorithm).items():
         optimizer.load_state_dict(optimizer_states[name])

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import safetensors.torch
 from tqdm import tqdm
 
 from . import distributed
@@ -30,7 +29,7 @@ from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
 from .errors import UserError
-from .utils import append_jsonl, atomic_write_text, seed_everything, seed_hash
+from .utils import append_jsonl, atomic_write_text, save_module, seed_everything, seed_hash
 
 EVAL_BATCH_SIZE = 256
 # Arguments that may differ between a run and its resumption without changing its results.
@@ -321,7 +320,7 @@ def _train(args: TrainArgs, device: torch.device) -> list[dict[str, Any]]:
 def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp: dict, dataset) -> None:
     """Final weights as safetensors (shared submodules stored once) plus a JSON sidecar to rebuild the network."""
     tmp = out / "model.safetensors.tmp"
-    safetensors.torch.save_model(algorithm, str(tmp))
+    save_module(algorithm, tmp)
     os.replace(tmp, out / "model.safetensors")
     meta = {
         "args": dataclasses.asdict(args),

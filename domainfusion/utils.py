@@ -99,3 +99,29 @@ def _readable_by_all(folder: Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~umask)
+
+
+def save_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """A module's tensors as safetensors, each tensor shared between submodules stored once."""
+    import safetensors.torch
+
+    safetensors.torch.save_model(module, str(path))
+
+
+def load_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `save_module`'s file into a freshly built module; every tensor must be set and none left over.
+
+    Aliases (DomainBed algorithms hold `featurizer` and `classifier` again inside `network`) are resolved by storage
+    here rather than by safetensors' `load_model`, which reports the alias of a BatchNorm's `num_batches_tracked`
+    as unexpected (BatchNorm fills a missing counter itself), so a ResNet algorithm could not be restored.
+    """
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    state = module.state_dict(keep_vars=True)
+    loaded = {state[k].data_ptr() for k in tensors if k in state}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not match {type(module).__name__} (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")

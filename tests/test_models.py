@@ -49,3 +49,26 @@ def test_pretrained_from_file_and_clear_error_when_absent(tmp_path: Path, monkey
         ResNet((3, 64, 64), HP, pretrained="imagenet")
     with pytest.raises(UserError, match="no such file"):
         ResNet((3, 64, 64), HP, pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("input_shape", [(3, 32, 32), (3, 64, 64)], ids=["mnist_cnn", "resnet18"])
+def test_algorithm_weights_round_trip_through_safetensors(input_shape, tmp_path: Path):
+    """Every tensor (BatchNorm counters of the ResNet's aliased submodules included) comes back exactly."""
+    from domainfusion.algorithms import algorithm_class
+    from domainfusion.utils import load_module, save_module
+
+    hp = {"resnet18": True, "resnet_dropout": 0.0, "lr": 1e-3, "weight_decay": 0.0, "nonlinear_classifier": False}
+    torch.manual_seed(0)
+    trained = algorithm_class("ERM")(input_shape, 3, 2, hp)
+    with torch.no_grad():
+        for t in trained.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.fill_(7)
+    save_module(trained, tmp_path / "m.safetensors")
+    fresh = algorithm_class("ERM")(input_shape, 3, 2, hp)
+    load_module(fresh, tmp_path / "m.safetensors")
+    assert trained.state_dict().keys() == fresh.state_dict().keys()
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(RuntimeError, match="does not match"):
+        load_module(algorithm_class("ERM")(input_shape, 3, 2, {**hp, "nonlinear_classifier": True}),
+                    tmp_path / "m.safetensors")
