@@ -27,15 +27,18 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..ldm.adapt import from_ldm_images, to_ldm_images
+from ..ldm.adapt import default_prompt_template, from_ldm_images, to_ldm_images
 from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
+
+if TYPE_CHECKING:
+    from ..ldm import LatentDiffusion
 
 FOLDER = "dsi_ldm"
 
@@ -49,7 +52,7 @@ class DSI(PoolERM):
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         self.finetune_s: list[float] = []
         self.model_dirs = [self.finetune(d) for d in range(len(context.train_splits))]
-        self._models: list = []
+        self._models: list["LatentDiffusion"] = []
         if self.TEST_TIME:
             self.register_buffer("translated_images", torch.zeros((), dtype=torch.long))
             self._cache: dict[str, torch.Tensor] = {}
@@ -63,7 +66,6 @@ class DSI(PoolERM):
 
     def finetune(self, d: int) -> Path:
         """Fine-tune a copy of the shared LDM on source domain d's in-split (or reuse an identical earlier one)."""
-        from ..ldm.adapt import default_prompt_template
         from ..ldm.training import LDMTrainConfig, changed_settings, dataset_training_data, train_ldm
 
         ctx, hp = self.context, self.hparams
@@ -88,7 +90,7 @@ class DSI(PoolERM):
         self.finetune_s.append(float(json.loads((out / "summary.json").read_text())["wall_s_this_invocation"]))
         return folder
 
-    def models(self) -> list:
+    def models(self) -> list["LatentDiffusion"]:
         """The fine-tuned LDMs, loaded on first use (order = source domains)."""
         if not self._models:
             from ..ldm import LatentDiffusion
