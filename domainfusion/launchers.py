@@ -242,5 +242,5 @@ def get_launcher(name: str, options: Mapping[str, Any]) -> Callable[[Sequence[Jo
     foreign = sorted(set(options) - accepted)
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        raise UserError(f"{flags} does not apply to the {name} launcher")
+        raise UserError(f"the {name} launcher takes no {flags}")
     return functools.partial(launcher, **options)
