@@ -127,7 +127,10 @@ def ray_launcher(
     ray = _require("ray", "ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_address)
+        try:
+            ray.init(address=ray_address)
+        except ConnectionError as error:
+            raise UserError(f"cannot reach the Ray cluster (--ray-address {ray_address}): {error}") from None
     try:
         if gpus_per_job is None:
             gpus_per_job = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0

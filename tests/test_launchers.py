@@ -100,6 +100,25 @@ def after_first_checkpoint(job: Job, running: Future) -> int:
     raise AssertionError(f"{job.output_dir} never logged a checkpoint while running")
 
 
+def test_launcher_choice_and_options_are_checked(tmp_path, monkeypatch):
+    """First in the file: before the module's Ray instance starts (ray_launcher would use it)."""
+    with pytest.raises(UserError, match="unknown launcher 'sge'; choose one of local, dummy, ray, slurm"):
+        get_launcher("sge", {})
+    with pytest.raises(UserError, match="the local launcher takes no --ray-address, --slurm-partition$"):
+        get_launcher("local", {"ray_address": "auto", "slurm_partition": "gpu", "timeout_min": None})
+    with pytest.raises(UserError, match="whole number on SLURM"):
+        slurm_launcher([Job({"x": 1}, tmp_path)], 1, gpus_per_job=0.5, cluster="local")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="cannot reach the Ray cluster .--ray-address auto.: Could not find any running"):
+        ray_launcher([], 1, ray_address="auto")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    with pytest.raises(UserError, match=r"the ray launcher needs ray: pip install 'domainfusion\[cluster\]'"):
+        ray_launcher([], 1)
+    result = CliRunner().invoke(app, ["sweep", "launch", "--launcher", "slurm", "--ray-address", "auto",
+                                      "--output-dir", str(tmp_path), "--skip-confirmation"])
+    assert result.exit_code != 0 and "the slurm launcher takes no --ray-address" in str(result.exception)
+
+
 def test_ray_matches_local_counts_failures_and_resumes_lost_tasks(grid, reference, ray_instance, capsys):
     _, jobs = grid
     lost, finished = jobs("ray")
@@ -139,18 +158,3 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
 
     assert slurm_launcher([killed], 1, cluster="local", timeout_min=60) == 0
     assert killed.state == DONE and records(killed) == reference[1]
-
-
-def test_launcher_choice_and_options_are_checked(tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="unknown launcher 'sge'; choose one of local, dummy, ray, slurm"):
-        get_launcher("sge", {})
-    with pytest.raises(UserError, match="the local launcher takes no --ray-address, --slurm-partition$"):
-        get_launcher("local", {"ray_address": "auto", "slurm_partition": "gpu", "timeout_min": None})
-    with pytest.raises(UserError, match="whole number on SLURM"):
-        slurm_launcher([Job({"x": 1}, tmp_path)], 1, gpus_per_job=0.5, cluster="local")
-    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
-    with pytest.raises(UserError, match=r"the ray launcher needs ray: pip install 'domainfusion\[cluster\]'"):
-        ray_launcher([], 1)
-    result = CliRunner().invoke(app, ["sweep", "launch", "--launcher", "slurm", "--ray-address", "auto",
-                                      "--output-dir", str(tmp_path), "--skip-confirmation"])
-    assert result.exit_code != 0 and "the slurm launcher takes no --ray-address" in str(result.exception)
