@@ -119,7 +119,7 @@ def ray_launcher(
 
     Connects to the cluster at `ray_address` ('auto', 'ray://head:10001', ...) or, without one, to the cluster named
     by RAY_ADDRESS or a new local instance; a Ray session that is already initialised in this process is used as is.
-    `gpus_per_job=None` means 1 if the cluster has GPUs, else 0 (Ray then hides the GPUs from the job). At most
+    `gpus_per_job=None` means 1 if the cluster has GPUs, else 0. At most
     `n_parallel` tasks are in flight; Ray runs as many of them as the free resources allow. A task whose worker or
     node dies is retried up to `max_retries` times (safe: the command resumes, and the job lock in `run_job` keeps a
     retry from racing a still-running process); a job that fails by itself (non-zero exit) is not retried.
