@@ -130,7 +130,7 @@ def test_command_flags(tmp_path):
     "kw, message",
     [
         ({"datasets": ["Nope"]}, "known datasets: .*DigitsDG"),
-        ({"algorithms": ["Nope"]}, "known algorithms: CDGA, DomainFusion, .*ERM"),
+        ({"algorithms": ["Nope"]}, "known algorithms: CDGA, DSI, DSI_TestTime, DomainFusion, .*ERM"),
         ({"hparams": '{"lrr": 1}'}, "unknown hparam"),
         ({"test_envs": [[4]]}, "invalid for DigitsDG"),
         ({"test_envs": [[0, 1, 2, 3]]}, "at least one training environment"),
