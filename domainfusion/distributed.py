@@ -12,9 +12,9 @@ identical because they start identical (rank 0's parameters are broadcast) and a
 
 from __future__ import annotations
 
+import atexit
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,20 +58,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@contextmanager
-def session(device_name: str) -> Iterator[torch.device]:
-    """Join the launcher's process group for the duration of a run (no-op for one process); yields the device."""
+def setup(device_name: str) -> torch.device:
+    """This process's device; under a launcher, also join its process group (once per process, left at exit: a
+    group destroyed and created again on the launcher's store hangs, and several runs may share one launch)."""
     device = resolve_device(device_name)
-    owned = launched() and not dist.is_initialized()
-    if owned:
+    if launched() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        if owned:
-            dist.destroy_process_group()
+        atexit.register(dist.destroy_process_group)
+    return device
 
 
 def barrier() -> None:

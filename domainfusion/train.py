@@ -167,11 +167,7 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     writes into the output folder.
     """
     check_args(args)
-    with distributed.session(args.device) as device:
-        return _train(args, device)
-
-
-def _train(args: TrainArgs, device: torch.device) -> list[dict[str, Any]]:
+    device = distributed.setup(args.device)
     hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
     local_hp = distributed.local_hparams(hp)  # this rank's share of the per-step batches
     world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
