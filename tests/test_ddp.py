@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,17 +53,35 @@ def run_ranks(fn: Callable, *args: Any, world: int = 2) -> None:
     mp.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
-    """`torchrun --standalone --nproc_per_node nproc ARGS`; on timeout the whole process group is killed (a hung
-    rank would otherwise outlive the test)."""
+def start_torchrun(*args: str, nproc: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (which it starts in sessions of their own, out of reach of killpg)."""
+    pids, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            todo += [int(c) for c in children.read_text().split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """`torchrun --standalone --nproc_per_node nproc ARGS`; on timeout torchrun and its workers are killed (a hung
+    rank would otherwise outlive the test)."""
+    proc = start_torchrun(*args, nproc=nproc)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_tree(proc)
         raise
     assert proc.returncode == 0, stderr[-4000:]
 
@@ -167,7 +186,7 @@ def tree(folder: Path) -> list[str]:
 
 def comparable(record: dict) -> dict:
     r = {k: v for k, v in record.items() if k not in TIMING + ("world_size",)}
-    r["args"] = {k: v for k, v in r["args"].items() if k != "output_dir"}
+    r["args"] = {k: v for k, v in r["args"].items() if k not in ("output_dir", "resume")}
     return r
 
 
@@ -244,6 +263,42 @@ def test_sharded_generation_gives_the_single_process_pools(tiny_folder: Path, tm
         assert (images_ddp.int() - images_single.int()).abs().max() <= 1, name
         assert tree(tmp_path / f"{name}_ddp") == sorted(tree(tmp_path / f"{name}_single")
                                                         + ["checkpoint/rng-rank1.safetensors"])
+
+
+def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, tmp_path: Path, one_thread) -> None:
+    """DomainFusion on 2 ranks, SIGKILLed after its second checkpoint and resumed with the same launch: results.jsonl
+    must equal an uninterrupted 2-rank run's (each rank's synthetic-pool and LD generators, the pool and the shared
+    loader streams are restored); resuming with another number of processes is refused."""
+    from domainfusion.train import TrainArgs, train
+    from tiny_ldm import save_tiny_ldm
+
+    hp = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8, "synthetic_fraction": 0.25, "img2img_steps": 4,
+          "aug_candidates": 2, "aug_pool_fraction": 0.3, "aug_every_epochs": 0.5, "ld_batch_size": 4}
+
+    def run(name: str, resume: bool = False) -> dict:
+        return dict(dataset="ImageFolder", algorithm="DomainFusion", data_dir=str(tiny_folder), test_envs=[0],
+                    steps=24, checkpoint_freq=3, image_size=16, hparams=json.dumps(hp), ldm=ldm, num_workers=0,
+                    progress=False, skip_model_save=True, output_dir=str(tmp_path / name), resume=resume)  # fmt: skip
+
+    ldm = str(save_tiny_ldm(tmp_path / "tiny_ldm"))
+    results = tmp_path / "killed" / "results.jsonl"
+    proc = start_torchrun(__file__, json.dumps([run("killed", resume=True)]))
+    deadline = time.time() + 240
+    while not (results.is_file() and len(results.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-4000:]
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.05, 0.3))
+    kill_tree(proc)
+    assert not (tmp_path / "killed" / "done").exists(), "the run finished before it was killed"
+    with pytest.raises(UserError, match="with 1 process\\(es\\): its checkpoint was written by 2"):
+        train(TrainArgs(**run("killed", resume=True)))
+    torchrun(__file__, json.dumps([run("killed", resume=True), run("reference")]))
+
+    def lines(name: str) -> list[dict]:
+        return [comparable(json.loads(line)) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+
+    assert lines("killed") == lines("reference")
+    assert len(lines("reference")) == 9 and lines("reference")[-1]["pool_refreshes"] > 3
 
 
 if __name__ == "__main__":
