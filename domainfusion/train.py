@@ -172,6 +172,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     local_hp = distributed.local_hparams(hp)  # this rank's share of the per-step batches
     world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     algorithm_cls = algorithm_class(args.algorithm)
+    if world_size > 1 and not getattr(algorithm_cls, "DATA_PARALLEL", True):
+        raise UserError(f"{args.algorithm} does not support data-parallel training; run it as one process")
     out, resume_state = _prepare_output_dir_once(args)
     if resume_state is not None and resume_state.get("world_size", 1) != world_size:
         raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "

@@ -168,10 +168,15 @@ def checkpoint_round_trip(out: Path) -> None:
     restore_checkpoint(out, algorithm, distributed.rank())
     assert draws(algorithm) == expected
     (out / f"draws{distributed.rank()}.json").write_text(json.dumps(expected))
+    from domainfusion.train import TrainArgs, train
+
+    with pytest.raises(UserError, match="DSI does not support data-parallel training"):
+        train(TrainArgs(algorithm="DSI", output_dir=str(out / "dsi")))
 
 
-def test_each_rank_resumes_its_own_random_streams(tmp_path: Path) -> None:
+def test_each_rank_resumes_its_own_random_streams_and_dsi_is_refused(tmp_path: Path) -> None:
     run_ranks(checkpoint_round_trip, tmp_path)
+    assert not (tmp_path / "dsi").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "model.safetensors", "optimizers.pt", "rng-rank1.safetensors", "rng.safetensors", "state.json"]
     per_rank = [json.loads((tmp_path / f"draws{r}.json").read_text()) for r in range(2)]

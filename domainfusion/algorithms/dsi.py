@@ -46,6 +46,9 @@ FOLDER = "dsi_ldm"
 @register("DSI")
 class DSI(PoolERM):
     TEST_TIME = False
+    # Not data parallel yet: every rank would fine-tune into the same OUTPUT_DIR/dsi_ldm and count only its share of
+    # test-time translations (`domainfusion train` refuses it under torchrun/accelerate).
+    DATA_PARALLEL = False
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
                  pretrained: str | None = None, context: RunContext | None = None) -> None:
