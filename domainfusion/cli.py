@@ -66,6 +66,7 @@ def train(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train one model (one dataset, algorithm, held-out domain set, hparams and seeds)."""
+    from .distributed import is_main
     from .train import TrainArgs, train as run_train
 
     if dsi_mode is not None:
@@ -86,7 +87,8 @@ def train(
     records = run_train(args)
     last = records[-1]
     accs = {k: round(v, 4) for k, v in last.items() if k.endswith("_acc")}
-    console.print(f"[green]done[/green] {output_dir}: step {last['step']} {json.dumps(accs)}")
+    if is_main():  # under torchrun/accelerate every rank gets here with the same records
+        console.print(f"[green]done[/green] {output_dir}: step {last['step']} {json.dumps(accs)}")
 
 
 def _split_names(text: str) -> list[str]:
