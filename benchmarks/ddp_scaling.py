@@ -5,8 +5,9 @@ arguments; the machine's cores are split evenly between the processes (OMP_NUM_T
 comparison is "one process using every core" against "data parallel over the same cores". Reported: training
 steps/s (from results.jsonl's step_time, which excludes evaluation), total wall time (start-up, data loading and the
 two evaluations included) and the final held-out accuracy (the same global batch gives the same trajectory, up to
-float rounding). Then the gradient all-reduce itself: one flattened all-reduce (what `distributed` does) against one
-all-reduce per parameter, on the MNIST CNN's and ResNet-18's gradients, 2 gloo processes. Usage:
+float rounding). Then the gradient average itself (`distributed.average_gradients`) with its buckets of
+`BUCKET_BYTES` (what training uses), with one bucket for all gradients and with one bucket per parameter, on the MNIST
+CNN's and ResNet-18's gradients, 2 gloo processes. Usage:
 
     .venv/bin/python benchmarks/ddp_scaling.py --steps 100
 """
@@ -64,6 +65,7 @@ def _time_allreduce(rank: int, port: int, reps: int, results: Path) -> None:
     distributed.setup("cpu")
     from domainfusion.models.networks import Featurizer
 
+    used = distributed.BUCKET_BYTES
     rows = []
     for name, shape, hp in (("MNIST CNN", (3, 32, 32), {}), ("ResNet-18", (3, 224, 224),
                                                              {"resnet18": True, "resnet_dropout": 0.0})):
@@ -71,13 +73,13 @@ def _time_allreduce(rank: int, port: int, reps: int, results: Path) -> None:
         for p in params:
             p.grad = torch.randn_like(p)
         timings = {}
-        for label, reduce in (("flat", lambda: distributed.average_gradients(params)),
-                              ("per-param", lambda: [dist.all_reduce(p.grad) for p in params])):
-            reduce()  # warm-up
+        for label, bucket_bytes in (("used", used), ("one", float("inf")), ("per-param", 1)):
+            distributed.BUCKET_BYTES = bucket_bytes
+            distributed.average_gradients(params)  # warm-up
             dist.barrier()
             start = time.perf_counter()
             for _ in range(reps):
-                reduce()
+                distributed.average_gradients(params)
             timings[label] = (time.perf_counter() - start) / reps * 1000
         rows.append({"model": name, "tensors": len(params), "mb": sum(p.numel() for p in params) * 4 / 2**20,
                      **timings})
@@ -109,10 +111,11 @@ def main() -> None:
     body += "".join(f"| {r['nproc']} | {r['threads']} | {r['steps_per_s']:.2f} | "
                     f"{r['steps_per_s'] / base['steps_per_s']:.2f}× | {r['wall_s']:.1f} | {r['test_acc']:.4f} |\n"
                     for r in runs)  # fmt: skip
-    body += ("\nGradient all-reduce, 2 gloo processes, one thread each (ms per call):\n\n"
-             "| model | tensors | MiB | flat (used) | one per parameter |\n|---|---|---|---|---|\n")
-    body += "".join(f"| {r['model']} | {r['tensors']} | {r['mb']:.1f} | {r['flat']:.2f} | {r['per-param']:.2f} |\n"
-                    for r in reduce_rows)
+    body += (f"\nGradient average, 2 gloo processes, one thread each (ms per call); buckets of "
+             f"{distributed.BUCKET_BYTES / 2**20:g} MiB are what training uses:\n\n"
+             "| model | tensors | MiB | bucketed (used) | one bucket | one per parameter |\n|---|---|---|---|---|---|\n")
+    body += "".join(f"| {r['model']} | {r['tensors']} | {r['mb']:.1f} | {r['used']:.2f} | {r['one']:.2f} | "
+                    f"{r['per-param']:.2f} |\n" for r in reduce_rows)
     print(body)
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 

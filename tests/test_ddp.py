@@ -106,8 +106,10 @@ class TwoBranch(torch.nn.Module):
 
 def sgd_steps(out: Path) -> None:
     """Three SGD steps (momentum, weight decay: sensitive to the gradient's scale) on this rank's half of a fixed
-    batch of 8; rank 1 starts from other weights, which the broadcast must overwrite."""
+    batch of 8; rank 1 starts from other weights, which the broadcast must overwrite. 20-byte buckets give
+    [lin.weight], [lin.bias, extra] (extra: no grad on rank 1) and [unused] (no grad anywhere)."""
     torch.manual_seed(distributed.rank())
+    distributed.BUCKET_BYTES = 20
     algorithm = torch.nn.Module()
     algorithm.net = TwoBranch()
     algorithm.optimizer = torch.optim.SGD(algorithm.net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
