@@ -1,6 +1,7 @@
 """Data parallelism on CPU (gloo, 2 processes): the gradient average is the full-batch gradient, per-rank RNG
 survives a checkpoint, `torchrun ... domainfusion train` reproduces a single-process run with the same global batch,
-only rank 0 writes, and sharded pool generation (DomainFusion refreshes, CDGA) gives the single-process pools.
+only rank 0 writes, sharded pool generation (DomainFusion refreshes, CDGA) gives the single-process pools, and a
+SIGKILLed 2-rank run resumes to the uninterrupted run's results.
 
 Run as a script under torchrun (`torchrun --nproc_per_node 2 tests/test_ddp.py RUNS_JSON`) it trains each run of
 RUNS_JSON (a list of TrainArgs fields) in turn: several runs share one launch.
