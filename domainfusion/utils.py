@@ -102,10 +102,12 @@ def _readable_by_all(folder: Path) -> None:
 
 
 def save_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """A module's tensors as safetensors, each tensor shared between submodules stored once."""
+    """A module's tensors as safetensors, each tensor shared between submodules stored once; readable by all like
+    the run's other files (safetensors itself creates the file owner-only)."""
     import safetensors.torch
 
     safetensors.torch.save_model(module, str(path))
+    os.chmod(path, 0o644)
 
 
 def load_module(module: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -64,6 +64,7 @@ def test_algorithm_weights_round_trip_through_safetensors(input_shape, tmp_path:
         for t in trained.state_dict().values():
             t.add_(1) if t.is_floating_point() else t.fill_(7)
     save_module(trained, tmp_path / "m.safetensors")
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
     fresh = algorithm_class("ERM")(input_shape, 3, 2, hp)
     load_module(fresh, tmp_path / "m.safetensors")
     assert trained.state_dict().keys() == fresh.state_dict().keys()

@@ -66,7 +66,7 @@ def test_unwritable_output_dir_and_unknown_algorithm(tiny_folder: Path, tmp_path
     blocker.write_text("x")
     with pytest.raises(UserError, match="is not writable"):
         train(_args(tiny_folder, blocker / "run"))
-    with pytest.raises(UserError, match="known algorithms: CDGA, DomainFusion, .*ERM"):
+    with pytest.raises(UserError, match="known algorithms: CDGA, DSI, DSI_TestTime, DomainFusion, .*ERM"):
         algorithm_class("IRMM")
 
 
