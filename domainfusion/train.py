@@ -27,7 +27,7 @@ from . import hparams as hparams_registry
 from .algorithms import RunContext, algorithm_class
 from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
 from .data import get_dataset
-from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, split_dataset
+from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, holdout_split
 from .errors import UserError
 from .utils import append_jsonl, atomic_write_text, save_module, seed_everything, seed_hash
 
@@ -194,13 +194,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
               file=sys.stderr)
     in_splits, out_splits = [], []
     for env_i, env in enumerate(dataset):
-        n_out = int(len(env) * args.holdout_fraction)
-        if n_out == 0 or n_out == len(env):
-            raise UserError(
-                f"environment {env_i} ({dataset.environments[env_i]}) has {len(env)} images: too few to hold out "
-                f"--holdout-fraction {args.holdout_fraction} and keep both splits non-empty"
-            )
-        out_split, in_split = split_dataset(env, n_out, seed_hash(args.trial_seed, env_i))
+        out_split, in_split = holdout_split(env, env_i, args.holdout_fraction, args.trial_seed,
+                                            dataset.environments[env_i])
         in_splits.append(in_split)
         out_splits.append(out_split)
 
