@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
 
 
@@ -56,8 +58,6 @@ def check_resolution(ldm_size: int, input_shape: tuple[int, int, int], ldm_name:
     """Refuse, before any generation, an LDM whose resolution is far below the dataset's images."""
     side = max(input_shape[1:])
     if side > MAX_DOWNSCALE * ldm_size:
-        from ..errors import UserError
-
         raise UserError(
             f"--ldm {ldm_name} works at {ldm_size}x{ldm_size} px but the images are {input_shape[1]}x{input_shape[2]}: "
             f"they would be shrunk {side / ldm_size:.1f}x before the LDM sees them. Use an LDM trained at "
