@@ -144,10 +144,14 @@ class Invert:
     def __init__(self) -> None:
         self.calls = 0
 
-    def img2img(self, images, prompts, **kwargs):
+    def encode(self, images):
+        return images  # pixels stand in for latents
+
+    def img2img(self, images, prompts, latents, **kwargs):
         self.calls += 1
-        assert prompts == [""] * len(images) and kwargs["guidance_scale"] == 1.0  # the label is unknown at test time
-        return 1 - images
+        assert images is None  # encoded once by the algorithm, not again per model
+        assert prompts == [""] * len(latents) and kwargs["guidance_scale"] == 1.0  # the label is unknown at test time
+        return 1 - latents
 
 
 def test_test_time_mode_averages_softmax_over_source_translations(tmp_path, sd_folder):

@@ -108,6 +108,16 @@ class DSI(PoolERM):
             stats.update(generated_images=int(self.translated_images), generation_s=self.generation_s.item())
         return stats
 
+    @torch.no_grad()
+    def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x's VAE latents for each source model, one VAE pass when they all kept the shared VAE (the default
+        `dsi_finetune_vae_steps` = 0 fine-tunes the UNet only)."""
+        models = self.models()
+        shared = self.hparams["dsi_finetune_vae_steps"] == 0
+        encoded = [m.encode(to_ldm_images(x.to(m.device, torch.float32), m.image_size))
+                   for m in (models[:1] if shared else models)]
+        return encoded * len(models) if shared else encoded
+
     # ------------------------------------------------------------------ train-time translation
 
     def translate_sources(self) -> Iterator[Chunk]:
@@ -120,12 +130,13 @@ class DSI(PoolERM):
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, hp["dsi_translate_fraction"],
                                                         seed_hash(ctx.seed, "dsi_subset")):
             domains = torch.searchsorted(offsets, sources, right=True) - 1
-            for target, ldm in enumerate(self.models()):
+            latents = self.latents(images_u8.float().div(255))
+            for target, (ldm, z) in enumerate(zip(self.models(), latents)):
                 keep = domains != target
                 if not keep.any():
                     continue
-                x = to_ldm_images(images_u8[keep].float().div(255).to(ldm.device), ldm.image_size)
-                out = ldm.img2img(x, [prompts[int(y)] for y in labels[keep]], strength=hp["img2img_strength"],
+                out = ldm.img2img(None, [prompts[int(y)] for y in labels[keep]], latents=z[keep],
+                                  strength=hp["img2img_strength"],
                                   num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
                                   seed=seed + target * int(offsets[-1]) + int(sources[0]))  # fmt: skip
                 yield to_uint8(from_ldm_images(out, self.input_shape)), labels[keep], sources[keep]
@@ -154,9 +165,8 @@ class DSI(PoolERM):
     def _translate(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """(sources, B, C, H, W) uint8: x through each source model (empty prompt, no guidance)."""
         out = []
-        for ldm in self.models():
-            images = to_ldm_images(x.to(ldm.device, torch.float32), ldm.image_size)
-            y = ldm.img2img(images, [""] * len(x), strength=self.hparams["dsi_test_strength"],
+        for ldm, z in zip(self.models(), self.latents(x)):
+            y = ldm.img2img(None, [""] * len(x), latents=z, strength=self.hparams["dsi_test_strength"],
                             num_inference_steps=self.hparams["img2img_steps"], guidance_scale=1.0, seed=seed)
             out.append(to_uint8(from_ldm_images(y, self.input_shape)))
         return torch.stack(out)
