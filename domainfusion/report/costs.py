@@ -33,7 +33,7 @@ def run_costs(records: Sequence[Record]) -> dict[str, list[dict[str, float]]]:
         finetune_s = float(last.get("ldm_finetune_s", 0.0))
         steps_s = float(np.dot([r["step_time"] for r in run], windows))
         per_algorithm[last["args"]["algorithm"]].append({
-            "step_time": float(np.average([r["step_time"] for r in run], weights=windows)),
+            "step_time": steps_s / float(windows.sum()),
             "generated_images": float(last.get("generated_images", 0)),
             "generation_s": generation_s,
             "ldm_finetuned_models": float(last.get("ldm_finetuned_models", 0)),
