@@ -109,6 +109,7 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("ld_weighting", "sds", lambda r: str(r.choice(["sds", "uniform"])), choices=("sds", "uniform"))
         hparam("ld_grad", "sds", lambda r: "sds", choices=("sds", "full"))
         hparam("ld_guidance", 1.0, lambda r: 1.0, 1.0, 50.0)
+        hparam("ld_reference", "noise", lambda r: str(r.choice(["noise", "uncond"])), choices=("noise", "uncond"))
         # Online lightweight augmentation (method.md §2).
         hparam("aug_every_epochs", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])), 1e-3, 1e6)
         hparam("aug_candidates", 4, lambda r: int(r.choice([2, 4, 8])), 1, 64)

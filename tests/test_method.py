@@ -85,9 +85,39 @@ def test_sds_loss_and_gradient_vanish_when_the_unet_predicts_the_noise(ldm: Late
     assert torch.count_nonzero(logits.grad) == 0
 
 
-def test_full_gradient_matches_finite_differences(ldm_folder: Path) -> None:
+def test_uncond_reference_gradient_is_the_class_score_difference(ldm: LatentDiffusion) -> None:
+    x, y = batch(4)
+    logits = torch.randn(4, len(PROMPTS), requires_grad=True)
+    ld = LatentDistillation(ldm, PROMPTS, ld_settings(reference="uncond"))
+    out = ld(logits, x, y, torch.Generator().manual_seed(7))
+    (grad_z,) = torch.autograd.grad(out.loss, out.latents)
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(ld.t_range[0], ld.t_range[1] + 1, (4,), generator=g)
+    noise = torch.randn(out.latents.shape, generator=g)
+    with torch.no_grad():
+        z_t = ldm.add_noise(out.latents, noise, t)
+        eps_y = ldm.predict_noise(z_t, t, ldm.encode_prompts([PROMPTS[i] for i in y]))
+        eps_uncond = ldm.predict_noise(z_t, t, ldm.encode_prompts([""] * 4))
+    w = (1 - ldm.alphas_cumprod[t]).view(-1, 1, 1, 1)
+    # The drawn noise cancels: only the prompt's effect on the prediction is distilled.
+    torch.testing.assert_close(grad_z, w * (eps_y - eps_uncond) / 4, rtol=1e-5, atol=1e-7)
+    assert (eps_y - eps_uncond).abs().max() > 1e-3  # the tiny UNet does read the prompt
+
+
+def test_uncond_reference_vanishes_when_the_prompt_is_the_empty_one(ldm: LatentDiffusion) -> None:
+    x, _ = batch(3)
+    logits = torch.randn(3, 2, requires_grad=True)
+    out = LatentDistillation(ldm, ["", "a photo of a dog"], ld_settings(reference="uncond"))(
+        logits, x, torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+@pytest.mark.parametrize("reference", ["noise", "uncond"])
+def test_full_gradient_matches_finite_differences(ldm_folder: Path, reference: str) -> None:
     ldm64 = LatentDiffusion.from_pretrained(ldm_folder, device="cpu", dtype=torch.float64)
-    ld = LatentDistillation(ldm64, PROMPTS, ld_settings(grad="full", t_min=0.3, t_max=0.6))
+    ld = LatentDistillation(ldm64, PROMPTS, ld_settings(grad="full", t_min=0.3, t_max=0.6, reference=reference))
     x, y = batch(2)
     x = x.double()
 
