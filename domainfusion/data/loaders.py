@@ -1,4 +1,9 @@
-"""DomainBed's data plumbing: seeded in/out holdout split, infinite training loaders, fast eval loaders."""
+"""DomainBed's data plumbing: seeded in/out holdout split, infinite training loaders, fast eval loaders.
+
+A training loader's batches (indices and random augmentations) are a function of its generator's seed and the batch
+number only, so they do not depend on `num_workers` and a resumed run continues with exactly the uninterrupted run's
+batches.
+"""
 
 from __future__ import annotations
 
@@ -75,11 +80,12 @@ class InfiniteDataLoader:
         weights: torch.Tensor | None,
         batch_size: int,
         num_workers: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
         skip_batches: int = 0,
         rows: slice = slice(None),
     ) -> None:
-        """`skip_batches` fast-forwards the index stream (no image is loaded): a resumed run continues with exactly
+        """`generator` (freshly seeded) draws the indices; its seed also seeds each image's random transforms.
+        `skip_batches` fast-forwards the index stream (no image is loaded): a resumed run continues with exactly
         the batches an uninterrupted run would draw next. `rows` keeps a block of each drawn batch (only those
         images are loaded): data-parallel ranks share one stream and each trains on its block."""
         # One batch per sampler pass: with replacement this is DomainBed's distribution, and it also works when a
@@ -93,7 +99,8 @@ class InfiniteDataLoader:
             for _ in batch_sampler:  # a whole pass, as _Forever consumes it, draws exactly one batch's randomness
                 pass
         self._loader = DataLoader(
-            dataset, num_workers=num_workers, batch_sampler=_Forever(batch_sampler, rows),
+            _Seeded(dataset), num_workers=num_workers,
+            batch_sampler=_Forever(batch_sampler, rows, generator.initial_seed(), skip_batches),
             persistent_workers=num_workers > 0,
         )
         self._iterator = iter(self._loader)
@@ -104,14 +111,39 @@ class InfiniteDataLoader:
 
 
 class _Forever:
-    def __init__(self, sampler: BatchSampler, rows: slice) -> None:
+    """The sampler's batches, endlessly, each index paired with the seed of its image's transforms: a hash of
+    (loader seed, batch number, row), so the same image drawn twice is augmented differently."""
+
+    def __init__(self, sampler: BatchSampler, rows: slice, seed: int, first_batch: int) -> None:
         self.sampler = sampler
         self.rows = rows
+        self.seed = seed
+        self.first_batch = first_batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        number = self.first_batch
         while True:
             for batch in self.sampler:
-                yield batch[self.rows]
+                yield [(i, seed_hash(self.seed, number, row)) for row, i in enumerate(batch)][self.rows]
+                number += 1
+
+
+class _Seeded(Dataset):
+    """`dataset[i]` with torch's global RNG seeded for that item (and restored after): random transforms
+    (torchvision's draw from it) then depend on the item's seed only, not on the process that loads it or on
+    what else drew from the RNG before (a worker's earlier images, the training step in the main process)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=()):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
