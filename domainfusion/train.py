@@ -262,12 +262,16 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         minibatches = [(x.to(device), y.to(device)) for x, y in next(batches)]
         step_vals = algorithm.update(minibatches)
         checkpoint_vals["step_time"].append(time.time() - step_start)
-        for key, val in step_vals.items():
+        # Decided on the global-batch means, which a non-finite value on any rank makes non-finite on every rank: all
+        # ranks stop here together, before the step's checkpoint (a rank stopping alone would leave the others
+        # waiting forever in the next all-reduce).
+        for key, val in distributed.mean_across_ranks(step_vals, device).items():
             if not np.isfinite(val):
                 raise UserError(
                     f"{key} became {val} at step {step}; lower the learning rate (--hparams '{{\"lr\": ...}}'). "
                     f"Results up to the last checkpoint are in {out / 'results.jsonl'}"
                 )
+        for key, val in step_vals.items():
             checkpoint_vals[key].append(val)
 
         if step % checkpoint_freq == 0 or step == n_steps - 1:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from domainfusion import distributed
-from domainfusion.checkpoint import restore_checkpoint, rng_state, write_checkpoint
+from domainfusion.checkpoint import read_state, restore_checkpoint, rng_state, write_checkpoint
 from domainfusion.errors import UserError
 
 TIMING = ("step_time", "mem_gb", "generation_s")
@@ -49,9 +49,16 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> N
     fn(*args)
 
 
-def run_ranks(fn: Callable, *args: Any, world: int = 2) -> None:
-    """Run fn(*args) in `world` spawned processes joined in one gloo process group on 127.0.0.1."""
-    mp.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+def run_ranks(fn: Callable, *args: Any, world: int = 2, timeout: float = 300) -> None:
+    """Run fn(*args) in `world` spawned processes joined in one gloo process group on 127.0.0.1; ranks still running
+    after `timeout` seconds (a rank waiting in a collective that another one left) are killed and fail the test."""
+    context = mp.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"ranks still running after {timeout} s")
 
 
 def start_torchrun(*args: str, nproc: int = 2) -> subprocess.Popen:
@@ -184,6 +191,44 @@ def test_each_rank_resumes_its_own_random_streams_and_dsi_is_refused(tmp_path: P
         "model.safetensors", "optimizers.pt", "rng-rank1.safetensors", "rng.safetensors", "state.json"]
     per_rank = [json.loads((tmp_path / f"draws{r}.json").read_text()) for r in range(2)]
     assert all(a != b for a, b in zip(*per_rank))
+
+
+# ---------------------------------------------------------------- a non-finite loss on one rank
+
+def nan_on_rank1_at_step4(data_dir: Path, out: Path) -> None:
+    """ERM whose rank 1 alone gets a NaN batch at step 4 (a checkpoint step; the last checkpoint is step 2); each
+    rank writes the error its train() stopped with."""
+    from domainfusion.algorithms.erm import ERM
+    from domainfusion.train import TrainArgs, train
+
+    real_update = ERM.update
+    steps = iter(range(6))
+
+    def update(self: ERM, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        if next(steps) == 4 and distributed.rank() == 1:
+            minibatches = [(torch.full_like(x, float("nan")), y) for x, y in minibatches]
+        return real_update(self, minibatches)
+
+    args = TrainArgs(dataset="ImageFolder", data_dir=str(data_dir), test_envs=[0], steps=6, checkpoint_freq=2,
+                     image_size=16, num_workers=0, device="cpu", progress=False, skip_model_save=True,
+                     output_dir=str(out), hparams='{"batch_size": 8}')
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(UserError) as error:
+        patch.setattr(ERM, "update", update)
+        train(args)
+    (out / f"error{distributed.rank()}.txt").write_text(str(error.value))
+
+
+def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tiny_folder: Path, tmp_path: Path) -> None:
+    """The rank whose loss is finite must not go on into the next gradient all-reduce (where it would wait forever
+    for the rank that stopped): both stop at the same step with the same message."""
+    out = tmp_path / "run"
+    run_ranks(nan_on_rank1_at_step4, tiny_folder, out, timeout=120)
+    errors = [(out / f"error{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith("loss became nan at step 4; lower the learning rate")
+    assert read_state(out)["step"] == 2
+    assert [json.loads(line)["step"] for line in (out / "results.jsonl").read_text().splitlines()] == [0, 2]
+    weights = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 # ---------------------------------------------------------------- end to end under torchrun
