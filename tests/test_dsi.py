@@ -1,12 +1,13 @@
 """DSI baseline: per-source-domain fine-tunes of the shared LDM (from its weights, leaving it untouched, only on the
-run's source in-splits), train-time translation counts, test-time prediction, reuse on resume, `ldm train` on an
-in-split."""
+run's source in-splits), loaded as UNets around the shared VAE, train-time translation counts, test-time prediction,
+reuse on resume, fine-tuning time over a killed and resumed fine-tune, `ldm train` on an in-split."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ from typer.testing import CliRunner
 
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
-from domainfusion.algorithms.dsi import DSI
+from domainfusion.algorithms.dsi import PerDomainLDMs
 from domainfusion.cli import app
 from domainfusion.data import get_dataset
-from domainfusion.data.loaders import holdout_split
+from domainfusion.data.loaders import domain_of, holdout_split
 from domainfusion.ldm import LatentDiffusion, training
 from domainfusion.train import TrainArgs, train
 from conftest import make_image_folder
@@ -59,7 +60,7 @@ def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), re
                       resume=resume)  # fmt: skip
 
 
-def build(name: str, ctx: RunContext, **overrides) -> DSI:
+def build(name: str, ctx: RunContext, **overrides) -> PerDomainLDMs:
     hp = {**registry.default_hparams(name, "PACS"), **FAST, **overrides}
     return algorithm_class(name)((3, 32, 32), 2, len(ctx.train_splits), hp, context=ctx)
 
@@ -85,9 +86,13 @@ def test_one_finetune_per_source_from_the_shared_weights_which_stay_untouched(tm
     assert all(torch.equal(state[k], v) for _, state in starts for k, v in shared.unet.state_dict().items())
     for split, data in zip(ctx.train_splits, datasets):
         assert torch.equal(data.images, (split.tensors[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
-    for folder in alg.model_dirs:
+    for folder, model in zip(alg.model_dirs, alg.models()):
         tuned = LatentDiffusion.from_pretrained(folder, device="cpu")
         assert state_hash(tuned.vae) == vae_before and state_hash(tuned.unet) != unet_before
+        # Loaded, a source model is its fine-tuned UNet around the shared LDM's VAE and text encoder (not copies).
+        assert state_hash(model.unet) == state_hash(tuned.unet)
+        assert model.vae is shared.vae and model.text_encoder is shared.text_encoder
+        assert model.vae.encoder.conv_in.weight.data_ptr() == shared.vae.encoder.conv_in.weight.data_ptr()
     assert (folder_hash(sd_folder), state_hash(shared.unet), state_hash(shared.vae)) == (disk_before, unet_before,
                                                                                         vae_before)
     # Every source image translated into each of the 2 other source styles, labels and provenance kept.
@@ -135,13 +140,14 @@ def test_run_finetunes_only_on_source_in_splits(tmp_path, sd_folder, monkeypatch
     assert last["generated_images"] == n_in * 2 and last["ldm_finetuned_models"] == 3 and last["ldm_finetune_s"] > 0
 
 
-class Invert:
-    """A stand-in for a fine-tuned LDM whose 'style' is colour inversion."""
+class Restyle:
+    """A stand-in for a fine-tuned LDM whose 'style' is a fixed map of the pixels."""
 
     image_size = 32
     device = torch.device("cpu")
 
-    def __init__(self) -> None:
+    def __init__(self, style) -> None:
+        self.style = style
         self.calls = 0
 
     def encode(self, images):
@@ -151,7 +157,7 @@ class Invert:
         self.calls += 1
         assert images is None  # encoded once by the algorithm, not again per model
         assert prompts == [""] * len(latents) and kwargs["guidance_scale"] == 1.0  # the label is unknown at test time
-        return 1 - latents
+        return self.style(latents)
 
 
 def test_test_time_mode_averages_softmax_over_source_translations(tmp_path, sd_folder):
@@ -162,25 +168,28 @@ def test_test_time_mode_averages_softmax_over_source_translations(tmp_path, sd_f
     alg.eval()
     with torch.inference_mode():
         out = alg.predict(x)
-        versions = alg.source_versions(x)
-        expected = torch.stack([alg.network(v).softmax(1) for v in versions]).mean(0).log()
-    assert len(versions) == 2 and torch.allclose(out, expected, atol=1e-6)
+        assert len(alg.source_versions(x)) == 2
     assert not torch.allclose(out.exp(), alg.network(x).softmax(1), atol=1e-3)
     assert alg.checkpoint_stats()["generated_images"] == 5 * 2  # cached: the second call translated nothing
 
-    # A constructed case: a brightness classifier and sources whose style is inversion flip every prediction.
+    # A constructed case: a brightness classifier (logits ±20·(0.5 − mean)) and two sources whose styles are
+    # inversion (0.8 → 0.2: logits (−6, 6)) and dimming by 0.2 (0.8 → 0.6: logits (2, −2)). The averaged softmax,
+    # p(class 0) = (1 / (1 + e¹²) + 1 / (1 + e⁻⁴)) / 2 = 0.491010 (log −0.711291; class 1: log 0.508990 =
+    # −0.675327), flips every prediction of the plain classifier (averaged logits would give log-probs −4.02, −0.02).
     class Brightness(torch.nn.Module):
         def forward(self, x):
             m = x.mean(dim=(1, 2, 3))
             return torch.stack([m - 0.5, 0.5 - m], dim=1) * 20
 
     alg.network = Brightness()
-    alg._models, alg._cache = [Invert(), Invert()], {}
-    bright = torch.full((3, 3, 32, 32), 0.9)
+    alg._models, alg._cache = [Restyle(lambda z: 1 - z), Restyle(lambda z: z - 0.2)], {}
+    bright = torch.full((3, 3, 32, 32), 204 / 255)  # 0.8, exactly representable after the uint8 round trip
     with torch.inference_mode():
         assert alg.network(bright).argmax(1).tolist() == [0, 0, 0]
-        assert alg.predict(bright).argmax(1).tolist() == [1, 1, 1]
+        out = alg.predict(bright)
         alg.predict(bright)
+    assert torch.allclose(out, torch.tensor([[-0.711291, -0.675327]] * 3), atol=1e-5)
+    assert out.argmax(1).tolist() == [1, 1, 1]
     assert [m.calls for m in alg._models] == [1, 1]
 
 
@@ -196,3 +205,56 @@ def test_ldm_train_cli_fine_tunes_on_one_domains_in_split(tmp_path, sd_folder):
     assert summary["images"] == 10 - int(10 * 0.2)  # d1's in-split only
     result = CliRunner().invoke(app, common + ["--domain", "d0", "--output-dir", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "held out" in str(result.exception)
+
+
+def test_domain_of_finds_each_index_in_its_split():
+    splits = [[None] * 6, [None] * 5, [None] * 4]  # indices 0-5, 6-10, 11-14
+    assert domain_of(splits, torch.tensor([0, 5, 6, 10, 11, 14])).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_finetune_time_adds_up_over_a_killed_and_resumed_finetune(tmp_path, sd_folder, monkeypatch):
+    # A fake clock that moves only when a checkpoint is written: 7 s per checkpoint in the first invocation, which is
+    # killed before the second checkpoint of the first domain; 3 s per checkpoint after. 2 steps, a checkpoint each.
+    now, seconds, written = [0.0], [7.0], []
+    write = training._write_checkpoint
+
+    def timed_write(*args, **kwargs):
+        written.append(args[1:3])
+        if len(written) == 2 and seconds[0] == 7.0:
+            raise Killed
+        now[0] += seconds[0]
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(training, "_write_checkpoint", timed_write)
+    with pytest.raises(Killed):
+        build("DSI", context(tmp_path, sd_folder, n=(4, 4)))
+    seconds[0] = 3.0
+    alg = build("DSI", context(tmp_path, sd_folder, n=(4, 4)))
+    assert written == [("unet", 1), ("unet", 2), ("unet", 2), ("unet", 1), ("unet", 2)]
+    assert alg.finetune_s == [7.0 + 3.0, 3.0 + 3.0]  # the killed invocation's 7 s counted with the resumed 3 s
+    summary = json.loads((alg.model_dirs[0].parent / "summary.json").read_text())
+    assert summary["wall_s_this_invocation"] == 3.0 and alg.checkpoint_stats()["ldm_finetune_s"] == 16.0
+
+
+def test_a_finetuned_vae_is_loaded_per_source_model(tmp_path, sd_folder):
+    alg = build("DSI_TestTime", context(tmp_path, sd_folder, n=(4, 4)), dsi_finetune_vae_steps=1)
+    shared, models = alg.context.ldm(), alg.models()
+    for folder, model in zip(alg.model_dirs, models):
+        tuned = LatentDiffusion.from_pretrained(folder, device="cpu")
+        assert model.vae is not shared.vae and state_hash(model.vae) == state_hash(tuned.vae) != state_hash(shared.vae)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    latents = alg.latents(x)
+    assert all(torch.equal(z, m.encode(x)) for z, m in zip(latents, models))  # each model's own VAE
+    assert not torch.equal(latents[0], latents[1])
+
+
+def test_finished_wall_s_reads_folders_from_before_it_was_recorded(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 20.0, "wall_s_this_invocation": 5.0}))
+    assert training.finished_wall_s(tmp_path) == 20.0
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s_this_invocation": 12.5}))  # an older fine-tune
+    assert training.finished_wall_s(tmp_path) == 12.5

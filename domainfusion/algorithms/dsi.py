@@ -6,7 +6,9 @@ the embedded LDM (`ldm/training.py`, UNet only by default: `dsi_finetune_vae_ste
 Captions are the class prompts, so each model learns "digit k in my domain's style"; 10% caption dropout (the
 trainer's default) also teaches it an unconditional "an image of my domain". The models are written to
 OUTPUT_DIR/dsi_ldm/<domain>/ldm (diffusers, safetensors) and reused whenever a run with the same settings and data
-finds them (a resumed run, or a restart killed before its first checkpoint); the shared LDM is only read from disk.
+finds them (a resumed run, or a restart killed before its first checkpoint); the shared LDM is only read. As the
+default fine-tune changes only the UNet, the loaded source models are one UNet each around the shared LDM's VAE,
+text encoder and scheduler: N models cost N UNets, not N LDMs (a fine-tuned VAE is loaded per model).
 
 - `DSI` (train-time, the issue's reading): every source image (a seeded `dsi_translate_fraction` of them) is
   translated into each *other* source domain's style by that domain's model (SDEdit img2img with its class prompt,
@@ -22,15 +24,14 @@ finds them (a resumed run, or a restart killed before its first checkpoint); the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from ..data.loaders import domain_of
 from ..ldm.adapt import default_prompt_template, from_ldm_images, to_ldm_images
 from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
 from ..utils import seed_hash
@@ -43,9 +44,9 @@ if TYPE_CHECKING:
 FOLDER = "dsi_ldm"
 
 
-@register("DSI")
-class DSI(PoolERM):
-    TEST_TIME = False
+class PerDomainLDMs(PoolERM):
+    """What both DSI readings share: one LDM fine-tuned (or reused) per source domain when built, loaded on use."""
+
     # Not data parallel yet: every rank would fine-tune into the same OUTPUT_DIR/dsi_ldm and count only its share of
     # test-time translations (`domainfusion train` refuses it under torchrun/accelerate).
     DATA_PARALLEL = False
@@ -53,23 +54,15 @@ class DSI(PoolERM):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
                  pretrained: str | None = None, context: RunContext | None = None) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
-        self.finetune_s: list[float] = []
+        self.shares_vae = hparams["dsi_finetune_vae_steps"] == 0  # the default: only the UNets are fine-tuned
+        self.finetune_s: list[float] = []  # per source model, all its fine-tuning invocations
         self.model_dirs = [self.finetune(d) for d in range(len(context.train_splits))]
         self._models: list["LatentDiffusion"] = []
-        if self.TEST_TIME:
-            self.register_buffer("translated_images", torch.zeros((), dtype=torch.long))
-            self._cache: dict[str, torch.Tensor] = {}
-        else:
-            n_selected = max(1, round(hparams["dsi_translate_fraction"] * sum(len(d) for d in context.train_splits)))
-            generated = n_selected * (len(context.train_splits) - 1)
-            self.pool = self.open_or_create_pool("dsi_pool", self.translate_sources, generated)
-            self._models = []  # training reads only the pool: free the fine-tuned models
-
-    # ------------------------------------------------------------------ fine-tuning
 
     def finetune(self, d: int) -> Path:
         """Fine-tune a copy of the shared LDM on source domain d's in-split (or reuse an identical earlier one)."""
-        from ..ldm.training import LDMTrainConfig, changed_settings, dataset_training_data, train_ldm
+        from ..ldm.training import (LDMTrainConfig, changed_settings, custom_data_config, dataset_training_data,
+                                    finished_wall_s, train_ldm)
 
         ctx, hp = self.context, self.hparams
         name = ctx.train_env_names[d]
@@ -84,52 +77,63 @@ class DSI(PoolERM):
             device=str(ctx.device), progress=False,
         )  # fmt: skip
         template = ctx.prompt_template or default_prompt_template(ctx.dataset)
-        resolution = _ldm_resolution(ctx)
-        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, resolution)
-        used = dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint())
-        if (out / "config.json").is_file() and changed_settings(out, used):
+        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, ctx.ldm().image_size)
+        if (out / "config.json").is_file() and changed_settings(out, custom_data_config(config, data)):
             shutil.rmtree(out)  # another run's settings or data: start this domain's fine-tune over
         folder = train_ldm(config, data)
-        self.finetune_s.append(float(json.loads((out / "summary.json").read_text())["wall_s_this_invocation"]))
+        self.finetune_s.append(finished_wall_s(out))
         return folder
 
     def models(self) -> list["LatentDiffusion"]:
-        """The fine-tuned LDMs, loaded on first use (order = source domains)."""
+        """The fine-tuned LDMs, loaded on first use (order = source domains); with `shares_vae`, each is its own
+        UNet around the shared LDM's other modules."""
         if not self._models:
             from ..ldm import LatentDiffusion
 
-            self._models = [LatentDiffusion.from_pretrained(p, device=self.context.device) for p in self.model_dirs]
+            shared = self.context.ldm()
+            if self.shares_vae:
+                self._models = [LatentDiffusion(shared.vae, type(shared.unet).from_pretrained(p, subfolder="unet"),
+                                                shared.text_encoder, shared.tokenizer, shared.scheduler,
+                                                device=shared.device, dtype=shared.dtype) for p in self.model_dirs]
+            else:
+                self._models = [LatentDiffusion.from_pretrained(p, device=shared.device, dtype=shared.dtype)
+                                for p in self.model_dirs]
         return self._models
 
     def checkpoint_stats(self) -> dict[str, float]:
-        stats = {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
-                 "ldm_finetune_s": sum(self.finetune_s)}
-        if self.TEST_TIME:
-            stats.update(generated_images=int(self.translated_images), generation_s=self.generation_s.item())
-        return stats
+        return {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
+                "ldm_finetune_s": sum(self.finetune_s)}
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x's VAE latents for each source model, one VAE pass when they all kept the shared VAE (the default
-        `dsi_finetune_vae_steps` = 0 fine-tunes the UNet only)."""
+        """x's VAE latents for each source model, one VAE pass when they share the VAE."""
         models = self.models()
-        shared = self.hparams["dsi_finetune_vae_steps"] == 0
         encoded = [m.encode(to_ldm_images(x.to(m.device, torch.float32), m.image_size))
-                   for m in (models[:1] if shared else models)]
-        return encoded * len(models) if shared else encoded
+                   for m in (models[:1] if self.shares_vae else models)]
+        return encoded * len(models) if self.shares_vae else encoded
 
-    # ------------------------------------------------------------------ train-time translation
+
+@register("DSI")
+class DSI(PerDomainLDMs):
+    """Train-time reading: ERM on real ∪ the sources translated into each other source's style."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+        super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
+        n_selected = max(1, round(hparams["dsi_translate_fraction"] * sum(len(d) for d in context.train_splits)))
+        generated = n_selected * (len(context.train_splits) - 1)
+        self.pool = self.open_or_create_pool("dsi_pool", self.translate_sources, generated)
+        self._models = []  # training reads only the pool: free the fine-tuned models
 
     def translate_sources(self) -> Iterator[Chunk]:
         """Each selected source image, translated by every other source domain's model (chunk by chunk)."""
         ctx, hp = self.context, self.hparams
-        sizes = torch.tensor([len(d) for d in ctx.train_splits])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        total = sum(len(d) for d in ctx.train_splits)
         prompts = ctx.class_prompts()
         seed = seed_hash(ctx.seed, "dsi_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, hp["dsi_translate_fraction"],
                                                         seed_hash(ctx.seed, "dsi_subset")):
-            domains = torch.searchsorted(offsets, sources, right=True) - 1
+            domains = domain_of(ctx.train_splits, sources)
             latents = self.latents(images_u8.float().div(255))
             for target, (ldm, z) in enumerate(zip(self.models(), latents)):
                 keep = domains != target
@@ -138,16 +142,29 @@ class DSI(PoolERM):
                 out = ldm.img2img(None, [prompts[int(y)] for y in labels[keep]], latents=z[keep],
                                   strength=hp["img2img_strength"],
                                   num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
-                                  seed=seed + target * int(offsets[-1]) + int(sources[0]))  # fmt: skip
+                                  seed=seed + target * total + int(sources[0]))  # fmt: skip
                 yield to_uint8(from_ldm_images(out, self.input_shape)), labels[keep], sources[keep]
 
-    # ------------------------------------------------------------------ test-time translation
+
+@register("DSI_TestTime")
+class DSITestTime(PerDomainLDMs):
+    """Test-time reading: ERM training; evaluation averages the classifier over each image's source-style versions."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
+                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+        super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
+        self.register_buffer("translated_images", torch.zeros((), dtype=torch.long))
+        self._cache: dict[str, torch.Tensor] = {}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.TEST_TIME or self.training:
+        if self.training:
             return self.network(x)
         probs = torch.stack([self.network(t).softmax(dim=1) for t in self.source_versions(x)]).mean(dim=0)
         return probs.clamp_min(1e-12).log()
+
+    def checkpoint_stats(self) -> dict[str, float]:
+        return {**super().checkpoint_stats(), "generated_images": int(self.translated_images),
+                "generation_s": self.generation_s.item()}
 
     def source_versions(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x translated toward each source domain (one (B, C, H, W) batch per source), from the cache when seen."""
@@ -170,20 +187,3 @@ class DSI(PoolERM):
                             num_inference_steps=self.hparams["img2img_steps"], guidance_scale=1.0, seed=seed)
             out.append(to_uint8(from_ldm_images(y, self.input_shape)))
         return torch.stack(out)
-
-
-@register("DSI_TestTime")
-class DSITestTime(DSI):
-    TEST_TIME = True
-
-
-def _ldm_resolution(ctx: RunContext) -> int:
-    """The LDM's image size, read from the shared model's configs without loading its weights."""
-    from ..ldm.embedded import embedded_ldm_path
-
-    root = Path(embedded_ldm_path(ctx.data_dir) if ctx.ldm_model == "embedded" else ctx.ldm_model)
-    if root.is_dir():
-        unet = json.loads((root / "unet" / "config.json").read_text())
-        vae = json.loads((root / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    return ctx.ldm().image_size

@@ -51,6 +51,13 @@ def holdout_split(env: Dataset, env_index: int, holdout_fraction: float, trial_s
     return split_dataset(env, n_out, seed_hash(trial_seed, env_index))
 
 
+def domain_of(splits: Sequence[Dataset], indices: torch.Tensor) -> torch.Tensor:
+    """Which of `splits` each index into their concatenation falls in: the source domain of a generated image,
+    whose provenance is such an index."""
+    ends = torch.tensor([len(s) for s in splits]).cumsum(0)
+    return torch.searchsorted(ends, indices, right=True)
+
+
 def labels_of(dataset: Dataset) -> list[int]:
     """Labels without decoding images where the dataset allows it (TensorDataset, ImageFolder, splits)."""
     if isinstance(dataset, SplitDataset):

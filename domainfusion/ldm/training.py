@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -126,8 +127,10 @@ class TrainingData:
     grid_prompts: list[str]
     check_images: torch.Tensor
 
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of the images and captions: a resumed or reused run must have trained on exactly these."""
+        """sha256 of the images and captions: a resumed or reused run must have trained on exactly these (hashed
+        once per object, however many callers check it)."""
         h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
         h.update(json.dumps(self.captions).encode())
         return h.hexdigest()
@@ -339,7 +342,8 @@ def _forget_log_after(out: Path, stage: str, step: int) -> None:
 def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_lr: float,
                modules: dict[str, torch.nn.Module], trained: torch.nn.Module,
                loss_fn: Callable[[int, torch.Generator], torch.Tensor],
-               after_step: Callable[[int], None] = lambda step: None) -> float:
+               after_step: Callable[[int], None] = lambda step: None,
+               after_checkpoint: Callable[[], None] = lambda: None) -> float:
     """The optimisation loop shared by both stages; resumes from the stage's last checkpoint. Returns s/step."""
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=config.weight_decay)
@@ -371,6 +375,7 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
             window = []
         if done % config.checkpoint_every == 0 or done == total:
             _write_checkpoint(out, stage, done, modules, optimizer, config.keep_checkpoints)
+            after_checkpoint()
     return (time.perf_counter() - t0) / max(1, total - start)
 
 
@@ -394,6 +399,38 @@ def _check_resumable(out: Path, config: LDMTrainConfig) -> None:
                         "use the same settings or another output dir")
 
 
+class WallClock:
+    """A training run's wall time summed over its invocations, saved (`wall_s.json`) at every checkpoint: a resumed
+    run adds its own time to what the killed ones had spent up to their last checkpoint (work a kill threw away
+    after that is redone, and counted, by the resumed run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.earlier = float(json.loads(path.read_text())["wall_s"]) if path.is_file() else 0.0
+        self.started = time.perf_counter()
+
+    def this_invocation(self) -> float:
+        return time.perf_counter() - self.started
+
+    def total(self) -> float:
+        return self.earlier + self.this_invocation()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"wall_s": self.total()}))
+
+
+def finished_wall_s(out: Path) -> float:
+    """The wall time of the finished run in `out`, all invocations (a run finished before `wall_s` was recorded
+    counts its last invocation)."""
+    summary = json.loads((out / "summary.json").read_text())
+    return float(summary.get("wall_s", summary["wall_s_this_invocation"]))
+
+
+def custom_data_config(config: LDMTrainConfig, data: TrainingData) -> LDMTrainConfig:
+    """`config` as saved for a run on caller-given `data`: config.json then names exactly these images."""
+    return dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint)
+
+
 def _initial_models(config: LDMTrainConfig, device: torch.device):
     """(vae, unet, text_encoder, tokenizer, scheduler): loaded from `init_from`, or built from the embedded configs
     (with `model_overrides`) under the run's seed."""
@@ -411,15 +448,16 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     """Run (or resume) the three stages and return the trained diffusers folder `<output_dir>/ldm`.
 
     `data` replaces the data named by the config (e.g. a run's in-split, built with `dataset_training_data`); its
-    fingerprint goes into config.json, so a resumed run must see the same images."""
-    started = time.perf_counter()
+    fingerprint goes into config.json, so a resumed run must see the same images. summary.json's `wall_s` is the
+    time of all invocations (see `WallClock`)."""
     if data is not None:
-        config = dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint())
+        config = custom_data_config(config, data)
     out = Path(config.output_dir)
     final = out / "ldm"
     _check_resumable(out, config)
     if (final / "model_index.json").is_file():
         return final
+    clock = WallClock(out / "wall_s.json")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -429,10 +467,10 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     data = data if data is not None else load_training_data(config, resolution)
     summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
                                "vae_unet_fp32_bytes": weight_bytes(vae, unet)}  # fmt: skip
-    vae = _vae_stage(config, out, vae, data, device, summary)
+    vae = _vae_stage(config, out, vae, data, device, summary, clock.save)
     ema_unet = copy.deepcopy(unet)
     ldm = LatentDiffusion(vae, ema_unet, text_encoder, tokenizer, scheduler, device=device, dtype=torch.float32)
-    _unet_stage(config, out, ldm, unet, data, summary)
+    _unet_stage(config, out, ldm, unet, data, summary, clock.save)
     _sample(ldm, data, config, out / "samples" / "final.png")
     check = data.check_images[:8].permute(0, 3, 1, 2).float() / 255
     save_grid([check, ldm.decode(ldm.encode(check))], out / "samples" / "vae-reconstructions.png",
@@ -441,13 +479,13 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
         publish_dir(lambda tmp: ldm.save_pretrained(tmp), final)
     else:
         assemble_ldm_folder(final, vae, ema_unet, scheduler)
-    summary["wall_s_this_invocation"] = time.perf_counter() - started
+    summary.update(wall_s=clock.total(), wall_s_this_invocation=clock.this_invocation())
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return final
 
 
 def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: TrainingData, device: torch.device,
-               summary: dict[str, Any]) -> AutoencoderKL:
+               summary: dict[str, Any], after_checkpoint: Callable[[], None]) -> AutoencoderKL:
     """Stage 1: train the VAE (skipped for a fine-tune with vae_steps=0), set its scale, save it to `out/vae`;
     a restart finds `out/vae` and reuses it. Returns the frozen VAE."""
     vae_dir = out / "vae"
@@ -462,7 +500,7 @@ def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: Trai
             return vae_loss(vae, x, g, config.vae_kl_weight, config.vae_edge_weight)
 
         summary["vae_s_per_step"] = _run_stage("vae", out, config, config.vae_steps, config.vae_lr, {"vae": vae},
-                                               vae, vae_step)  # fmt: skip
+                                               vae, vae_step, after_checkpoint=after_checkpoint)  # fmt: skip
         vae.requires_grad_(False).eval()
         if not config.init_from:  # a fine-tuned VAE keeps its scale: the UNet was trained in that latent space
             sample = data.images[torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))]
@@ -477,7 +515,7 @@ def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: Trai
 
 
 def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: UNet2DConditionModel,
-                data: TrainingData, summary: dict[str, Any]) -> None:
+                data: TrainingData, summary: dict[str, Any], after_checkpoint: Callable[[], None]) -> None:
     """Stages 2 and 3: cache the latents once (`out/latents.safetensors`), then train `unet` on them while
     `ldm.unet` (its EMA copy) follows it and draws the sample grids."""
     device = ldm.device
@@ -508,7 +546,8 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
             _sample(ldm, data, config, out / "samples" / f"unet-{step + 1:07d}.png")
 
     summary["unet_s_per_step"] = _run_stage("unet", out, config, config.unet_steps, config.unet_lr,
-                                            {"unet": unet, "ema": ldm.unet}, unet, unet_step, after_unet_step)
+                                            {"unet": unet, "ema": ldm.unet}, unet, unet_step, after_unet_step,
+                                            after_checkpoint)
 
 
 def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:
