@@ -4,7 +4,9 @@ Latent distillation feeds c · x to the LDM, so its gradient pushes the classifi
 whatever brightness the LDM's class-conditional density finds most natural. method.md's intuition is that this is
 c = 1 (a dark image needs "much detail rebuilt"). This script measures L_LD (SDS form, w(t) = 1 − ᾱ_t, t ~ U[0.02 T,
 0.98 T], the same t and ε for every c) for c in a grid, with the right class prompt and with a wrong one, on 64 images
-of each DigitsDG-offline domain. Usage:
+of each DigitsDG-offline domain; then the direction LD actually pushes c, the mean ∂L_LD/∂c through the VAE (the
+SDS gradient, as training computes it), for both `ld_reference`s: the drawn noise (method.md) and the unconditional
+prediction (classifier score distillation). A negative value raises the confidence. Usage:
 
     .venv/bin/python benchmarks/ld_diagnostic.py --model embedded
 """
@@ -23,6 +25,7 @@ from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import default_prompt_template, to_ldm_images
 
 CONFIDENCES = (0.02, 0.1, 0.3, 0.6, 1.0)
+GRADIENT_CONFIDENCES = (0.1, 0.3, 0.6, 0.9)
 
 
 @torch.no_grad()
@@ -35,6 +38,20 @@ def ld_loss(ldm, images: torch.Tensor, embeds: torch.Tensor, draws) -> float:
         eps_hat = ldm.predict_noise(ldm.add_noise(z, noise, t), t, embeds)
         total += 0.5 * (w * (eps_hat - noise)).pow(2).sum().item() / len(z)
     return total / len(draws)
+
+
+def ld_slope(ldm, images: torch.Tensor, c: float, embeds: torch.Tensor, uncond: torch.Tensor | None, draws) -> float:
+    """Mean over images and draws of ∂L_LD/∂c at confidence c, with r = ε (uncond None) or r = ε̂_∅."""
+    conf = torch.full((len(images),), c, requires_grad=True)
+    z = ldm.encode(conf.view(-1, 1, 1, 1) * images)
+    g = torch.zeros_like(z)
+    with torch.no_grad():
+        for t, noise in draws:
+            z_t = ldm.add_noise(z, noise, t)
+            reference = noise if uncond is None else ldm.predict_noise(z_t, t, uncond.expand_as(embeds))
+            g += (1 - ldm.alphas_cumprod[t]).view(-1, 1, 1, 1) * (ldm.predict_noise(z_t, t, embeds) - reference)
+    (grad,) = torch.autograd.grad((z * g / len(draws)).sum(), conf)
+    return grad.mean().item()
 
 
 def main() -> None:
@@ -50,6 +67,9 @@ def main() -> None:
     template = default_prompt_template("DigitsDG")
     lines = ["| domain | prompt | " + " | ".join(f"c = {c:g}" for c in CONFIDENCES) + " | argmin c |",
              "|---|---|" + "---|" * (len(CONFIDENCES) + 1)]
+    slopes = ["| domain | reference | " + " | ".join(f"c = {c:g}" for c in GRADIENT_CONFIDENCES) + " |",
+              "|---|---|" + "---|" * len(GRADIENT_CONFIDENCES)]
+    uncond = ldm.encode_prompts([""])
     for env, name in enumerate(ds.environments):
         pick = torch.randperm(len(ds[env]))[: a.images]
         x = to_ldm_images(torch.stack([ds[env][i][0] for i in pick]), ldm.image_size)
@@ -62,8 +82,14 @@ def main() -> None:
             values = [ld_loss(ldm, c * x, embeds, draws) for c in CONFIDENCES]
             best = CONFIDENCES[min(range(len(values)), key=values.__getitem__)]
             lines.append(f"| {name} | {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {best:g} |")
+        embeds = ldm.encode_prompts([template.format(cls=k) for k in y])
+        for label, reference in (("noise ε", None), ("uncond ε̂_∅", uncond)):
+            values = [ld_slope(ldm, x, c, embeds, reference, draws) for c in GRADIENT_CONFIDENCES]
+            slopes.append(f"| {name} | {label} | " + " | ".join(f"{v:+.2f}" for v in values) + " |")
     body = (f"L_LD (SDS value) on {a.images} images per domain, {a.draws} (t, ε) draws shared across c, model "
-            f"`{a.model}`.\n\n" + "\n".join(lines) + "\n")
+            f"`{a.model}`.\n\n" + "\n".join(lines) + "\n\nMean ∂L_LD/∂c (SDS gradient through the VAE, same images "
+            "and draws, true-class prompt): negative raises the classifier's confidence, positive lowers it.\n\n"
+            + "\n".join(slopes) + "\n")
     write_report("ld-diagnostic", shlex.join([sys.executable, *sys.argv]), body)
 
 
