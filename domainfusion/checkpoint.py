@@ -2,10 +2,10 @@
 
 A checkpoint (`OUTPUT_DIR/checkpoint/`) holds the algorithm's tensors (weights and buffers such as DomainFusion's
 step counter, safetensors), its optimisers' state (`torch.save`, read back with `weights_only=True`), every random
-generator (python, numpy, torch CPU/CUDA, and each `torch.Generator` the algorithm owns) and hard links to the
-current generation of each synthetic pool, so a refresh after the checkpoint cannot destroy the pool it needs.
-Data-loader positions need no state: loaders are re-created from their seeds and fast-forwarded by the number of
-batches already drawn. The folder is built under a temp name, fsynced and renamed, so a kill mid-write leaves the
+generator (python, numpy, torch CPU/CUDA, and each `torch.Generator` the algorithm owns; one file per rank) and hard
+links to the current generation of each synthetic pool, so a refresh after the checkpoint cannot destroy the pool it
+needs. Data-loader positions need no state: loaders are re-created from their seeds and fast-forwarded by the number
+of batches already drawn. The folder is built under a temp name, fsynced and renamed, so a kill mid-write leaves the
 previous checkpoint intact.
 
 What it must not do: unpickle anything but tensors, or write outside OUTPUT_DIR.
@@ -28,6 +28,7 @@ import torch
 from .utils import load_module, publish_dir, save_module
 
 CHECKPOINT = "checkpoint"
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors, JSON-able scalars
 
 
 def optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
@@ -53,7 +54,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def rng_state(algorithm: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state(algorithm: torch.nn.Module) -> RngState:
     """This process's random state: tensors (torch CPU/CUDA, numpy keys, the algorithm's generators) and the
     JSON-able rest (python, numpy position)."""
     np_state = np.random.get_state()
@@ -81,22 +82,20 @@ def set_rng_state(algorithm: torch.nn.Module, tensors: dict[str, torch.Tensor], 
 
 
 def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any],
-                     rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = ()) -> Path:
+                     rngs: list[RngState] | None = None) -> Path:
     """Replace OUTPUT_DIR/checkpoint with the state after training step `step` (0-based, completed).
 
-    Under data parallelism rank 0 writes; `rank_rngs` are ranks 1…W−1's `rng_state`s (`rng-rank{r}.safetensors`),
-    since each rank draws its own random streams.
+    Under data parallelism rank 0 writes; `rngs` are every rank's `rng_state`s in rank order (default: this
+    process's alone), one `rng-rank{r}.safetensors` each, since each rank draws its own random streams.
     """
 
     def build(tmp: Path) -> None:
         save_module(algorithm, tmp / "model.safetensors")
         torch.save({k: o.state_dict() for k, o in optimizers(algorithm).items()}, tmp / "optimizers.pt")
-        tensors, scalars = rng_state(algorithm)
-        safetensors.torch.save_file(tensors, str(tmp / "rng.safetensors"))
-        for r, (rank_tensors, rank_scalars) in enumerate(rank_rngs, start=1):
-            safetensors.torch.save_file(rank_tensors, str(tmp / f"rng-rank{r}.safetensors"),
-                                        metadata={"scalars": json.dumps(rank_scalars)})
-        state = {"step": step, **scalars, **extra}
+        for r, (tensors, scalars) in enumerate(rngs or [rng_state(algorithm)]):
+            safetensors.torch.save_file(tensors, str(tmp / f"rng-rank{r}.safetensors"),
+                                        metadata={"scalars": json.dumps(scalars)})
+        state = {"step": step, **extra}
         root = _pool_root(algorithm)
         if root is not None:
             state["pool"] = str(root.relative_to(out))
@@ -136,11 +135,10 @@ def restore_checkpoint(out: Path, algorithm: torch.nn.Module, rank: int = 0) -> 
     optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
     for name, optimizer in optimizers(algorithm).items():
         optimizer.load_state_dict(optimizer_states[name])
-    if rank == 0:
+    path = folder / f"rng-rank{rank}.safetensors"
+    if path.is_file():
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            set_rng_state(algorithm, {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["scalars"]))
+    else:  # a checkpoint from before per-rank files: rank 0's tensors in rng.safetensors, its scalars in state.json
         set_rng_state(algorithm, safetensors.torch.load_file(str(folder / "rng.safetensors")), state)
-    else:
-        path = str(folder / f"rng-rank{rank}.safetensors")
-        with safetensors.safe_open(path, framework="pt") as f:
-            scalars = json.loads(f.metadata()["scalars"])
-        set_rng_state(algorithm, safetensors.torch.load_file(path), scalars)
     return state

@@ -291,11 +291,10 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             record.update({"hparams": hp, "args": dataclasses.asdict(args)})
             record = distributed.broadcast_object(record)  # rank 0's run-level stats (generation time) everywhere
             records.append(record)
-            rank_rngs = distributed.gather_object(rng_state(algorithm))
+            rngs = distributed.gather_object(rng_state(algorithm))  # every rank's, on rank 0
             if main:
                 append_jsonl(out / "results.jsonl", record)
-                write_checkpoint(out, step, algorithm, {"world_size": world_size} if world_size > 1 else {},
-                                 rank_rngs[1:])
+                write_checkpoint(out, step, algorithm, {"world_size": world_size} if world_size > 1 else {}, rngs)
             if writer is not None:
                 for key, val in record.items():
                     if isinstance(val, (int, float)) and key != "step":

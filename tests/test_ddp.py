@@ -169,9 +169,9 @@ def checkpoint_round_trip(out: Path) -> None:
     algorithm.optimizer = torch.optim.Adam(algorithm.net.parameters())
     algorithm.gen = torch.Generator().manual_seed(3)
     distributed.make_data_parallel(algorithm, seed=0, fresh=True)
-    rank_rngs = distributed.gather_object(rng_state(algorithm))  # as train() does at every checkpoint
+    rngs = distributed.gather_object(rng_state(algorithm))  # as train() does at every checkpoint
     if distributed.is_main():
-        write_checkpoint(out, 5, algorithm, {"world_size": 2}, rank_rngs[1:])
+        write_checkpoint(out, 5, algorithm, {"world_size": 2}, rngs)
     distributed.barrier()
     expected = draws(algorithm)
     draws(algorithm)
@@ -188,7 +188,8 @@ def test_each_rank_resumes_its_own_random_streams_and_dsi_is_refused(tmp_path: P
     run_ranks(checkpoint_round_trip, tmp_path)
     assert not (tmp_path / "dsi").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
-        "model.safetensors", "optimizers.pt", "rng-rank1.safetensors", "rng.safetensors", "state.json"]
+        "model.safetensors", "optimizers.pt", "rng-rank0.safetensors", "rng-rank1.safetensors", "state.json"]
+    assert read_state(tmp_path) == {"step": 5, "world_size": 2}  # random state only in the per-rank files
     per_rank = [json.loads((tmp_path / f"draws{r}.json").read_text()) for r in range(2)]
     assert all(a != b for a, b in zip(*per_rank))
 
@@ -225,7 +226,7 @@ def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tiny_f
     run_ranks(nan_on_rank1_at_step4, tiny_folder, out, timeout=120)
     errors = [(out / f"error{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1] and errors[0].startswith("loss became nan at step 4; lower the learning rate")
-    assert read_state(out)["step"] == 2
+    assert read_state(out) == {"step": 2, "world_size": 2}
     assert [json.loads(line)["step"] for line in (out / "results.jsonl").read_text().splitlines()] == [0, 2]
     weights = load_file(str(out / "checkpoint" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())

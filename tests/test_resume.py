@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,16 +96,21 @@ def test_resume_refuses_changed_arguments(tiny_folder: Path, tmp_path: Path) -> 
         train(TrainArgs(**{**args.__dict__, "steps": 6, "resume": True}))
 
 
-def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    model = torch.nn.Linear(3, 2)
+def tiny_algorithm() -> torch.nn.Module:
+    """What a checkpoint saves: weights, an optimiser and a generator of the algorithm's own."""
     algorithm = torch.nn.Module()
-    algorithm.net = model
-    algorithm.optimizer = torch.optim.Adam(model.parameters())
+    algorithm.net = torch.nn.Linear(3, 2)
+    algorithm.optimizer = torch.optim.Adam(algorithm.net.parameters())
     algorithm.gen = torch.Generator().manual_seed(1)
+    return algorithm
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    algorithm = tiny_algorithm()
     checkpoint.write_checkpoint(tmp_path, 9, algorithm, {})
     saved = {k: v.clone() for k, v in algorithm.state_dict().items()}
     with torch.no_grad():
-        model.weight.add_(1.0)
+        algorithm.net.weight.add_(1.0)
     algorithm.gen.manual_seed(2)
 
     def failing_save_file(*args, **kwargs):
@@ -119,6 +125,26 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path: Path, 
     checkpoint.restore_checkpoint(tmp_path, algorithm)
     assert all(torch.equal(saved[k], v) for k, v in algorithm.state_dict().items())
     assert torch.equal(algorithm.gen.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def test_a_checkpoint_with_the_former_random_state_layout_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before every rank had its own `rng-rank{r}.safetensors` kept rank 0's tensors in
+    rng.safetensors and its python/numpy state in state.json."""
+    algorithm = tiny_algorithm()
+    scalars = checkpoint.rng_state(algorithm)[1]  # python and numpy
+    checkpoint.write_checkpoint(tmp_path, 9, algorithm, {})
+    folder = tmp_path / "checkpoint"
+    (folder / "rng-rank0.safetensors").rename(folder / "rng.safetensors")
+    (folder / "state.json").write_text(json.dumps({**checkpoint.read_state(tmp_path), **scalars}))
+
+    def draws() -> list[float]:
+        return [torch.rand(1).item(), torch.rand(1, generator=algorithm.gen).item(), np.random.rand(),
+                random.random()]
+
+    expected = draws()
+    draws()
+    checkpoint.restore_checkpoint(tmp_path, algorithm)
+    assert draws() == expected
 
 
 @pytest.mark.parametrize("batch_size", [5, 32, 50])
