@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -157,13 +157,13 @@ def batch_shard(dataset: torch.utils.data.Dataset, batch_size: int) -> torch.uti
     return torch.utils.data.Subset(dataset, keys)
 
 
-def gather_rows(part: Chunk | None) -> Chunk | None:
-    """Concatenate each rank's block of a chunk (None: an empty block) on rank 0, in rank order; None elsewhere."""
-    parts = gather_object(part)
-    if parts is None:
-        return None
-    parts = [p for p in parts if p is not None]
-    return tuple(torch.cat(columns) for columns in zip(*parts)) if parts else None
+def gather_chunk(rows: slice, make: Callable[[], Chunk]) -> Iterator[Chunk]:
+    """A chunk that the ranks make together, each its block `rows` (`shard_rows`; `make()` is not called for an
+    empty block): rank 0 yields the whole chunk, the blocks concatenated in rank order, the other ranks nothing.
+    Collective: every rank calls it for every chunk, and runs it to the end."""
+    blocks = [b for b in gather_object(make() if rows.start < rows.stop else None) or () if b is not None]
+    if blocks:
+        yield tuple(torch.cat(columns) for columns in zip(*blocks))
 
 
 def _buckets(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:

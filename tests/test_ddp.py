@@ -156,6 +156,29 @@ def test_gradient_average_equals_the_full_batch_step(tmp_path: Path) -> None:
     assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])  # each rank has its own random streams
 
 
+# ---------------------------------------------------------------- chunks made by the ranks together
+
+def chunks_made_together(out: Path) -> None:
+    """Chunks of 3 rows (blocks 0:1 and 1:3) and of 1 row (rank 0's block is empty), row i holding 10·i."""
+    made, chunks = [], []
+    for n in (3, 1):
+        rows = distributed.shard_rows(n)
+
+        def make() -> tuple[torch.Tensor]:
+            made.append(n)
+            return (torch.arange(n)[rows] * 10,)
+
+        chunks += distributed.gather_chunk(rows, make)
+    torch.save({"made": made, "chunks": chunks}, out / f"rank{distributed.rank()}.pt")
+
+
+def test_chunks_made_together_arrive_whole_on_rank_0(tmp_path: Path) -> None:
+    run_ranks(chunks_made_together, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert [c[0].tolist() for c in rank0["chunks"]] == [[0, 10, 20], [0]] and rank1["chunks"] == []
+    assert rank0["made"] == [3] and rank1["made"] == [3, 1]  # an empty block is not made
+
+
 # ---------------------------------------------------------------- per-rank RNG in checkpoints
 
 def draws(algorithm: torch.nn.Module) -> list[float]:

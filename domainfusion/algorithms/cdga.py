@@ -11,6 +11,7 @@ draw and seed is per image, so the blocks are the single-process images) and ran
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -42,21 +43,20 @@ class CDGA(PoolERM):
         seed = seed_hash(ctx.seed, "cdga_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
             rows = distributed.shard_rows(len(labels))  # this rank's block (all of it for one process)
-            mine = rows.start < rows.stop
-            if mine:  # the block is encoded once, whatever K
-                latents = ldm.encode(to_ldm_images(images_u8[rows].float().div(255).to(ldm.device), ldm.image_size))
             domains = torch.searchsorted(offsets, sources, right=True) - 1
+            block_latents = functools.cache(lambda: ldm.encode(  # the block is encoded once, whatever K
+                to_ldm_images(images_u8[rows].float().div(255).to(ldm.device), ldm.image_size)))
             for k in range(variants):
                 embeds = self.interpolated_prompts(labels, domains, generator, rows)
-                block = None
-                if embeds is not None:
-                    out = ldm.img2img(None, prompt_embeds=embeds, latents=latents, strength=hp["img2img_strength"],
-                                      num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
-                                      seed=seed + (k * int(offsets[-1]) + int(sources[rows.start])))  # fmt: skip
-                    block = to_uint8(from_ldm_images(out, self.input_shape)), labels[rows], sources[rows]
-                chunk = distributed.gather_rows(block)
-                if chunk is not None:
-                    yield chunk
+
+                def variant() -> Chunk:
+                    out = ldm.img2img(None, prompt_embeds=embeds, latents=block_latents(),
+                                      strength=hp["img2img_strength"], num_inference_steps=hp["img2img_steps"],
+                                      guidance_scale=hp["img2img_guidance"],
+                                      seed=seed + (k * int(offsets[-1]) + int(sources[rows.start])))
+                    return to_uint8(from_ldm_images(out, self.input_shape)), labels[rows], sources[rows]
+
+                yield from distributed.gather_chunk(rows, variant)
 
     def interpolated_prompts(self, labels: torch.Tensor, domains: torch.Tensor, generator: torch.Generator,
                              rows: slice = slice(None)) -> torch.Tensor | None:

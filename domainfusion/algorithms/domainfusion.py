@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
 from ..method.latent_distillation import LatentDistillation, LDSettings
 from ..method.online_augmentation import AugSettings, OnlineAugmentation, subset_chunks
 from ..utils import seed_hash
@@ -35,10 +34,8 @@ class DomainFusion(PoolERM):
         self.augmentation = None
         if self.AUGMENTATION:
             settings = AugSettings.from_hparams(hparams, self.SELECTION)
-            # a copy of source images: rank 0 alone reads them (the other ranks' chunks are not written)
             self.pool = self.open_or_create_pool("pool", lambda: subset_chunks(
-                context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool"))
-                if distributed.is_main() else iter(()))
+                context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool")))
             self.augmentation = OnlineAugmentation(ldm, self.pool, prompts, self.input_shape, settings, context.seed,
                                                    context.output_dir / "pool_grids")  # fmt: skip
 

@@ -70,18 +70,17 @@ class SyntheticPool:
         """A fresh pool (refresh 0) from (images, labels, sources) chunks; `generated` counts the images the chunks
         cost to make (0 for copies of source images).
 
-        Collective under data parallelism: rank 0 writes the chunks its iterable yields; the other ranks run theirs
-        to the end (their share of the work, see `distributed.gather_rows`), then all open the pool."""
+        Collective under data parallelism, as `replace`; copies of source images involve no work to share, so rank
+        0 alone reads them and the other ranks leave their chunks untouched."""
         root = Path(root)
         if distributed.is_main():
             if root.exists():
                 shutil.rmtree(root)
             root.mkdir(parents=True)
-            manifest = {"generation": -1, "refreshes": 0, "generated": generated, "shards": [], "size": 0}
-            _write_generation(root, manifest, chunks)
-        else:
-            _exhaust(chunks)
-        distributed.barrier()
+        elif not generated:
+            chunks = ()
+        manifest = {"generation": -1, "refreshes": 0, "generated": generated, "shards": [], "size": 0}
+        _write_generation(root, manifest, chunks)
         return cls(root)
 
     def __len__(self) -> int:
@@ -122,26 +121,30 @@ class SyntheticPool:
         return images.float() / 255, labels
 
     def replace(self, chunks: Iterable[Chunk], generated: int) -> None:
-        """Write the next generation from `chunks` (which may read the current one), then switch to it (collective
-        under data parallelism, as `create`)."""
-        if distributed.is_main():
-            manifest = dict(self.manifest, refreshes=self.refreshes + 1, generated=self.generated + generated)
-            _write_generation(self.root, manifest, chunks)
-        else:
-            _exhaust(chunks)
-        distributed.barrier()
+        """Write the next generation from `chunks` (which may read the current one), then switch to it.
+
+        Collective under data parallelism: rank 0 writes the chunks its iterable yields; the other ranks run theirs
+        to the end (their share of the work, see `distributed.gather_chunk`), then all open the new generation."""
+        manifest = dict(self.manifest, refreshes=self.refreshes + 1, generated=self.generated + generated)
+        _write_generation(self.root, manifest, chunks)
         old = self.root / f"gen-{self.manifest['generation']:06d}"
         self._load()
         if distributed.is_main():
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _exhaust(chunks: Iterable[Chunk]) -> None:
-    for _ in chunks:
-        pass
-
-
 def _write_generation(root: Path, manifest: dict, chunks: Iterable[Chunk]) -> None:
+    """Rank 0 publishes the next generation while the other ranks run their chunks to the end; every rank returns
+    once it is on disk."""
+    if distributed.is_main():
+        _publish_generation(root, manifest, chunks)
+    else:
+        for _ in chunks:
+            pass
+    distributed.barrier()
+
+
+def _publish_generation(root: Path, manifest: dict, chunks: Iterable[Chunk]) -> None:
     """Publish gen-(k+1) from chunks re-cut into SHARD_SIZE shards, then point manifest.json at it."""
     generation = manifest["generation"] + 1
     names: list[str] = []
@@ -271,18 +274,17 @@ class OnlineAugmentation:
                 if self.settings.selection == "random":  # drawn for the whole shard: the same on every rank
                     picks = torch.randint(self.settings.candidates, (2, len(images)), generator=generator)
                 rows = distributed.shard_rows(len(images))  # this rank's block (all of it for one process)
-                block = None
-                if rows.start < rows.stop:
+
+                def refreshed() -> Chunk:
                     out = self.transform(images[rows].float() / 255, labels[rows],
                                          seed + (start + rows.start) * self.settings.candidates,
                                          None if picks is None else picks[:, rows])
                     if start == 0 and rows.start == 0 and self.grid_dir is not None:
                         self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
-                    block = to_uint8(from_ldm_images(out.results, self.input_shape)), labels[rows], sources[rows]
+                    return to_uint8(from_ldm_images(out.results, self.input_shape)), labels[rows], sources[rows]
+
+                yield from distributed.gather_chunk(rows, refreshed)
                 start += len(images)
-                chunk = distributed.gather_rows(block)
-                if chunk is not None:
-                    yield chunk
 
         generated = len(self.pool) * self.settings.candidates
         self.pool.replace(chunks(), generated)
