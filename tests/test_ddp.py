@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from domainfusion import distributed
 from domainfusion.checkpoint import read_state, restore_checkpoint, rng_state, write_checkpoint
 from domainfusion.errors import UserError
+from resume_checks import keeps_lines, kept_lines
 
 TIMING = ("step_time", "mem_gb", "generation_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -117,7 +118,6 @@ def sgd_steps(out: Path) -> None:
     batch of 8; rank 1 starts from other weights, which the broadcast must overwrite. 20-byte buckets give
     [lin.weight], [lin.bias, extra] (extra: no grad on rank 1) and [unused] (no grad anywhere)."""
     torch.manual_seed(distributed.rank())
-    distributed.BUCKET_BYTES = 20
     algorithm = torch.nn.Module()
     algorithm.net = TwoBranch()
     algorithm.optimizer = torch.optim.SGD(algorithm.net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
@@ -127,11 +127,13 @@ def sgd_steps(out: Path) -> None:
     x, y = torch.randn(8, 4, generator=g), torch.randint(3, (8,), generator=g)
     rows = distributed.shard_rows(8)
     n_first = max(0, min(4, rows.stop) - rows.start)
-    for _ in range(3):
-        loss = F.cross_entropy(algorithm.net(x[rows], n_first), y[rows])
-        algorithm.optimizer.zero_grad()
-        loss.backward()
-        algorithm.optimizer.step()
+    with pytest.MonkeyPatch.context() as patch:  # also runs in the test's own process (the single-process reference)
+        patch.setattr(distributed, "BUCKET_BYTES", 20)
+        for _ in range(3):
+            loss = F.cross_entropy(algorithm.net(x[rows], n_first), y[rows])
+            algorithm.optimizer.zero_grad()
+            loss.backward()
+            algorithm.optimizer.step()
     if distributed.world_size() > 1:
         with pytest.raises(UserError, match="batch_size 7 is not divisible by the 2 processes"):
             distributed.local_hparams({"batch_size": 7})
@@ -345,7 +347,8 @@ def test_sharded_generation_gives_the_single_process_pools(tiny_folder: Path, tm
 def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, tmp_path: Path, one_thread) -> None:
     """DomainFusion on 2 ranks, SIGKILLed after its second checkpoint and resumed with the same launch: results.jsonl
     must equal an uninterrupted 2-rank run's (each rank's synthetic-pool and LD generators, the pool and the shared
-    loader streams are restored); resuming with another number of processes is refused."""
+    loader streams are restored) and keep the lines up to the checkpoint as written before the kill (a restart
+    from step 0 would rewrite them); resuming with another number of processes is refused."""
     from domainfusion.train import TrainArgs, train
     from tiny_ldm import save_tiny_ldm
 
@@ -367,6 +370,8 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, 
     time.sleep(random.Random(0).uniform(0.05, 0.3))
     kill_tree(proc)
     assert not (tmp_path / "killed" / "done").exists(), "the run finished before it was killed"
+    kept = kept_lines(tmp_path / "killed")
+    assert kept
     with pytest.raises(UserError, match="with 1 process\\(es\\): its checkpoint was written by 2"):
         train(TrainArgs(**run("killed", resume=True)))
     torchrun(__file__, json.dumps([run("killed", resume=True), run("reference")]))
@@ -375,6 +380,7 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, 
         return [comparable(json.loads(line)) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
 
     assert lines("killed") == lines("reference")
+    assert keeps_lines(tmp_path / "killed", kept)
     assert len(lines("reference")) == 9 and lines("reference")[-1]["pool_refreshes"] > 3
 
 

@@ -1,6 +1,6 @@
 """Launchers on real engines: a local Ray instance and submitit's local executor run the same tiny jobs as the local
 launcher, with byte-identical results; failures are counted; a lost Ray task, a killed job and a pre-empted
-submitit job end Incomplete or requeued, and resume to the same results."""
+submitit job end Incomplete or requeued, and resume to the same results, keeping the lines written before."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from domainfusion.cli import app
 from domainfusion.errors import UserError
 from domainfusion.launchers import get_launcher, local_launcher, ray_launcher, slurm_launcher
 from domainfusion.sweep import DONE, INCOMPLETE, Job, make_jobs
+from resume_checks import keeps_lines, kept_lines
 
 TIMING = ("step_time", "mem_gb")
 
@@ -87,17 +88,18 @@ def parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def after_first_checkpoint(job: Job, running: Future) -> int:
-    """Wait until the job has logged a checkpoint and is still training; return its train pid."""
+def after_first_checkpoint(job: Job, running: Future) -> tuple[int, list[str]]:
+    """Wait until the job has written a checkpoint and is still training; return its train pid and the results.jsonl
+    lines that its resumption must keep."""
     deadline = time.time() + 240
     while time.time() < deadline and not running.done():
         pid = train_pid(job)
-        results = job.output_dir / "results.jsonl"
-        if pid and results.is_file() and results.read_text().count("\n") >= 1:
+        kept = kept_lines(job.output_dir) if pid else []
+        if kept:
             assert job.state == INCOMPLETE, "the job finished before it could be interrupted"
-            return pid
+            return pid, kept
         time.sleep(0.05)
-    raise AssertionError(f"{job.output_dir} never logged a checkpoint while running")
+    raise AssertionError(f"{job.output_dir} never wrote a checkpoint while running")
 
 
 def test_launcher_choice_and_options_are_checked(tmp_path, monkeypatch):
@@ -125,7 +127,7 @@ def test_ray_matches_local_counts_failures_and_resumes_lost_tasks(grid, referenc
     bad = broken(finished)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(ray_launcher, [lost, finished, bad], 3, max_retries=0)
-        pid = after_first_checkpoint(lost, running)
+        pid, kept = after_first_checkpoint(lost, running)
         os.kill(parent(pid), signal.SIGKILL)  # the Ray worker: its task is lost (as with a dead node)...
         os.kill(pid, signal.SIGKILL)  # ...and so is the training process (a crashed worker's child would linger)
         assert running.result() == 2
@@ -136,7 +138,7 @@ def test_ray_matches_local_counts_failures_and_resumes_lost_tasks(grid, referenc
     assert records(finished) == reference[1]
 
     assert ray_launcher([lost], 1) == 0  # a new launch resumes the lost job from its last checkpoint
-    assert lost.state == DONE and records(lost) == reference[0]
+    assert lost.state == DONE and records(lost) == reference[0] and keeps_lines(lost.output_dir, kept)
 
 
 def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid, reference, capsys):
@@ -145,16 +147,17 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
     bad = broken(killed)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(slurm_launcher, [preempted, killed, bad], 3, cluster="local", timeout_min=60)
-        pid = after_first_checkpoint(preempted, running)
+        pid, kept_preempted = after_first_checkpoint(preempted, running)
         os.kill(parent(pid), signal.SIGUSR2)  # SLURM's pre-emption signal to the submitit task: checkpoint, requeue
-        os.kill(after_first_checkpoint(killed, running), signal.SIGKILL)  # a job killed outright
+        pid, kept_killed = after_first_checkpoint(killed, running)
+        os.kill(pid, signal.SIGKILL)  # a job killed outright
         assert running.result() == 2
     out = capsys.readouterr().out
     assert "1 of 3 jobs finished, 2 failed." in out and "failed (exit -9)" in out
     logs = " ".join(p.read_text() for p in (root / "slurm" / "submitit").glob("*_log.*"))
     assert "SIGUSR2 on" in logs and "this job is preempted" in logs and "Requeued job" in logs
     assert (preempted.state, killed.state, bad.state) == (DONE, INCOMPLETE, INCOMPLETE)
-    assert records(preempted) == reference[0]
+    assert records(preempted) == reference[0] and keeps_lines(preempted.output_dir, kept_preempted)
 
     assert slurm_launcher([killed], 1, cluster="local", timeout_min=60) == 0
-    assert killed.state == DONE and records(killed) == reference[1]
+    assert killed.state == DONE and records(killed) == reference[1] and keeps_lines(killed.output_dir, kept_killed)

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL and resumed writes the same results.jsonl as one that never stopped
-(ERM, and DomainFusion with its synthetic pool and latent-distillation RNG); checkpoints are atomic."""
+(ERM, and DomainFusion with its synthetic pool and latent-distillation RNG) and keeps the lines written before the
+kill; checkpoints are atomic."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from domainfusion import checkpoint
 from domainfusion.data.loaders import InfiniteDataLoader
 from domainfusion.errors import UserError
 from domainfusion.train import TrainArgs, train
+from resume_checks import keeps_lines, kept_lines
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,8 +46,9 @@ def cli_args(args: TrainArgs) -> list[str]:
     return [sys.executable, "-m", "domainfusion", "train", *flags]
 
 
-def kill_after_checkpoints(args: TrainArgs, n_lines: int) -> None:
-    """Start the run in a subprocess and SIGKILL it at a random moment after `n_lines` checkpoints."""
+def kill_after_checkpoints(args: TrainArgs, n_lines: int) -> list[str]:
+    """Start the run in a subprocess and SIGKILL it at a random moment after `n_lines` checkpoints; returns the
+    results.jsonl lines that a resume must keep."""
     results = Path(args.output_dir) / "results.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cli_args(args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -59,6 +62,7 @@ def kill_after_checkpoints(args: TrainArgs, n_lines: int) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (Path(args.output_dir) / "done").exists(), "the run finished before it was killed"
+    return kept_lines(Path(args.output_dir))
 
 
 @pytest.mark.parametrize("algorithm", ["ERM", "DomainFusion"])
@@ -78,11 +82,12 @@ def test_sigkill_then_resume_gives_identical_results(algorithm: str, tiny_folder
 
     reference = train(run_args("reference"))
     interrupted = run_args("interrupted")
-    kill_after_checkpoints(interrupted, n_lines=3)
+    kept = kill_after_checkpoints(interrupted, n_lines=3)
     resumed = train(TrainArgs(**{**interrupted.__dict__, "resume": True}))
     assert comparable(resumed) == comparable(reference)
     lines = [json.loads(line) for line in (tmp_path / "interrupted" / "results.jsonl").read_text().splitlines()]
     assert comparable(lines) == comparable(reference)
+    assert len(kept) >= 2 and keeps_lines(tmp_path / "interrupted", kept)  # resumed, not started over
     if algorithm == "DomainFusion":
         assert reference[-1]["generated_images"] > 0 and reference[-1]["pool_refreshes"] > 3
 
