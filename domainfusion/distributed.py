@@ -161,7 +161,8 @@ def gather_chunk(rows: slice, make: Callable[[], Chunk]) -> Iterator[Chunk]:
     """A chunk that the ranks make together, each its block `rows` (`shard_rows`; `make()` is not called for an
     empty block): rank 0 yields the whole chunk, the blocks concatenated in rank order, the other ranks nothing.
     Collective: every rank calls it for every chunk, and runs it to the end."""
-    blocks = [b for b in gather_object(make() if rows.start < rows.stop else None) or () if b is not None]
+    gathered = gather_object(make() if rows.start < rows.stop else None)
+    blocks = [b for b in gathered or () if b is not None]  # none off rank 0; empty blocks are None
     if blocks:
         yield tuple(torch.cat(columns) for columns in zip(*blocks))
 
