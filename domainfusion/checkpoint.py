@@ -25,7 +25,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .utils import load_module, publish_dir, save_module
+from .utils import load_module, publish_dir, recover_dir, save_module
 
 CHECKPOINT = "checkpoint"
 RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors, JSON-able scalars
@@ -112,7 +112,9 @@ def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: di
 
 
 def read_state(out: Path) -> dict[str, Any] | None:
-    """The checkpoint's state.json (step and extras), or None when the run has no complete checkpoint."""
+    """The checkpoint's state.json (step and extras), or None when the run has no complete checkpoint. A kill in the
+    middle of replacing the checkpoint leaves the previous one, which is restored first."""
+    recover_dir(out / CHECKPOINT)
     path = out / CHECKPOINT / "state.json"
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -29,7 +29,7 @@ from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, holdout_split
 from .errors import UserError
-from .utils import append_jsonl, atomic_write_text, save_module, seed_everything, seed_hash
+from .utils import append_jsonl, atomic_write_text, retired, save_module, seed_everything, seed_hash
 
 EVAL_BATCH_SIZE = 256
 # Arguments that may differ between a run and its resumption without changing its results.
@@ -118,7 +118,8 @@ def prepare_output_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
         return out, state
     for stale in ("results.jsonl", "done", "model.safetensors", "model.json"):
         (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    for folder in (out / CHECKPOINT, retired(out / CHECKPOINT)):
+        shutil.rmtree(folder, ignore_errors=True)
     return out, None
 
 

@@ -70,26 +70,56 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
 def publish_dir(build: Callable[[Path], object], dest: Path, replace: bool = True) -> Path:
     """Build a folder in a temp sibling, then rename it into place, so a kill never leaves half a model.
 
-    With `replace=False` a `dest` that another process published meanwhile wins (same content by construction),
-    so parallel jobs sharing a data folder never delete a folder another job is reading.
+    Replacing moves the old folder aside (`retired(dest)`) before the new one is renamed in and deletes it only
+    after: a kill between the two renames leaves the old folder complete, and `recover_dir` puts it back. With
+    `replace=False` a `dest` that another process published meanwhile wins (same content by construction), so
+    parallel jobs sharing a data folder never delete a folder another job is reading.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
+    old = retired(dest)
     try:
         build(tmp)
         _readable_by_all(tmp)
         if replace and dest.exists():
-            shutil.rmtree(dest)
+            if old.exists():
+                shutil.rmtree(old)
+            dest.rename(old)
         try:
             tmp.rename(dest)
         except OSError:
             if replace or not dest.is_dir():
                 raise
             shutil.rmtree(tmp)
+        _fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_dir(dest)
         raise
+    if old.exists():
+        shutil.rmtree(old)
     return dest
+
+
+def retired(dest: Path) -> Path:
+    """Where `publish_dir` keeps the folder it is replacing until the new one is in place."""
+    return dest.with_name(dest.name + ".old")
+
+
+def recover_dir(dest: Path) -> None:
+    """Undo a replacement a kill interrupted between its two renames: the old folder goes back to `dest`."""
+    if not dest.exists() and retired(dest).is_dir():
+        retired(dest).rename(dest)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (a power cut after publish must not bring the old entry back)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _readable_by_all(folder: Path) -> None:

@@ -5,6 +5,7 @@ kill; checkpoints are atomic."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -130,6 +131,40 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path: Path, 
     checkpoint.restore_checkpoint(tmp_path, algorithm)
     assert all(torch.equal(saved[k], v) for k, v in algorithm.state_dict().items())
     assert torch.equal(algorithm.gen.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def _die_when_the_new_checkpoint_is_renamed_in(out: Path) -> None:
+    """A child process that writes a second checkpoint and is killed (os._exit: no handler, no cleanup) between
+    moving the old checkpoint aside and renaming the new one in, the worst moment of the replacement."""
+    rename = Path.rename
+
+    def rename_or_die(self: Path, target):
+        if self.name.endswith(".tmp"):
+            os._exit(9)
+        return rename(self, target)
+
+    Path.rename = rename_or_die
+    checkpoint.write_checkpoint(out, 19, tiny_algorithm(), {})
+
+
+def test_a_kill_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    algorithm = tiny_algorithm()
+    checkpoint.write_checkpoint(tmp_path, 9, algorithm, {})
+    child = multiprocessing.get_context("fork").Process(target=_die_when_the_new_checkpoint_is_renamed_in,
+                                                       args=(tmp_path,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    assert not (tmp_path / "checkpoint").exists()  # the kill came after the old one was moved aside
+    assert checkpoint.read_state(tmp_path)["step"] == 9
+    fresh = tiny_algorithm()
+    with torch.no_grad():
+        fresh.net.weight.add_(1.0)
+    checkpoint.restore_checkpoint(tmp_path, fresh)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in algorithm.state_dict().items())
+    checkpoint.write_checkpoint(tmp_path, 19, algorithm, {})  # the next write replaces it normally
+    assert checkpoint.read_state(tmp_path)["step"] == 19
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["checkpoint"]
 
 
 def test_a_checkpoint_with_the_former_random_state_layout_resumes(tmp_path: Path) -> None:
