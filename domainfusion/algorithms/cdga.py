@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .. import distributed
+from ..data.loaders import domain_of
 from ..ldm.adapt import domain_prompt, from_ldm_images, to_ldm_images
 from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
 from ..utils import seed_hash
@@ -37,13 +38,12 @@ class CDGA(PoolERM):
         """K variants of every source image, chunk by chunk (never the whole generated set in RAM)."""
         ctx, hp = self.context, self.hparams
         ldm = ctx.ldm()
-        sizes = torch.tensor([len(d) for d in ctx.train_splits])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        n_source = sum(len(d) for d in ctx.train_splits)
         generator = torch.Generator().manual_seed(seed_hash(ctx.seed, "cdga"))
         seed = seed_hash(ctx.seed, "cdga_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
             rows = distributed.shard_rows(len(labels))  # this rank's block (all of it for one process)
-            domains = torch.searchsorted(offsets, sources, right=True) - 1
+            domains = domain_of(ctx.train_splits, sources)
             block_latents = functools.cache(lambda: ldm.encode(  # the block is encoded once, whatever K
                 to_ldm_images(images_u8[rows].float().div(255).to(ldm.device), ldm.image_size)))
             for k in range(variants):
@@ -53,7 +53,7 @@ class CDGA(PoolERM):
                     out = ldm.img2img(None, prompt_embeds=embeds, latents=block_latents(),
                                       strength=hp["img2img_strength"], num_inference_steps=hp["img2img_steps"],
                                       guidance_scale=hp["img2img_guidance"],
-                                      seed=seed + (k * int(offsets[-1]) + int(sources[rows.start])))
+                                      seed=seed + (k * n_source + int(sources[rows.start])))
                     return to_uint8(from_ldm_images(out, self.input_shape)), labels[rows], sources[rows]
 
                 yield from distributed.gather_chunk(rows, variant)
