@@ -120,10 +120,15 @@ def sweep_command(
                                  "slurm (a SLURM job array through submitit) or dummy (print commands)."),
     n_parallel: int = typer.Option(1, help="Jobs run at once (local: CPU threads split evenly; ray: tasks in "
                                    "flight; slurm: array parallelism)."),
-    cpus_per_job: Optional[int] = typer.Option(None, help="ray, slurm: CPUs per job, also its thread count "
-                                               "(default 1)."),
-    gpus_per_job: Optional[float] = typer.Option(None, help="ray, slurm: GPUs per job (ray: fractions allowed, "
-                                                 "default 1 if the cluster has GPUs else 0; slurm: default 0)."),
+    nproc_per_job: int = typer.Option(1, help="Processes per job: each job trains data-parallel on N processes "
+                                      "(one GPU each when on GPUs) with the same global batch; local, ray: under "
+                                      "torchrun; slurm: N tasks on one node."),
+    cpus_per_job: Optional[int] = typer.Option(None, help="ray, slurm: CPUs per job, shared by its processes as "
+                                               "their thread count (default 1 per process)."),
+    gpus_per_job: Optional[float] = typer.Option(None, help="ray, slurm: GPUs per job (default: 1 per process if "
+                                                 "the jobs train on GPUs: --device cuda, or auto on a Ray cluster with "
+                                                 "GPUs; else 0). One process: ray takes fractions; several: 1 per "
+                                                 "process."),
     ray_address: Optional[str] = typer.Option(None, help="ray: cluster to join ('auto', 'ray://head:10001'; "
                                               "default: $RAY_ADDRESS or a new local instance)."),
     slurm_partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's)."),
@@ -160,7 +165,7 @@ def sweep_command(
     )
     options = {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job, "ray_address": ray_address,
                "slurm_partition": slurm_partition, "timeout_min": timeout_min}
-    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete, options)
+    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete, options, nproc_per_job)
     if failed:
         raise typer.Exit(1)
 

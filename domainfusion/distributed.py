@@ -124,10 +124,11 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return {k: s / world_size() for k, s in zip(keys, sums)}
 
 
-def local_hparams(hp: dict) -> dict:
-    """The hparams one rank trains with: the per-step batch sizes split evenly across ranks, so that the global
-    batch (what `batch_size` and `ld_batch_size` mean in results) is the single-process one."""
-    w = world_size()
+def local_hparams(hp: dict, world: int | None = None) -> dict:
+    """The hparams one of `world` ranks (default: this run's) trains with: the per-step batch sizes split evenly
+    across ranks, so that the global batch (what `batch_size` and `ld_batch_size` mean in results) is the
+    single-process one. A sweep passes `world` to refuse, before launching, batches its jobs could not split."""
+    w = world_size() if world is None else world
     if w == 1:
         return hp
     local = dict(hp)

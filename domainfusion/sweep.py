@@ -1,9 +1,11 @@
 """Sweeps with DomainBed's semantics: the same job grid, seeds and md5-named output folders as
 `domainbed/scripts/sweep.py`, so a sweep folder can be resumed, listed and fed to `domainfusion results`.
 
-A job is one `domainfusion train --resume` subprocess. Its state is read from disk (a `done` marker means finished,
-a folder without one means interrupted or failed), which is what makes `launch` safe to re-run after a crash:
-interrupted jobs continue from their last checkpoint (unlike DomainBed, which can only delete and rerun them).
+A job is one `domainfusion train --resume` run, as one process or as N data-parallel ones (`--nproc-per-job`): how
+many processes is the launcher's business, not the job's, so it stays out of the folder hash. Its state is read from
+disk (a `done` marker means finished, a folder without one means interrupted or failed), which is what makes `launch`
+safe to re-run after a crash: interrupted jobs continue from their last checkpoint (unlike DomainBed, which can only
+delete and rerun them).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any, Sequence
 
 from . import hparams as hparams_registry
 from .algorithms import algorithm_class
+from .checkpoint import CHECKPOINT
 from .data import dataset_class
+from .distributed import local_hparams
 from .errors import UserError
 from .train import TrainArgs
-from .utils import seed_hash
+from .utils import retired, seed_hash
 
 DONE = "Done"
 INCOMPLETE = "Incomplete"
@@ -98,6 +102,17 @@ class Job:
         return cmd + ["--resume", "--no-progress"]
 
     @property
+    def device(self) -> str:
+        return self.args.get("device", _DEFAULTS["device"])
+
+    @property
+    def name(self) -> str:
+        """What the job trains, as people read it in lists and failure reports."""
+        a = self.args
+        return (f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} hparams_seed={a['hparams_seed']} "
+                f"trial_seed={a['trial_seed']}")
+
+    @property
     def state(self) -> str:
         """Read from disk every time, so it reflects runs that finished since the job list was made."""
         if (self.output_dir / "done").exists():
@@ -105,11 +120,7 @@ class Job:
         return INCOMPLETE if self.output_dir.exists() else NOT_LAUNCHED
 
     def __str__(self) -> str:
-        a = self.args
-        return (
-            f"{self.state:<12} {a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
-            f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']} {self.output_dir}"
-        )
+        return f"{self.state:<12} {self.name} {self.output_dir}"
 
 
 def make_jobs(
@@ -210,6 +221,48 @@ def thread_env(n_parallel: int, cores: int | None = None) -> dict[str, str]:
     return {var: os.environ.get(var, threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
+def checkpoint_world_size(out: Path) -> int | None:
+    """How many processes wrote the run's checkpoint (None without one). Read only, also where a kill left it aside
+    (`retired`): a job that another launch is running may be replacing it right now."""
+    for folder in (out / CHECKPOINT, retired(out / CHECKPOINT)):
+        try:
+            return json.loads((folder / "state.json").read_text()).get("world_size", 1)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def check_nproc(jobs: Sequence[Job], nproc: int, resume: bool) -> None:
+    """Refuse, before anything runs, jobs that cannot train as `nproc` data-parallel processes (`train` would stop
+    each of them for the same reason, one job at a time): an algorithm that is not data parallel, one GPU named for
+    every process, a batch the processes cannot split and, when incomplete jobs resume, a checkpoint written by
+    another number of processes."""
+    if nproc < 1:
+        raise UserError(f"--nproc-per-job must be at least 1, got {nproc}")
+    for job in jobs if nproc > 1 else ():
+        a = job.args
+        if not getattr(algorithm_class(a["algorithm"]), "DATA_PARALLEL", True):
+            raise UserError(f"--nproc-per-job {nproc}: {a['algorithm']} does not support data-parallel training; "
+                            "sweep it separately with --nproc-per-job 1")
+        if ":" in job.device:
+            raise UserError(f"--nproc-per-job {nproc} with --device {job.device} would put every process on one "
+                            "GPU; use --device cuda (each process takes the GPU of its local rank)")
+        hp = hparams_registry.resolve_hparams(a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"],
+                                              a.get("hparams"))
+        try:
+            local_hparams(hp, nproc)
+        except UserError as e:
+            raise UserError(f"--nproc-per-job {nproc}: job {job.name}: {e}") from None
+    if resume:
+        written = {job.output_dir: checkpoint_world_size(job.output_dir) for job in jobs if job.state == INCOMPLETE}
+        other = sorted({w for w in written.values() if w not in (None, nproc)})
+        if other:
+            n = sum(w in other for w in written.values())
+            raise UserError(f"{n} incomplete job(s) were checkpointed by {' or '.join(map(str, other))} process(es) "
+                            f"and resume only with as many; relaunch with --nproc-per-job {other[0]}, or pass "
+                            "--delete-incomplete to start them over")
+
+
 def state_counts(jobs: Sequence[Job]) -> dict[str, int]:
     counts = dict.fromkeys(STATES, 0)
     for job in jobs:
@@ -247,12 +300,13 @@ def sweep(
     skip_confirmation: bool = False,
     delete_incomplete: bool = False,
     launcher_options: dict[str, Any] | None = None,
+    nproc_per_job: int = 1,
 ) -> int:
     """Run a sweep command; returns the number of failed jobs (0 for list, delete_incomplete, or a cancelled launch).
 
     `launch` runs every job that is not done; interrupted ones resume from their last checkpoint, unless
     `delete_incomplete` removes them first so they start over. `launcher_options` go to the launcher (None = its
-    default), e.g. `{"cpus_per_job": 4}` for ray or slurm.
+    default), e.g. `{"cpus_per_job": 4}` for ray or slurm. Each job trains as `nproc_per_job` data-parallel processes.
     """
     from .launchers import get_launcher  # launchers run this module's Jobs, so they import it
 
@@ -281,6 +335,7 @@ def sweep(
         return 0
 
     to_launch = [j for j in jobs if j.state != DONE]
+    check_nproc(to_launch, nproc_per_job, resume=not delete_incomplete)
     if not to_launch:
         print(f"Nothing to launch: all {len(jobs)} jobs are done.")
         return 0
@@ -290,13 +345,15 @@ def sweep(
         how = f" ({len(incomplete)} incomplete resume from their last checkpoint)"
     else:
         how = ""
-    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher} launcher, {n_parallel} at a time.")
+    processes = f", {nproc_per_job} processes each" if nproc_per_job > 1 else ""
+    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher} launcher, {n_parallel} at a time"
+          f"{processes}.")
     if not (skip_confirmation or _confirm("Are you sure?")):
         print("Nothing launched.")
         return 0
     if incomplete and delete_incomplete:
         _delete(incomplete)
-    return run(to_launch, n_parallel)
+    return run(to_launch, n_parallel, nproc_per_job)
 
 
 def _delete(jobs: Sequence[Job]) -> None:

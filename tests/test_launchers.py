@@ -1,16 +1,25 @@
 """Launchers on real engines: a local Ray instance and submitit's local executor run the same tiny jobs as the local
 launcher, with byte-identical results; failures are counted; a lost Ray task, a killed job and a pre-empted
-submitit job end Incomplete or requeued, and resume to the same results, keeping the lines written before."""
+submitit job end Incomplete or requeued, and resume to the same results, keeping the lines written before.
+
+Jobs of two data-parallel processes (gloo on CPU): the local launcher's (torchrun) follow single-process jobs with the
+same global batch, within test_ddp.py's tolerance; Ray (torchrun in a task) and submitit (two tasks, one rank each, a
+pre-empted job requeued) give the local launcher's records exactly.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
@@ -18,11 +27,23 @@ from typer.testing import CliRunner
 from conftest import make_image_folder
 from domainfusion.cli import app
 from domainfusion.errors import UserError
-from domainfusion.launchers import get_launcher, local_launcher, ray_launcher, slurm_launcher
-from domainfusion.sweep import DONE, INCOMPLETE, Job, make_jobs
+from domainfusion import launchers
+from domainfusion.launchers import (
+    SubmititJob,
+    get_launcher,
+    job_command,
+    job_resources,
+    local_launcher,
+    ray_launcher,
+    run_job,
+    slurm_launcher,
+)
+from domainfusion.sweep import DONE, INCOMPLETE, Job, make_jobs, sweep
 from resume_checks import keeps_lines, kept_lines
 
 TIMING = ("step_time", "mem_gb")
+# test_ddp.py's torchrun task (global batch 32, no augmentation, 16 steps), for which its tolerance was measured.
+DDP_RUN = {"steps": 16, "hparams": {"lr": 1e-3, "data_augmentation": False}}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +52,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("launchers")
     folder = make_image_folder(root / "tiny", {d: ["cat", "dog"] for d in ("d0", "d1", "d2")})
 
-    def jobs(name: str) -> list[Job]:
+    def jobs(name: str, steps: int = 20, hparams: dict | None = None) -> list[Job]:
         return make_jobs(["ImageFolder"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir=folder,
-                         output_dir=root / name, steps=20, checkpoint_freq=5,
-                         hparams={"batch_size": 8, "lr": 1e-3, "resnet18": True},
+                         output_dir=root / name, steps=steps, checkpoint_freq=5,
+                         hparams=hparams or {"batch_size": 8, "lr": 1e-3, "resnet18": True},
                          extra={"image_size": 16, "num_workers": 0, "device": "cpu", "eval_train_in": False})
 
     return root, jobs
@@ -72,32 +93,33 @@ def broken(job: Job) -> Job:
     return Job({**job.args, "checkpoint_freq": "often"}, job.output_dir.parent)
 
 
-def train_pid(job: Job) -> int | None:
-    """The pid of the job's `domainfusion train` process, found by its --output-dir."""
+def train_pids(job: Job) -> list[int]:
+    """The pids of the job's `domainfusion train` processes (one per rank), found by their --output-dir."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if proc.name.isdigit() and b"train" in argv and str(job.output_dir).encode() in argv:
-            return int(proc.name)
-    return None
+            pids.append(int(proc.name))
+    return pids
 
 
 def parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def after_first_checkpoint(job: Job, running: Future) -> tuple[int, list[str]]:
-    """Wait until the job has written a checkpoint and is still training; return its train pid and the results.jsonl
-    lines that its resumption must keep."""
+def after_first_checkpoint(job: Job, running: Future, processes: int = 1) -> tuple[list[int], list[str]]:
+    """Wait until the job has written a checkpoint and its `processes` train processes still run; return their pids
+    and the results.jsonl lines that its resumption must keep."""
     deadline = time.time() + 240
     while time.time() < deadline and not running.done():
-        pid = train_pid(job)
-        kept = kept_lines(job.output_dir) if pid else []
+        pids = train_pids(job)
+        kept = kept_lines(job.output_dir) if len(pids) == processes else []
         if kept:
             assert job.state == INCOMPLETE, "the job finished before it could be interrupted"
-            return pid, kept
+            return pids, kept
         time.sleep(0.05)
     raise AssertionError(f"{job.output_dir} never wrote a checkpoint while running")
 
@@ -127,7 +149,7 @@ def test_ray_matches_local_counts_failures_and_resumes_lost_tasks(grid, referenc
     bad = broken(finished)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(ray_launcher, [lost, finished, bad], 3, max_retries=0)
-        pid, kept = after_first_checkpoint(lost, running)
+        (pid,), kept = after_first_checkpoint(lost, running)
         os.kill(parent(pid), signal.SIGKILL)  # the Ray worker: its task is lost (as with a dead node)...
         os.kill(pid, signal.SIGKILL)  # ...and so is the training process (a crashed worker's child would linger)
         assert running.result() == 2
@@ -147,9 +169,9 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
     bad = broken(killed)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(slurm_launcher, [preempted, killed, bad], 3, cluster="local", timeout_min=60)
-        pid, kept_preempted = after_first_checkpoint(preempted, running)
+        (pid,), kept_preempted = after_first_checkpoint(preempted, running)
         os.kill(parent(pid), signal.SIGUSR2)  # SLURM's pre-emption signal to the submitit task: checkpoint, requeue
-        pid, kept_killed = after_first_checkpoint(killed, running)
+        (pid,), kept_killed = after_first_checkpoint(killed, running)
         os.kill(pid, signal.SIGKILL)  # a job killed outright
         assert running.result() == 2
     out = capsys.readouterr().out
@@ -161,3 +183,171 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
 
     assert slurm_launcher([killed], 1, cluster="local", timeout_min=60) == 0
     assert killed.state == DONE and records(killed) == reference[1] and keeps_lines(killed.output_dir, kept_killed)
+
+
+# ---------------------------------------------------------------- jobs of several data-parallel processes
+
+def test_resources_of_multi_process_jobs():
+    """By default one CPU per process and, on GPUs, one GPU per process; the processes of a job share its CPUs
+    evenly and cannot share GPUs."""
+    assert job_resources(1, None, None, on_gpus=True) == (1, 1)
+    assert job_resources(1, None, 0.25, on_gpus=True) == (1, 0.25)  # one process: a GPU share, as before
+    assert job_resources(4, None, None, on_gpus=True) == (4, 4)
+    assert job_resources(4, 8, None, on_gpus=False) == (8, 0)
+    with pytest.raises(UserError, match="--cpus-per-job 6 cannot be shared by the 4 processes of a job; give a "
+                                        "multiple of --nproc-per-job 4"):
+        job_resources(4, 6, None, on_gpus=False)
+    with pytest.raises(UserError, match="--gpus-per-job 1 does not fit --nproc-per-job 2: each process trains on a "
+                                        "GPU of its own; give 2 .or 0 to train on CPUs., or leave it out"):
+        job_resources(2, None, 1, on_gpus=True)
+
+
+def test_local_launcher_refuses_more_processes_than_gpus(tmp_path, monkeypatch):
+    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]], data_dir="data",
+                     output_dir=tmp_path, extra={"device": "cuda"})
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(UserError, match="--nproc-per-job 2 trains each job on 2 GPUs, but this machine has 1 "
+                                        "visible; lower --nproc-per-job or pass --device cpu"):
+        local_launcher(jobs, 1, 2)
+    assert not jobs[0].output_dir.exists()
+
+
+def test_each_slurm_task_exports_the_torch_distributed_variables_of_its_rank(tmp_path, monkeypatch):
+    """Under SLURM's variables for task 1 of 2 (as srun sets them), the task runs the plain train command as rank 1
+    of 2, with the first node as master, a port that both tasks derive alike from the job id, variables the
+    submitting shell exported replaced, and every GPU of the node left visible (LOCAL_RANK picks one)."""
+    (job,) = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]], data_dir="data",
+                       output_dir=tmp_path)
+    monkeypatch.setattr(launchers, "run_job", lambda job, command, env, rank=0: (command, dict(os.environ), rank))
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "41",
+             "SLURM_ARRAY_TASK_ID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_NODELIST": "gpu[07]", "CUDA_VISIBLE_DEVICES": "0,1", "RANK": "5", "WORLD_SIZE": "8"}
+    before = dict(os.environ)
+    ran = {}
+    for rank in (0, 1):
+        with mock.patch.dict(os.environ, {**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}):
+            os.environ.pop("MASTER_PORT", None)
+            ran[rank] = SubmititJob(job, {"OMP_NUM_THREADS": "4"}, nproc=2)()
+    (command, env, rank) = ran[1]
+    assert command == job.command and rank == 1
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and 20000 <= int(env["MASTER_PORT"]) <= 60000
+    assert ran[0][2] == 0 and ran[0][1]["RANK"] == "0" and ran[0][1]["MASTER_PORT"] == env["MASTER_PORT"]
+    assert os.environ == before
+
+
+def test_slurm_submits_a_job_of_n_processes_as_n_tasks_on_one_node(tmp_path, monkeypatch):
+    """The sbatch script submitit writes (captured by a stand-in sbatch): 2 tasks of 4 CPUs and 2 GPUs on one node
+    for a job of 2 processes on `--device cuda` with 8 CPUs, an array of 2 jobs one at a time."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path / "sbatch.sh"}\necho "Submitted batch job 42"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("submitit.helpers.as_completed", lambda submitted, poll_frequency: iter(()))  # no waiting
+    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir="data",
+                     output_dir=tmp_path / "sweep", extra={"device": "cuda"})
+    slurm_launcher(jobs, 1, 2, cpus_per_job=8)
+    script = (tmp_path / "sbatch.sh").read_text().splitlines()
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --gpus-per-node=2", "#SBATCH --array=0-1%1"):
+        assert line in script
+
+
+def comparable(record: dict) -> dict:
+    """What a data-parallel job shares exactly with a single-process one: all but losses, accuracies, world_size."""
+    return {k: v for k, v in record.items() if k != "world_size" and k != "loss" and not k.endswith("_acc")}
+
+
+def files(job: Job) -> list[str]:
+    """The job folder's files, but for torchrun's logs of ranks other than 0."""
+    return sorted(str(p.relative_to(job.output_dir)) for p in job.output_dir.rglob("*")
+                  if p.relative_to(job.output_dir).parts[0] != "torchrun")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(grid) -> tuple[list[Job], list[Job], Job, str]:
+    """The DDP_RUN jobs launched locally as single processes, then through `sweep` as 2-process jobs (both at once,
+    so two torchruns rendezvous side by side) with a third that fails; and what that launch printed."""
+    _, jobs = grid
+    single, two = jobs("single", **DDP_RUN), jobs("two", **DDP_RUN)
+    bad = Job({**two[0].args, "data_dir": str(two[0].output_dir.parent / "missing")}, two[0].output_dir.parent)
+    assert local_launcher(single, 2) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        failed = sweep("launch", [*two, bad], "local", n_parallel=2, skip_confirmation=True, nproc_per_job=2)
+    assert failed == 1, printed.getvalue()
+    return single, two, bad, printed.getvalue()
+
+
+def test_local_two_process_jobs_follow_single_process_jobs(two_process_runs):
+    """test_ddp.py's tolerance for torchrun against one process with the same global batch: losses within 3e-3
+    relative, at most one evaluated image classified differently per checkpoint, everything else equal."""
+    single, two, bad, printed = two_process_runs
+    sizes = {"in": 10, "out": 2}  # 12 images per domain, holdout 0.2
+    for one_job, ddp_job in zip(single, two):
+        one, ddp = records(one_job), records(ddp_job)
+        assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 5, 10, 15]
+        assert all(r["world_size"] == 2 for r in ddp) and "world_size" not in one[0]
+        for a, b in zip(ddp, one):
+            assert a["loss"] == pytest.approx(b["loss"], rel=3e-3), a["step"]
+            flips = sum(abs(a[k] - b[k]) * sizes[k.split("_")[1]] for k in a if k.endswith("_acc"))
+            assert flips <= 1 + 1e-9, (a["step"], flips)
+            assert comparable(a) == comparable(b)
+        assert one[-1]["loss"] < one[0]["loss"] / 5  # a trajectory, not a flat line
+        # rank 0 writes what a single process does, plus rank 1's random state; rank 1 logs under torchrun/
+        assert files(ddp_job) == sorted(files(one_job) + ["checkpoint/rng-rank1.safetensors"])
+        assert len(list(ddp_job.output_dir.glob("torchrun/*/attempt_0/1/stderr.log"))) == 1
+    assert "with the local launcher, 2 at a time, 2 processes each." in printed
+    assert "2 of 3 jobs finished, 1 failed." in printed
+    # the failure quoted is rank 0's message, not the report torchrun prints after it
+    assert f"{bad.output_dir / 'err.txt'}:\n      error: data folder" in printed and "=====" not in printed
+
+
+def test_an_interrupted_runner_stops_torchrun_and_its_workers(grid):
+    """Ctrl-C, Ray's cancel and submitit's requeue interrupt `run_job` in the runner only: torchrun must get SIGTERM,
+    which it passes on to its workers (they run in sessions of their own: after a SIGKILL to torchrun they would go
+    on training without the job's lock)."""
+    _, jobs = grid
+    job = jobs("interrupted", **DDP_RUN)[0]
+
+    def interrupt() -> None:
+        deadline = time.time() + 120
+        while len(train_pids(job)) < 3 and time.time() < deadline:  # torchrun and its two workers
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job, job_command(job, 2), {})
+    assert train_pids(job) == [] and job.state == INCOMPLETE
+
+
+def test_submitit_local_runs_two_tasks_per_job_and_requeues_them(grid, two_process_runs):
+    """A 2-task job pre-empted after a checkpoint: SLURM signals every task, rank 0's checkpoints and requeues the
+    job, rank 1's leaves it to rank 0; the requeued tasks resume to the local launcher's 2-process records."""
+    root, jobs = grid
+    reference = two_process_runs[1][0]
+    preempted = jobs("slurm2", **DDP_RUN)[0]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(slurm_launcher, [preempted], 1, 2, cluster="local", timeout_min=60)
+        pids, kept = after_first_checkpoint(preempted, running, processes=2)
+        for pid in pids:
+            os.kill(parent(pid), signal.SIGUSR2)
+        assert running.result() == 0
+    logs = " ".join(p.read_text() for p in (root / "slurm2" / "submitit").glob("*_log.*"))
+    assert "this job is preempted" in logs and "Requeued job" in logs
+    assert "Not checkpointing nor requeuing since I am a slave (procid=1)" in logs
+    assert preempted.state == DONE and records(preempted) == records(reference)
+    assert keeps_lines(preempted.output_dir, kept)
+    assert files(preempted) == sorted(files(reference) + ["err-rank1.txt", "launch-rank1.lock", "out-rank1.txt"])
+
+
+def test_ray_runs_a_two_process_job_under_torchrun(grid, two_process_runs, ray_instance):
+    _, jobs = grid
+    job = jobs("ray2", **DDP_RUN)[1]
+    assert ray_launcher([job], 1, 2) == 0  # the task takes both CPUs of the local instance
+    assert records(job) == records(two_process_runs[1][1])

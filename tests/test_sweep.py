@@ -1,4 +1,5 @@
-"""Sweep: DomainBed's grid, seeds and folder hashes, job states, launchers, and one real parallel local launch."""
+"""Sweep: DomainBed's grid, seeds and folder hashes, job states, launchers, one real parallel local launch, and the
+refusals of jobs that cannot run as several data-parallel processes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from domainfusion.algorithms import ALGORITHMS, register
 from domainfusion.algorithms.erm import ERM
 from domainfusion.cli import app
 from domainfusion.errors import UserError
+from domainfusion.checkpoint import CHECKPOINT
 from domainfusion.sweep import (
     DONE,
     INCOMPLETE,
@@ -29,6 +31,7 @@ from domainfusion.sweep import (
     sweep,
     thread_env,
 )
+from domainfusion.utils import retired
 
 OTHER = "SweepTestERM"
 
@@ -238,3 +241,63 @@ def test_cli_list_prints_counts(tmp_path):
     counts = dict(re.findall(r"^(Done|Incomplete|Not launched|total)\s+(\d+)$", result.output, re.M))
     assert counts == {"Done": "2", "Incomplete": "1", "Not launched": "5", "total": "8"}
     assert result.output.count("DigitsDG ERM test_envs=") == 8
+
+
+def test_cli_nproc_per_job_prints_torchrun_commands(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "launch", "--launcher", "dummy", "--datasets", "DigitsDG",
+                                      "--algorithms", "ERM", "--output-dir", str(tmp_path), "--n-hparams", "1",
+                                      "--n-trials", "1", "--test-envs", "0", "--nproc-per-job", "2",
+                                      "--skip-confirmation"])
+    assert result.exit_code == 0, result.output
+    (job,) = digits_jobs(tmp_path, test_envs=[[0]], output_dir=tmp_path)
+    assert "with the dummy launcher, 1 at a time, 2 processes each." in result.output
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                f"--log-dir={job.output_dir / 'torchrun'}", "--redirects=1:3"]
+    assert shlex.join(torchrun + job.command[1:]) in result.output.splitlines()
+
+
+def checkpointed(job: Job, world_size: int | None, folder: str = CHECKPOINT) -> Job:
+    """An incomplete job whose checkpoint was written by `world_size` processes (None: a single process, which
+    older checkpoints did not record)."""
+    (job.output_dir / folder).mkdir(parents=True)
+    state = {"step": 5} if world_size is None else {"step": 5, "world_size": world_size}
+    (job.output_dir / folder / "state.json").write_text(json.dumps(state))
+    return job
+
+
+@pytest.mark.parametrize(
+    "algorithm, kw, nproc, message",
+    [
+        ("ERM", {}, 0, "--nproc-per-job must be at least 1, got 0"),
+        ("DSI", {}, 2, "--nproc-per-job 2: DSI does not support data-parallel training; sweep it separately with "
+                       "--nproc-per-job 1"),
+        ("ERM", {"extra": {"device": "cuda:1"}}, 2, "--device cuda:1 would put every process on one GPU; use "
+                                                    "--device cuda"),
+        ("ERM", {"hparams": '{"batch_size": 7}'}, 2, "--nproc-per-job 2: job DigitsDG ERM test_envs=.0. hparams_seed=0 "
+                                                     "trial_seed=0: batch_size 7 is not divisible by the 2 processes"),
+        ("ERM", {"n_hparams": 40}, 4, "batch_size (?!64 )\\d+ is not divisible by the 4 processes"),  # a random draw
+    ],
+)
+def test_jobs_that_cannot_run_as_nproc_processes_are_refused_before_launch(tmp_path, algorithm, kw, nproc, message):
+    jobs = make_jobs(["DigitsDG"], [algorithm], n_trials=1, test_envs=[[0]], data_dir="data",
+                     output_dir=tmp_path, **{"n_hparams": 1, **kw})
+    with pytest.raises(UserError, match=message):
+        sweep("launch", jobs, "dummy", skip_confirmation=True, nproc_per_job=nproc)
+    assert all(j.state == NOT_LAUNCHED for j in jobs)
+
+
+def test_incomplete_jobs_resume_only_with_the_processes_that_checkpointed_them(tmp_path, capsys):
+    jobs = digits_jobs(tmp_path, single_test_envs=True)
+    checkpointed(jobs[0], None)
+    checkpointed(jobs[1], 2, folder=retired(Path(CHECKPOINT)).name)  # left aside by a kill during its replacement
+    jobs[2].output_dir.mkdir(parents=True)  # failed before its first checkpoint: starts over with any number
+    with pytest.raises(UserError, match=r"^1 incomplete job\(s\) were checkpointed by 2 process\(es\) and resume only "
+                                        r"with as many; relaunch with --nproc-per-job 2, or pass --delete-incomplete"):
+        sweep("launch", jobs, "dummy", skip_confirmation=True)
+    with pytest.raises(UserError, match=r"^2 incomplete job\(s\) were checkpointed by 1 or 2 process\(es\)"):
+        sweep("launch", jobs, "dummy", skip_confirmation=True, nproc_per_job=4)
+    assert (jobs[1].output_dir / retired(Path(CHECKPOINT)).name).is_dir()  # looked at, not moved back
+    capsys.readouterr()
+    assert sweep("launch", jobs, "dummy", skip_confirmation=True, delete_incomplete=True, nproc_per_job=2) == 0
+    assert "after deleting 3 incomplete" in capsys.readouterr().out
+    assert [j.state for j in jobs] == [NOT_LAUNCHED] * 4
