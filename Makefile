@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # The embedded default end to end, offline, on a CPU: build DigitsDG-offline and look at it, sample the embedded LDM,
 # train ERM and DomainFusion holding out mnist_m with one identical budget, print the DomainBed table, plot accuracy
