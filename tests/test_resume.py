@@ -73,7 +73,7 @@ def test_sigkill_then_resume_gives_identical_results(algorithm: str, tiny_folder
     if algorithm == "DomainFusion":
         hparams.update(synthetic_fraction=0.25, img2img_steps=4, aug_candidates=2, aug_pool_fraction=0.3,
                        aug_every_epochs=0.5, ld_batch_size=4)
-    steps = 400 if algorithm == "ERM" else 60
+    steps = 150 if algorithm == "ERM" else 60
 
     def run_args(name: str) -> TrainArgs:
         return TrainArgs(dataset="ImageFolder", algorithm=algorithm, data_dir=str(tiny_folder), test_envs=[0],
