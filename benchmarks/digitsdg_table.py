@@ -22,7 +22,38 @@ from pathlib import Path
 
 from common import REPO, run, write_report
 
+sys.path.insert(0, str(REPO))
+from domainfusion.report.records import group_records, load_records  # noqa: E402
+from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
+
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
+
+
+def search_table(output_dir: str) -> str:
+    """Every random-search draw of every (algorithm, held-out domain, trial): the training-domain validation
+    accuracy that ranks it, the test accuracy it would give, which one the selection keeps, and the hparams that
+    vary between the draws, so a reader sees what the search tried and how close the runners-up were."""
+    lines = []
+    for group in group_records(load_records(output_dir)):
+        ranked = IIDAccuracySelection().hparams_accs(group.records)
+        names = {k for _, run in ranked for k in run[-1]["hparams"]}
+        varying = sorted(k for k in names if len({repr(run[-1]["hparams"].get(k)) for _, run in ranked}) > 1)
+        for i, (acc, run) in enumerate(sorted(ranked, key=lambda pair: pair[1][0]["args"]["hparams_seed"])):
+            hp = run[-1]["hparams"]
+            shown = ", ".join(
+                f"{k}={hp[k]:.3g}" if isinstance(hp.get(k), float) else f"{k}={hp.get(k, '(not recorded)')}"
+                for k in varying
+            )
+            kept = "**kept**" if run is ranked[0][1] else ""
+            lines.append(
+                f"| {group.algorithm} | {ENVS[group.test_env]} | {group.trial_seed} | "
+                f"{run[0]['args']['hparams_seed']} | {100 * acc.val_acc:.1f} | {100 * acc.test_acc:.1f} | {kept} | "
+                f"{shown} |"
+            )
+    return (
+        "| algorithm | held-out | trial | hparams seed | val acc | test acc | | hparams that vary |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main() -> None:
@@ -85,6 +116,8 @@ def main() -> None:
         f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
         f"|---|---|---|---|---|---|\n{per_trial}\n\n![accuracy vs step]({plot.name})\n"
     )
+    if a.n_hparams > 1:
+        body += f"\n## Random-search draws (training-domain validation)\n\n{search_table(a.output_dir)}"
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 
 
