@@ -38,7 +38,7 @@ def search_table(output_dir: str) -> str:
         ranked = IIDAccuracySelection().hparams_accs(group.records)
         names = {k for _, run in ranked for k in run[-1]["hparams"]}
         varying = sorted(k for k in names if len({repr(run[-1]["hparams"].get(k)) for _, run in ranked}) > 1)
-        for i, (acc, run) in enumerate(sorted(ranked, key=lambda pair: pair[1][0]["args"]["hparams_seed"])):
+        for acc, run in sorted(ranked, key=lambda pair: pair[1][0]["args"]["hparams_seed"]):
             hp = run[-1]["hparams"]
             shown = ", ".join(
                 f"{k}={hp[k]:.3g}" if isinstance(hp.get(k), float) else f"{k}={hp.get(k, '(not recorded)')}"
