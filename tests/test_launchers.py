@@ -14,8 +14,8 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -310,21 +310,22 @@ def test_local_two_process_jobs_follow_single_process_jobs(two_process_runs):
 def test_an_interrupted_runner_stops_torchrun_and_its_workers(grid):
     """Ctrl-C, Ray's cancel and submitit's requeue interrupt `run_job` in the runner only: torchrun must get SIGTERM,
     which it passes on to its workers (they run in sessions of their own: after a SIGKILL to torchrun they would go
-    on training without the job's lock)."""
+    on training without the job's lock). The runner is a process of its own that gets a real SIGINT, as from a
+    terminal: a signal to this test process could be delayed or left unseen by what earlier tests left running."""
     _, jobs = grid
     job = jobs("interrupted", **DDP_RUN)[0]
-
-    def interrupt() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if len(train_pids(job)) >= 3:  # torchrun and its two workers
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_job(job, job_command(job, 2), {})
+    args = {k: v for k, v in job.args.items() if k != "output_dir"}
+    runner = ("import json, sys; from domainfusion.launchers import job_command, run_job; "
+              "from domainfusion.sweep import Job; job = Job(json.loads(sys.argv[1]), sys.argv[2]); "
+              "run_job(job, job_command(job, 2), {})")
+    proc = subprocess.Popen([sys.executable, "-c", runner, json.dumps(args), str(job.output_dir.parent)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while len(train_pids(job)) < 3:  # torchrun and its two workers
+        assert proc.poll() is None and time.time() < deadline, "the job ended before torchrun and both workers ran"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() != 0 and b"KeyboardInterrupt" in proc.stderr.read()
     assert train_pids(job) == [] and job.state == INCOMPLETE
 
 
