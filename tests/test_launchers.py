@@ -31,11 +31,9 @@ from domainfusion import launchers
 from domainfusion.launchers import (
     SubmititJob,
     get_launcher,
-    job_command,
     job_resources,
     local_launcher,
     ray_launcher,
-    run_job,
     slurm_launcher,
 )
 from domainfusion.sweep import DONE, INCOMPLETE, Job, make_jobs, sweep
