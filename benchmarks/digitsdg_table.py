@@ -73,16 +73,25 @@ def main() -> None:
     p.add_argument("--test-envs", default=None, help="held-out domains, e.g. '1' or '0;1' (default: each one)")
     p.add_argument("--hparams", default=None, help="JSON overrides applied to every run, e.g. a smaller batch")
     p.add_argument("--name", default="erm-digitsdg", help="report name: benchmarks/reports/<date>-<name>.md")
+    p.add_argument("--device", default="auto", help="where the runs train (cuda on a GPU machine)")
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="launch nothing: report the runs already in --output-dir (a launch stopped early, or runs brought back "
+        "from another machine)",
+    )
     a = p.parse_args()
 
     sweep_args = [
         "sweep", "launch", "--datasets", "DigitsDG", "--algorithms", a.algorithms, "--data-dir", a.data_dir,
         "--output-dir", a.output_dir, "--n-hparams-from", "0", "--n-hparams", str(a.n_hparams), "--n-trials", str(a.n_trials),
         "--single-test-envs", *(["--test-envs", a.test_envs] if a.test_envs else []), "--steps", str(a.steps), "--checkpoint-freq", str(a.checkpoint_freq),
-        "--no-eval-train-in", "--launcher", "local", "--n-parallel", str(a.n_parallel), "--skip-confirmation",
+        "--no-eval-train-in", "--launcher", "local", "--n-parallel", str(a.n_parallel), "--device", a.device,
+        "--skip-confirmation",
     ] + (["--hparams", a.hparams] if a.hparams else [])
-    run(["datasets", "show", "DigitsDG", "--data-dir", a.data_dir, "--out", "/tmp/digitsdg_warmup.png"])
-    _, wall = run(sweep_args)
+    wall = None
+    if not a.report_only:
+        run(["datasets", "show", "DigitsDG", "--data-dir", a.data_dir, "--out", "/tmp/digitsdg_warmup.png"])
+        _, wall = run(sweep_args)
     tables = {}
     for sel in ("iid", "oracle"):
         rows_path = Path(a.output_dir) / f"rows_{sel}.json"
@@ -106,7 +115,9 @@ def main() -> None:
         f"Budget: {a.steps} steps per run, checkpoint every {a.checkpoint_freq} steps, {hparams_text} with "
         f"overrides {a.hparams or 'none'}, {a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
         f"in-splits are not evaluated (`--no-eval-train-in`; no selection method reads them).\n\n"
-        f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. In the cost table, step time includes "
+        + (f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. " if wall is not None else
+           "Reported from the runs in the output folder (`--report-only`); no sweep was launched by this command. ")
+        + "In the cost table, step time includes "
         f"DomainFusion's pool refreshes (they run inside training steps); CDGA's and DSI's offline generation happens "
         f"before step 0, DSI_TestTime's during evaluation, and DSI's per-domain LDM fine-tuning before everything: "
         f"those are only in their own columns and in the total (steps + fine-tuning + generation outside steps; "
