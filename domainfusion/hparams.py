@@ -114,6 +114,10 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("aug_every_epochs", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])), 1e-3, 1e6)
         hparam("aug_candidates", 4, lambda r: int(r.choice([2, 4, 8])), 1, 64)
         hparam("aug_pool_fraction", 0.01, lambda r: float(10 ** r.uniform(-2.3, -1.3)), 1e-6, 1.0)
+        # Candidates' prompts: the class prompt, or the class in each source domain's look in turn (never the
+        # held-out domain's); the style/content selection then keeps the farthest style among them.
+        hparam("aug_style_words", "none", lambda r: str(r.choice(["none", "source_domains"])),
+               choices=("none", "source_domains"))
     if algorithm == "CDGA":
         hparam("cdga_variants", 1, lambda r: int(r.choice([1, 2])), 1, 1000)
     if algorithm.startswith("DSI"):

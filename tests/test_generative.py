@@ -154,6 +154,17 @@ def test_ablations_switch_parts_off(tmp_path: Path, sd_folder: Path) -> None:
         "style_content"  # fmt: skip
 
 
+def test_style_words_name_only_the_source_domains(tmp_path: Path, sd_folder: Path) -> None:
+    context = tensor_context(tmp_path, sd_folder, n=(6, 5))  # sources: the first two PACS domains
+    held_out = [d for d in PACS_DOMAINS if d not in context.train_env_names]
+    df = build("DomainFusion", context, aug_style_words="source_domains")
+    assert df.augmentation.prompts == [[domain_prompt("PACS", d, c) for d in PACS_DOMAINS[:2]] for c in ("dog", "horse")]
+    assert not any(domain_prompt("PACS", d, c) in p for d in held_out for c in ("dog", "horse")
+                   for p in sum(df.augmentation.prompts, []))  # fmt: skip
+    plain = build("DomainFusion", tensor_context(tmp_path / "plain", sd_folder))
+    assert plain.augmentation.prompts == [[p] for p in context.class_prompts()]
+
+
 def test_variants_share_hparam_draws() -> None:
     full = registry.random_hparams("DomainFusion", "DigitsDG", 3)
     for variant in ("DomainFusion_LD", "DomainFusion_Aug", "DomainFusion_RandSel"):

@@ -217,7 +217,8 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     before_sources = torch.cat([s for _, _, s in pool.shards()])
     settings = dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), candidates=3, strength=0.5,
                                    steps=4)
-    aug = OnlineAugmentation(ldm, pool, PROMPTS, (1, 28, 28), settings, seed=0, grid_dir=tmp_path / "grids")
+    aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0,
+                             grid_dir=tmp_path / "grids")
     calls = []
     img2img = ldm.img2img
     monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
@@ -238,6 +239,26 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     assert (tmp_path / "grids" / "refresh-000.png").is_file()
     assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["gen-000001", "manifest.json"]
     assert not aug.due(0.99) and aug.due(1.0)
+
+
+def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, ldm: LatentDiffusion,
+                                                                monkeypatch) -> None:
+    monkeypatch.setattr("domainfusion.method.online_augmentation.SHARD_SIZE", 4)
+    pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(7)], 1.0, seed=0))
+    labels = pool.labels.tolist()
+    styles = [[f"{p}, style {k}" for k in range(3)] for p in PROMPTS]
+    settings = dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), candidates=2, strength=0.5,
+                                   steps=4, style_words="source_domains")
+    aug = OnlineAugmentation(ldm, pool, styles, (1, 28, 28), settings, seed=0)
+    calls = []
+    img2img = ldm.img2img
+    monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
+    aug.refresh()
+    assert [len(c) for c in calls] == [8, 6]  # two shards (4 + 3 images), 2 candidates each
+    # Image p's candidate j uses style (p + j) mod 3, also across the shard boundary (p = 4, 5, 6).
+    expected = [f"{PROMPTS[labels[p]]}, style {(p + j) % 3}" for p in range(7) for j in range(2)]
+    assert [p for c in calls for p in c] == expected
+    assert torch.equal(pool.labels, torch.tensor(labels))
 
 
 def test_pool_sampling_is_seeded(tmp_path: Path) -> None:

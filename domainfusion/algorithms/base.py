@@ -60,6 +60,13 @@ class RunContext:
         template = self.prompt_template or default_prompt_template(self.dataset)
         return [template.format(cls=c) for c in self.class_names]
 
+    def source_domain_prompts(self) -> list[list[str]]:
+        """Per class, one prompt per source domain that names the domain's look ('a sketch of a dog'). Only the
+        training domains: the held-out domain's name must not reach the generator."""
+        from ..ldm.adapt import domain_prompt
+
+        return [[domain_prompt(self.dataset, env, c) for env in self.train_env_names] for c in self.class_names]
+
 
 class Algorithm(nn.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,

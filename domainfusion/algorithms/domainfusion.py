@@ -36,7 +36,9 @@ class DomainFusion(PoolERM):
             settings = AugSettings.from_hparams(hparams, self.SELECTION)
             self.pool = self.open_or_create_pool("pool", lambda: subset_chunks(
                 context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool")))
-            self.augmentation = OnlineAugmentation(ldm, self.pool, prompts, self.input_shape, settings, context.seed,
+            styled = context.source_domain_prompts() if settings.style_words == "source_domains" else \
+                [[p] for p in prompts]  # fmt: skip
+            self.augmentation = OnlineAugmentation(ldm, self.pool, styled, self.input_shape, settings, context.seed,
                                                    context.output_dir / "pool_grids")  # fmt: skip
 
     def before_step(self) -> None:

@@ -2,7 +2,8 @@
 
 The pool starts as a copy of a random subset of the source images. Every T epochs (first at epoch 0) each pool
 image x is replaced, step by step:
-1. N candidates by SDEdit img2img (strength s, DDIM, class prompt), kept as VAE latents;
+1. N candidates by SDEdit img2img (strength s, DDIM, the class prompt or, with style words, the class prompt in
+   the look of each source domain in turn), kept as VAE latents;
 2. style (channel mean/std) and content (instance-normalised map) of x's latent and of each candidate's;
 3. s* = the candidate style farthest from x's (L2), c* = the candidate content closest to x's (cosine);
 4. new = decode(AdaIN(content c*, style s*)), mapped back to the dataset's channels and size; x's label is kept.
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 SHARD_SIZE = 1024
 GRID_IMAGES = 8
 SELECTIONS = ("style_content", "random")
+STYLE_WORDS = ("none", "source_domains")
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images (B, C, H, W), labels (B,), source ids (B,)
 
 
@@ -209,11 +211,12 @@ class AugSettings:
     guidance: float
     pool_fraction: float
     selection: str  # "style_content" or "random" (the ablation)
+    style_words: str  # "none" (the class prompt) or "source_domains" (each source domain's description in turn)
 
     @classmethod
     def from_hparams(cls, hp: dict, selection: str) -> "AugSettings":
         return cls(hp["aug_every_epochs"], hp["aug_candidates"], hp["img2img_strength"], hp["img2img_steps"],
-                   hp["img2img_guidance"], hp["aug_pool_fraction"], selection)
+                   hp["img2img_guidance"], hp["aug_pool_fraction"], selection, hp["aug_style_words"])
 
 
 @dataclass
@@ -228,29 +231,44 @@ class Refreshed:
 
 
 class OnlineAugmentation:
-    """Owns the pool and its refresh schedule for one run."""
+    """Owns the pool and its refresh schedule for one run.
 
-    def __init__(self, ldm: LatentDiffusion, pool: SyntheticPool, class_prompts: list[str],
+    `prompts[y]` lists the prompts of class y: one (the class prompt), or one per style (e.g. per source domain).
+    Candidate j of the image at pool position p is conditioned on `prompts[y][(p + j) % len(prompts[y])]`, so the N
+    candidates of an image go through the styles in turn (all of them when N ≥ their number) and neighbouring images
+    start at different ones; being a function of the position, it is the same on every rank and every resume.
+    """
+
+    def __init__(self, ldm: LatentDiffusion, pool: SyntheticPool, prompts: list[list[str]],
                  input_shape: tuple[int, int, int], settings: AugSettings, seed: int,
                  grid_dir: Path | None = None) -> None:
         if settings.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {settings.selection!r}")
-        self.ldm, self.pool, self.prompts = ldm, pool, class_prompts
+        if settings.style_words not in STYLE_WORDS:
+            raise ValueError(f"style_words must be one of {STYLE_WORDS}, got {settings.style_words!r}")
+        self.ldm, self.pool, self.prompts = ldm, pool, prompts
         self.input_shape, self.settings, self.seed, self.grid_dir = input_shape, settings, seed, grid_dir
 
     def due(self, epoch: float) -> bool:
         """Refresh k happens at the first step whose epoch reaches k·T (refresh 0 at the start of training)."""
         return epoch >= self.pool.refreshes * self.settings.every_epochs
 
-    def transform(self, images: torch.Tensor, labels: torch.Tensor, seed: int,
+    def candidate_prompts(self, labels: torch.Tensor, first: int) -> list[str]:
+        """The N prompts of each image (image i at pool position first + i), image-major."""
+        n = self.settings.candidates
+        return [variants[(first + i + j) % len(variants)]
+                for i, variants in enumerate(self.prompts[int(y)] for y in labels) for j in range(n)]
+
+    def transform(self, images: torch.Tensor, labels: torch.Tensor, first: int, seed: int,
                   random_picks: torch.Tensor | None = None) -> Refreshed:
-        """Steps 1-4 for a batch of dataset-space images in [0, 1]; image i's candidates are seeded from seed + i·N.
-        The "random" selection ablation takes its (style, content) candidate indices from `random_picks` (2, B)."""
+        """Steps 1-4 for a batch of dataset-space images in [0, 1] that sit at pool positions first, first + 1, …;
+        image i's candidates are seeded from seed + i·N. The "random" selection ablation takes its (style, content)
+        candidate indices from `random_picks` (2, B)."""
         s, ldm = self.settings, self.ldm
         originals = to_ldm_images(images.to(ldm.device), ldm.image_size)
         source = ldm.encode(originals)  # once per image: img2img starts from it and selection compares to it
         n = s.candidates
-        candidates = ldm.img2img(None, [self.prompts[int(y)] for y in labels for _ in range(n)],
+        candidates = ldm.img2img(None, self.candidate_prompts(labels, first),
                                  strength=s.strength, num_inference_steps=s.steps, guidance_scale=s.guidance,
                                  seed=seed, output="latents", latents=source.repeat_interleave(n, dim=0),
                                  ).float().unflatten(0, (len(images), n))  # fmt: skip
@@ -276,8 +294,9 @@ class OnlineAugmentation:
                 rows = distributed.shard_rows(len(images))  # this rank's block (all of it for one process)
 
                 def refreshed() -> Chunk:
-                    out = self.transform(images[rows].float() / 255, labels[rows],
-                                         seed + (start + rows.start) * self.settings.candidates,
+                    first = start + rows.start
+                    out = self.transform(images[rows].float() / 255, labels[rows], first,
+                                         seed + first * self.settings.candidates,
                                          None if picks is None else picks[:, rows])
                     if start == 0 and rows.start == 0 and self.grid_dir is not None:
                         self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
