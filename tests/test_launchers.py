@@ -313,7 +313,10 @@ def test_an_interrupted_runner_stops_torchrun_and_its_workers(grid):
     _, jobs = grid
     job = jobs("interrupted", **DDP_RUN)[0]
     args = {k: v for k, v in job.args.items() if k != "output_dir"}
-    runner = ("import json, sys; from domainfusion.launchers import job_command, run_job; "
+    # A shell starts background commands with SIGINT ignored, and Python then installs no handler of its own (a CI
+    # script started with `&` left the runner deaf to the signal): restore the terminal's default first.
+    runner = ("import json, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from domainfusion.launchers import job_command, run_job; "
               "from domainfusion.sweep import Job; job = Job(json.loads(sys.argv[1]), sys.argv[2]); "
               "run_job(job, job_command(job, 2), {})")
     proc = subprocess.Popen([sys.executable, "-c", runner, json.dumps(args), str(job.output_dir.parent)],
