@@ -31,6 +31,7 @@ from common import write_report
 from domainfusion.data import get_dataset
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import default_prompt_template, to_ldm_images
+from domainfusion.method import style_content
 
 # Background colours named in the embedded corpus's captions (`ldm/corpus.py:colour_name` bins), with an RGB value
 # inside each bin, and a contrasting digit colour.
@@ -41,9 +42,8 @@ TEXTURES = ("on a texture", "inverted on a photo")
 
 
 def style(images: torch.Tensor) -> torch.Tensor:
-    """(B, 6): per-channel mean and std of RGB images in [0, 1]."""
-    flat = images.flatten(2)
-    return torch.cat([flat.mean(2), flat.std(2, unbiased=False)], dim=1)
+    """(B, 6): per-channel mean and std of RGB images in [0, 1], the augmentation's style statistics in pixel space."""
+    return torch.cat(style_content.style(images), dim=1)
 
 
 def mean_pairwise(styles: torch.Tensor) -> float:
@@ -101,10 +101,10 @@ def main() -> None:
             seed_spread = mean_pairwise(plain_styles)
             word_spread = mean_pairwise(torch.stack([style(c) for c in worded.values()]))
             hits, closer, gaps = [], [], []
-            for colour, rgb in COLOURS.items():
+            for rgb, phrase in zip(COLOURS.values(), phrases):
                 target = torch.tensor(rgb)
                 d_plain = (background(plain[0]) - target).norm(dim=1)
-                d_word = (background(worded[phrases[list(COLOURS).index(colour)]]) - target).norm(dim=1)
+                d_word = (background(worded[phrase]) - target).norm(dim=1)
                 hits.append((d_word < d_plain).float())
                 closer.append(d_plain - d_word)
                 gaps.append(d_plain)
