@@ -29,6 +29,29 @@ from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
 
 
+def coverage_table(output_dir: str, rows: list[dict]) -> str:
+    """Per algorithm, the hparams overrides its runs recorded and the held-out domains each trial seed finished, read
+    from the runs (not from this command's flags), so a report of runs launched by several calls says what it holds.
+    A trial missing some held-out domains is flagged: the Averages table averages it over the ones it has."""
+    overrides: dict[str, set[str]] = {}
+    for record in load_records(output_dir):
+        overrides.setdefault(record["args"]["algorithm"], set()).add(record["args"]["hparams"] or "none")
+    done: dict[str, dict[int, list[str]]] = {}
+    for r in sorted(rows, key=lambda r: r["test_env"]):
+        done.setdefault(r["algorithm"], {}).setdefault(r["trial_seed"], []).append(ENVS[r["test_env"]])
+    lines = []
+    for algorithm in sorted(done):
+        trials = "; ".join(
+            f"{seed}: {', '.join(envs)}" + ("" if len(envs) == len(ENVS) else " (**incomplete**)")
+            for seed, envs in sorted(done[algorithm].items())
+        )
+        lines.append(f"| {algorithm} | {' / '.join(f'`{o}`' for o in sorted(overrides[algorithm]))} | {trials} |")
+    return (
+        "| algorithm | hparams overrides recorded by its runs | trial seed: finished held-out domains |\n"
+        "|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+
+
 def search_table(output_dir: str) -> str:
     """Every random-search draw of every (algorithm, held-out domain, trial): the training-domain validation
     accuracy that ranks it, the test accuracy it would give, which one the selection keeps, and the hparams that
@@ -113,7 +136,8 @@ def main() -> None:
     )
     body = (
         f"Budget: {a.steps} steps per run, checkpoint every {a.checkpoint_freq} steps, {hparams_text} with "
-        f"overrides {a.hparams or 'none'}, {a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
+        f"{'the overrides each algorithm recorded (below)' if a.report_only else 'overrides ' + (a.hparams or 'none')}, "
+        f"{a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
         f"in-splits are not evaluated (`--no-eval-train-in`; no selection method reads them).\n\n"
         + (f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. " if wall is not None else
            "Reported from the runs in the output folder (`--report-only`); no sweep was launched by this command. ")
@@ -122,6 +146,7 @@ def main() -> None:
         f"before step 0, DSI_TestTime's during evaluation, and DSI's per-domain LDM fine-tuning before everything: "
         f"those are only in their own columns and in the total (steps + fine-tuning + generation outside steps; "
         f"classifier evaluation excluded).\n\n"
+        f"## What the folder holds\n\n{coverage_table(a.output_dir, rows)}\n"
         f"## Training-domain validation (the protocol's headline)\n\n{tables['iid']}\n"
         f"## Test-domain validation (oracle)\n\n{tables['oracle']}\n"
         f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
