@@ -23,18 +23,18 @@ from pathlib import Path
 from common import REPO, run, write_report
 
 sys.path.insert(0, str(REPO))
-from domainfusion.report.records import group_records, load_records  # noqa: E402
+from domainfusion.report.records import Record, group_records, load_records  # noqa: E402
 from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
 
 
-def coverage_table(output_dir: str, rows: list[dict]) -> str:
+def coverage_table(records: list[Record], rows: list[dict]) -> str:
     """Per algorithm, the hparams overrides its runs recorded and the held-out domains each trial seed finished, read
     from the runs (not from this command's flags), so a report of runs launched by several calls says what it holds.
     A trial missing some held-out domains is flagged: the Averages table averages it over the ones it has."""
     overrides: dict[str, set[str]] = {}
-    for record in load_records(output_dir):
+    for record in records:
         overrides.setdefault(record["args"]["algorithm"], set()).add(record["args"]["hparams"] or "none")
     done: dict[str, dict[int, list[str]]] = {}
     for r in sorted(rows, key=lambda r: r["test_env"]):
@@ -52,12 +52,12 @@ def coverage_table(output_dir: str, rows: list[dict]) -> str:
     )
 
 
-def search_table(output_dir: str) -> str:
+def search_table(records: list[Record]) -> str:
     """Every random-search draw of every (algorithm, held-out domain, trial): the training-domain validation
     accuracy that ranks it, the test accuracy it would give, which one the selection keeps, and the hparams that
     vary between the draws, so a reader sees what the search tried and how close the runners-up were."""
     lines = []
-    for group in group_records(load_records(output_dir)):
+    for group in group_records(records):
         ranked = IIDAccuracySelection().hparams_accs(group.records)
         names = {k for _, run in ranked for k in run[-1]["hparams"]}
         varying = sorted(k for k in names if len({repr(run[-1]["hparams"].get(k)) for _, run in ranked}) > 1)
@@ -124,6 +124,7 @@ def main() -> None:
     run(["results", a.output_dir, "--plot", str(plot)])
 
     rows = json.loads((Path(a.output_dir) / "rows_iid.json").read_text())
+    records = load_records(a.output_dir)
     per_trial = "\n".join(
         f"| {r['algorithm']} | {ENVS[r['test_env']]} | {r['trial_seed']} | {r['hparams_seed']} | "
         f"{100 * r['test_acc']:.1f} | {100 * r['val_acc']:.1f} |"
@@ -146,14 +147,14 @@ def main() -> None:
         f"before step 0, DSI_TestTime's during evaluation, and DSI's per-domain LDM fine-tuning before everything: "
         f"those are only in their own columns and in the total (steps + fine-tuning + generation outside steps; "
         f"classifier evaluation excluded).\n\n"
-        f"## What the folder holds\n\n{coverage_table(a.output_dir, rows)}\n"
+        f"## What the folder holds\n\n{coverage_table(records, rows)}\n"
         f"## Training-domain validation (the protocol's headline)\n\n{tables['iid']}\n"
         f"## Test-domain validation (oracle)\n\n{tables['oracle']}\n"
         f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
         f"|---|---|---|---|---|---|\n{per_trial}\n\n![accuracy vs step]({plot.name})\n"
     )
     if a.n_hparams > 1:
-        body += f"\n## Random-search draws (training-domain validation)\n\n{search_table(a.output_dir)}"
+        body += f"\n## Random-search draws (training-domain validation)\n\n{search_table(records)}"
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 
 
