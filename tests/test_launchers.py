@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -108,18 +109,30 @@ def parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def after_first_checkpoint(job: Job, running: Future, processes: int = 1) -> tuple[list[int], list[str]]:
-    """Wait until the job has written a checkpoint and its `processes` train processes still run; return their pids
-    and the results.jsonl lines that its resumption must keep."""
+def interrupt_after_first_checkpoint(running: Future, *interrupts: tuple[Job, Callable[[list[int]], None]],
+                                     processes: int = 1) -> list[list[str]]:
+    """Call each job's interrupt with the pids of its `processes` train processes once it has written a checkpoint
+    and they still run; return, per job, the results.jsonl lines that its resumption must keep. All jobs are watched
+    at once: a job waited for only after another one's interruption may finish meanwhile (it did so on CI)."""
+    kept: dict[int, list[str]] = {}
     deadline = time.time() + 600  # only bounds a hang: a loaded CI machine starts Ray workers slowly
-    while time.time() < deadline and not running.done():
-        pids = train_pids(job)
-        kept = kept_lines(job.output_dir) if len(pids) == processes else []
-        if kept:
-            assert job.state == INCOMPLETE, "the job finished before it could be interrupted"
-            return pids, kept
+    while time.time() < deadline and not running.done() and len(kept) < len(interrupts):
+        for i, (job, interrupt) in enumerate(interrupts):
+            pids = [] if i in kept else train_pids(job)
+            lines = kept_lines(job.output_dir) if len(pids) == processes else []
+            if lines:
+                assert job.state == INCOMPLETE, f"{job.output_dir} finished before it could be interrupted"
+                interrupt(pids)
+                kept[i] = lines
         time.sleep(0.05)
-    raise AssertionError(f"{job.output_dir} never wrote a checkpoint while running")
+    never = [str(job.output_dir) for i, (job, _) in enumerate(interrupts) if i not in kept]
+    assert not never, f"{', '.join(never)} never wrote a checkpoint while running"
+    return [kept[i] for i in range(len(interrupts))]
+
+
+def kill(*pids: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
 
 
 def test_launcher_choice_and_options_are_checked(tmp_path, monkeypatch):
@@ -147,9 +160,9 @@ def test_ray_matches_local_counts_failures_and_resumes_lost_tasks(grid, referenc
     bad = broken(finished)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(ray_launcher, [lost, finished, bad], 3, max_retries=0)
-        (pid,), kept = after_first_checkpoint(lost, running)
-        os.kill(parent(pid), signal.SIGKILL)  # the Ray worker: its task is lost (as with a dead node)...
-        os.kill(pid, signal.SIGKILL)  # ...and so is the training process (a crashed worker's child would linger)
+        # the Ray worker is killed: its task is lost (as with a dead node); and so is the training process (a crashed
+        # worker's child would linger)
+        (kept,) = interrupt_after_first_checkpoint(running, (lost, lambda pids: kill(parent(pids[0]), *pids)))
         assert running.result() == 2
     out = capsys.readouterr().out
     assert "1 of 3 jobs finished, 2 failed." in out and "failed (Ray task lost: " in out
@@ -167,10 +180,11 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
     bad = broken(killed)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(slurm_launcher, [preempted, killed, bad], 3, cluster="local", timeout_min=60)
-        (pid,), kept_preempted = after_first_checkpoint(preempted, running)
-        os.kill(parent(pid), signal.SIGUSR2)  # SLURM's pre-emption signal to the submitit task: checkpoint, requeue
-        (pid,), kept_killed = after_first_checkpoint(killed, running)
-        os.kill(pid, signal.SIGKILL)  # a job killed outright
+        kept_preempted, kept_killed = interrupt_after_first_checkpoint(
+            running,
+            # SLURM's pre-emption signal to the submitit task: checkpoint, requeue
+            (preempted, lambda pids: kill(parent(pids[0]), sig=signal.SIGUSR2)),
+            (killed, lambda pids: kill(*pids)))  # a job killed outright
         assert running.result() == 2
     out = capsys.readouterr().out
     assert "1 of 3 jobs finished, 2 failed." in out and "failed (exit -9)" in out
@@ -338,9 +352,8 @@ def test_submitit_local_runs_two_tasks_per_job_and_requeues_them(grid, two_proce
     preempted = jobs("slurm2", **DDP_RUN)[0]
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(slurm_launcher, [preempted], 1, 2, cluster="local", timeout_min=60)
-        pids, kept = after_first_checkpoint(preempted, running, processes=2)
-        for pid in pids:
-            os.kill(parent(pid), signal.SIGUSR2)
+        (kept,) = interrupt_after_first_checkpoint(
+            running, (preempted, lambda pids: kill(*map(parent, pids), sig=signal.SIGUSR2)), processes=2)
         assert running.result() == 0
     logs = " ".join(p.read_text() for p in (root / "slurm2" / "submitit").glob("*_log.*"))
     assert "this job is preempted" in logs and "Requeued job" in logs
