@@ -118,7 +118,9 @@ def interrupt_after_first_checkpoint(running: Future, *interrupts: tuple[Job, Ca
     deadline = time.time() + 600  # only bounds a hang: a loaded CI machine starts Ray workers slowly
     while time.time() < deadline and not running.done() and len(kept) < len(interrupts):
         for i, (job, interrupt) in enumerate(interrupts):
-            pids = [] if i in kept else train_pids(job)
+            if i in kept:
+                continue
+            pids = train_pids(job)
             lines = kept_lines(job.output_dir) if len(pids) == processes else []
             if lines:
                 assert job.state == INCOMPLETE, f"{job.output_dir} finished before it could be interrupted"
