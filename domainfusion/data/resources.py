@@ -120,3 +120,28 @@ def extract_minis(cache_dir: str | Path, dest: str | Path) -> dict[str, Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(zf.read(name))
     return {"PACS": dest / "PACS", "VLCS-mini": dest / "VLCS-mini"}
+
+
+# Printed-digit sources for the embedded LDM's corpus: font families packaged on PyPI, none of them a DigitsDG
+# `SYN_FONTS` family (matplotlib's DejaVu, STIX, Computer Modern). Pinned, so the corpus is the same everywhere.
+FONT_WHEELS = (
+    ("font-amatic-sc", "0.0.4"), ("font-caladea", "0.0.2"), ("font-fjallaone", "0.1.7"),
+    ("font-fredoka-one", "0.0.4"), ("font-hanken-grotesk", "0.0.2"), ("font-intuitive", "0.0.4"),
+    ("font-lato", "0.1.0"), ("font-manrope", "0.0.2"), ("font-rhd", "0.1.3"), ("font-source-sans-pro", "0.0.1"),
+    ("font-source-serif-pro", "0.0.1"),
+)  # fmt: skip
+
+
+def load_wheel_fonts(cache_dir: str | Path) -> dict[str, dict[str, bytes]]:
+    """{package: {face file name: font bytes}} of every `FONT_WHEELS` package, read from its wheel.
+
+    A face is a .ttf file; a package that ships only OpenType (.otf) faces gives those instead; variable fonts are
+    left out (their default instance repeats a static face).
+    """
+    fonts = {}
+    for package, version in FONT_WHEELS:
+        with zipfile.ZipFile(wheel_path(package, version, cache_dir)) as zf:
+            names = [n for n in sorted(zf.namelist()) if n.lower().endswith((".ttf", ".otf")) and "Variable" not in n]
+            kind = ".ttf" if any(n.lower().endswith(".ttf") for n in names) else ".otf"
+            fonts[package] = {Path(n).name: zf.read(n) for n in names if n.lower().endswith(kind)}
+    return fonts

@@ -37,8 +37,8 @@ from ..utils import publish_dir
 
 EMBEDDED_WEIGHTS_DIR = Path(domainfusion.__file__).parent / "ldm" / "weights"
 WEIGHT_COMPONENTS = ("vae", "unet", "scheduler")
-MAX_PROMPT_TOKENS = 16
-MAX_WEIGHT_BYTES = 25_000_000  # VAE + UNet in fp32: what the package may carry
+MAX_PROMPT_TOKENS = 32
+MAX_WEIGHT_BYTES = 25_000_000  # VAE + UNet as shipped (fp16): what the package may carry
 
 
 def embedded_configs() -> dict[str, dict]:
@@ -47,13 +47,13 @@ def embedded_configs() -> dict[str, dict]:
     The VAE's `scaling_factor` is a placeholder: training sets it to 1/std of the training latents.
     """
     vae = dict(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=(48, 96, 96), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=1.0,
     )  # fmt: skip
     unet = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(48, 96, 112), cross_attention_dim=384, attention_head_dim=8,
+        block_out_channels=(64, 128, 160), cross_attention_dim=384, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     )  # fmt: skip
@@ -77,9 +77,10 @@ def build_embedded_models(overrides: dict[str, dict] | None = None
             DDPMScheduler(**configs["scheduler"]))  # fmt: skip
 
 
-def weight_bytes(*models) -> int:
-    """fp32 bytes of the models' parameters (what their safetensors files hold, headers aside)."""
-    return 4 * sum(p.numel() for m in models for p in m.parameters())
+def weight_bytes(*models, bytes_per_param: int = 2) -> int:
+    """Bytes of the models' parameters as shipped (fp16 by default; what their safetensors files hold, headers
+    aside)."""
+    return bytes_per_param * sum(p.numel() for m in models for p in m.parameters())
 
 
 def text_encoder_path() -> Path:

@@ -59,14 +59,16 @@ from .latent_diffusion import LatentDiffusion
 # Keys that may change between a run and its resumption without changing its result.
 RESUME_FREE_KEYS = ("resume", "progress", "device")
 
-# The embedded LDM's recipe, sized for <= 45 min on this 2-core AMD EPYC (AVX2). Measured 2026-11-27 with ONE torch
-# thread while two other CPU jobs ran (so ~2/3 of a core): corpus build 39 s; VAE batch 32: 1.07 s/step; encoding
-# 4.1 ms/image; UNet batch 64 (+EMA): 0.93 s/step; a 10x4 sample grid (25 DDIM steps): 5.1 s. That is ~58 min for
-# this preset on a shared core, ~39 min on one free core and, if 2 threads give the usual ~1.6x, ~25 min on the idle
-# machine. Never run 2 threads beside another CPU job: OpenMP spin-waiting then makes each step ~20-50x slower.
+# The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running: the
+# VAE stage in bf16 autocast (about 2x faster than fp32 on a CPU with AMX/AVX-512 bf16), the UNet in fp32 (bf16 gave
+# it no speed-up on CPU). Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
+# many times slower.
 PRESETS: dict[str, dict[str, Any]] = {
-    "embedded": dict(data="corpus", vae_steps=800, vae_batch_size=32, unet_steps=2500, unet_batch_size=64),
+    "embedded": dict(data="corpus", corpus_size=100_000, vae_steps=4000, vae_batch_size=32, vae_precision="bf16",
+                     unet_steps=8000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
+                     sample_every=1000),
 }
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -83,7 +85,7 @@ class LDMTrainConfig:
     trial_seed: int = 0
     test_envs: list[int] = field(default_factory=list)  # held-out environments: refused as training data
     caption_template: str | None = None  # "{cls}" and optional "{domain}"; None: the dataset's class prompt
-    corpus_size: int = 50_000
+    corpus_size: int = 100_000
     corpus_seed: int = 0
     max_images: int | None = None  # train on the first N images only (smoke runs, tests)
     init_from: str | None = None  # 'embedded', an LDM folder or a hub id to start from (fine-tuning); None: scratch
@@ -94,6 +96,7 @@ class LDMTrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6  # per pixel, as SD's KL-f8 (1e-6 on summed KL vs summed L1)
     vae_edge_weight: float = 0.5
+    vae_precision: str = "fp32"  # "fp32" or "bf16" (autocast; the weights and optimiser stay fp32)
     scale_samples: int = 4096  # images whose latents set scaling_factor
     unet_steps: int = 2500
     unet_batch_size: int = 64
@@ -103,6 +106,10 @@ class LDMTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
+    # Fraction of captions replaced by their class prompt alone (the corpus's caption prefix): the bare class prompt,
+    # which latent distillation and the knowledge probe use, then means "this class in any style".
+    style_dropout: float = 0.0
+    unet_precision: str = "fp32"
     snr_gamma: float | None = 5.0
     seed: int = 0
     log_every: int = 50
@@ -119,13 +126,15 @@ class LDMTrainConfig:
 
 @dataclass
 class TrainingData:
-    """Training images as uint8 (N, H, W, 3), one caption per image, the prompts that head grid rows, and images
-    for the VAE check (the corpus's held-out part; a dataset has none, so its first training images)."""
+    """Training images as uint8 (N, H, W, 3), one caption per image, the prompts that head grid rows, images for
+    the VAE check (the corpus's held-out part; a dataset has none, so its first training images), and per image the
+    class prompt alone (for `style_dropout`; None where the data has no such prompt)."""
 
     images: torch.Tensor
     captions: list[str]
     grid_prompts: list[str]
     check_images: torch.Tensor
+    class_captions: list[str] | None = None
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -146,7 +155,8 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
                             f"on {resolution}x{resolution} images: train it on a dataset instead")
         k = config.max_images or len(train.labels)
         return TrainingData(torch.from_numpy(train.images[:k]), train.captions[:k],
-                            [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]))
+                            [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]),
+                            [digit_prompt(int(y)) for y in train.labels[:k]])
     from ..data import get_dataset
     from ..data.loaders import holdout_split
 
@@ -466,7 +476,7 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     data = data if data is not None else load_training_data(config, resolution)
     summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
-                               "vae_unet_fp32_bytes": weight_bytes(vae, unet)}  # fmt: skip
+                               "vae_unet_fp16_bytes": weight_bytes(vae, unet)}  # fmt: skip
     vae = _vae_stage(config, out, vae, data, device, summary, clock.save)
     ema_unet = copy.deepcopy(unet)
     ldm = LatentDiffusion(vae, ema_unet, text_encoder, tokenizer, scheduler, device=device, dtype=torch.float32)
@@ -497,7 +507,8 @@ def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: Trai
 
         def vae_step(step: int, g: torch.Generator) -> torch.Tensor:
             x = _to_model_range(data.images[batch_indices(n, config.vae_batch_size, step, config.seed)], device)
-            return vae_loss(vae, x, g, config.vae_kl_weight, config.vae_edge_weight)
+            with _autocast(device, config.vae_precision):
+                return vae_loss(vae, x, g, config.vae_kl_weight, config.vae_edge_weight)
 
         summary["vae_s_per_step"] = _run_stage("vae", out, config, config.vae_steps, config.vae_lr, {"vae": vae},
                                                vae, vae_step, after_checkpoint=after_checkpoint)  # fmt: skip
@@ -531,14 +542,26 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
     index_of = {c: i for i, c in enumerate(captions)}
     caption_index = torch.tensor([index_of[c] for c in data.captions], device=device)
     empty = ldm.encode_prompts([""])[0]
+    if config.style_dropout and data.class_captions is None:
+        raise UserError("style_dropout needs class prompts for the training images; this data has none (set it to 0)")
+    short = data.class_captions if config.style_dropout else data.captions
+    short_prompts = sorted(set(short))
+    short_embeds = ldm.encode_prompts(short_prompts)
+    short_of = {c: i for i, c in enumerate(short_prompts)}
+    short_index = torch.tensor([short_of[c] for c in short], device=device)
 
     def unet_step(step: int, g: torch.Generator) -> torch.Tensor:
         idx = batch_indices(len(mean), config.unet_batch_size, step, config.seed).to(device)
         posterior_noise = torch.randn(mean[idx].shape, generator=g).to(device)
         z0 = ldm.scaling_factor * (mean[idx] + std[idx] * posterior_noise)
-        drop = (torch.rand(len(idx), generator=g) < config.cond_dropout).to(device)
-        cond = torch.where(drop[:, None, None], empty, embeds[caption_index[idx]])
-        return unet_loss(unet, ldm.scheduler, z0, cond, g, config.snr_gamma)
+        u = torch.rand(len(idx), generator=g).to(device)
+        cond = embeds[caption_index[idx]]
+        if config.style_dropout:
+            restyle = (u >= config.cond_dropout) & (u < config.cond_dropout + config.style_dropout)
+            cond = torch.where(restyle[:, None, None], short_embeds[short_index[idx]], cond)
+        cond = torch.where((u < config.cond_dropout)[:, None, None], empty, cond)
+        with _autocast(device, config.unet_precision):
+            return unet_loss(unet, ldm.scheduler, z0, cond, g, config.snr_gamma)
 
     def after_unet_step(step: int) -> None:
         ema_update(ldm.unet, unet, config.ema_decay, step)
@@ -548,6 +571,14 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
     summary["unet_s_per_step"] = _run_stage("unet", out, config, config.unet_steps, config.unet_lr,
                                             {"unet": unet, "ema": ldm.unet}, unet, unet_step, after_unet_step,
                                             after_checkpoint)
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for a training stage: "fp32" (off) or "bf16" (autocast; weights stay fp32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision] or torch.bfloat16,
+                          enabled=PRECISIONS[precision] is not None)
 
 
 def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:
