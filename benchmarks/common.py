@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+from domainfusion.utils import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "benchmarks" / "reports"
 CLI = [sys.executable, "-m", "domainfusion"]
-
-
-def machine() -> str:
-    """One line naming the CPU/GPU, core count and library versions the numbers were measured with."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def git_commit() -> str:
@@ -58,7 +41,7 @@ def write_report(name: str, command: str, body: str) -> Path:
     path = REPORTS / f"{today}-{name}.md"
     header = (
         f"# {name} ({today})\n\n"
-        f"- command: `{command}`\n- machine: {machine()}\n- commit: {git_commit()}\n\n"
+        f"- command: `{command}`\n- machine: {machine_description()}\n- commit: {git_commit()}\n\n"
     )
     path.write_text(header + body)
     print(f"wrote {path}")

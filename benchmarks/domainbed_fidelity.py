@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, machine, run, write_report
+from common import REPO, run, write_report
+from domainfusion.utils import machine_description
 
 sys.path.insert(0, str(REPO))
 from domainfusion.report.records import load_records  # noqa: E402
@@ -44,7 +45,7 @@ def launch(a: argparse.Namespace) -> None:
     """
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / LAUNCH_INFO).write_text(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": machine()}))
+    (out / LAUNCH_INFO).write_text(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description()}))
     run([
         "sweep", "launch", "--datasets", a.datasets, "--algorithms", "ERM", "--data-dir", a.data_dir,
         "--output-dir", str(out), "--n-hparams-from", "0", "--n-hparams", "1", "--n-trials", str(a.n_trials),

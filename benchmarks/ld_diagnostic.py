@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=8)
     a = p.parse_args()
     torch.manual_seed(0)
-    ldm = load_ldm(a.model, a.data_dir, "cpu")
+    ldm = load_ldm(a.model, "cpu")
     ds = get_dataset("DigitsDG", a.data_dir, [], {"data_augmentation": False})
     template = default_prompt_template("DigitsDG")
     lines = ["| domain | prompt | " + " | ".join(f"c = {c:g}" for c in CONFIDENCES) + " | argmin c |",

@@ -1,8 +1,9 @@
-"""Quality gates of an LDM on digits (issue 3): VAE PSNR, class-conditional samples, img2img, throughput.
+"""Quality gates of an LDM on digits: VAE PSNR, class-conditional samples and their diversity, img2img label keeping
+and style following, throughput.
 
-The judge is a small CNN trained on corpus-style images of MNIST-train digits the LDM never saw (the corpus's
-held-out 5,000 digits): 4,000 digits rendered 5 times each in fresh random corpus styles for training, the other
-1,000 digits' own held-out corpus renderings to measure the judge itself. Usage:
+The judge is a small CNN trained on corpus-style images of MNIST-train digits the LDM never saw: the held-out
+digit pool (`corpus.digit_pools`) minus the digits the corpus's held-out images show, rendered 20,000 times in fresh
+random corpus styles (printed digits included); it is measured on the corpus's held-out images. Usage:
 
     .venv/bin/python benchmarks/ldm_quality.py --model embedded --samples-per-digit 50
 """
@@ -24,7 +25,8 @@ from common import REPO, write_report
 from domainfusion.data.digits_dg import build_digits_dg
 from domainfusion.data.resources import load_mnist_splits
 from domainfusion.ldm import load_ldm
-from domainfusion.ldm.corpus import HELD_OUT, build_corpus, digit_prompt, generate_corpus, split_corpus
+from domainfusion.ldm.corpus import (build_corpus, digit_pools, digit_prompt, generate_corpus, load_sources,
+                                     split_corpus)
 from domainfusion.ldm.grids import img2img_grid, sample_grid
 from domainfusion.ldm.training import vae_psnr
 
@@ -52,15 +54,15 @@ def as_float(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def judge_data(data_dir: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(train, test) for the judge, from the corpus's held-out digits only (see the module docstring)."""
+    """(train, test) for the judge: train on held-out-pool digits no corpus image shows, test on the corpus's held-out
+    images (see the module docstring)."""
     images, labels = load_mnist_splits(data_dir)["train"]
-    order = np.random.RandomState(0).permutation(len(images))  # the corpus's seeded draw order (seed 0, n = 50k)
-    held = order[len(order) - HELD_OUT:]
-    train_digits = held[:4000]
-    styled = generate_corpus(images[train_digits], labels[train_digits], 20_000, seed=1)
+    _, held_pool = digit_pools(len(images), 0, held_out=True)
     _, held_corpus = split_corpus(build_corpus(data_dir))
-    test = (as_float(held_corpus.images[4000:]), torch.as_tensor(held_corpus.labels[4000:]))
-    assert np.array_equal(held_corpus.labels, labels[held]), "corpus order changed: update judge_data"
+    shown = int((held_corpus.factors["source"] == "handwritten").sum())  # the held-out images use the pool in order
+    digits = held_pool[shown:]
+    styled = generate_corpus(images[digits], labels[digits], 30_000, seed=1, sources=load_sources(data_dir))
+    test = (as_float(held_corpus.images), torch.as_tensor(held_corpus.labels))
     return (as_float(styled.images), torch.as_tensor(styled.labels)), test
 
 
@@ -99,6 +101,25 @@ def colour_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat.mean(2), flat.std(2)], dim=1)
 
 
+def border_colours(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3): mean RGB of each image's 2-px frame, where the background shows (the digit rarely reaches it)."""
+    frame = torch.ones(x.shape[-2:], dtype=torch.bool)
+    frame[2:-2, 2:-2] = False
+    return x[..., frame].mean(-1)
+
+
+def colour_diversity(x: torch.Tensor) -> float:
+    """Mean L2 distance between the background colours (`border_colours`) of all pairs of images."""
+    c = border_colours(x)
+    return torch.pdist(c).mean().item()
+
+
+def named_style(corpus, phrase: str) -> torch.Tensor:
+    """The corpus's own meaning of a style phrase: mean `colour_stats` of the corpus images whose caption ends in it."""
+    pick = [i for i, c in enumerate(corpus.captions) if c.endswith(f", {phrase}") or c.endswith(f" {phrase}")]
+    return colour_stats(as_float(corpus.images[pick])).mean(0)
+
+
 def timed(fn, n_images: int) -> float:
     start = time.perf_counter()
     fn()
@@ -112,13 +133,17 @@ def main() -> None:
     p.add_argument("--samples-per-digit", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--guidances", default="1,2,4")
-    p.add_argument("--judge-epochs", type=int, default=4)
+    p.add_argument("--judge-epochs", type=int, default=6)
     p.add_argument("--img2img-images", type=int, default=500)
     p.add_argument("--psnr-images", type=int, default=1000)
+    p.add_argument("--style-images", type=int, default=200)
+    p.add_argument("--style-phrases", default="white on red;black on yellow;white on blue;white on black;"
+                   "black on white;white on dark green")
+    p.add_argument("--style-configs", default="0.5@2,0.7@2,0.7@4", help="strength@guidance pairs")
     p.add_argument("--name", default="ldm-quality")
     a = p.parse_args()
     torch.manual_seed(0)
-    ldm = load_ldm(a.model, a.data_dir, "cpu")
+    ldm = load_ldm(a.model, "cpu")
     lines: list[str] = []
     results: dict[str, object] = {}
 
@@ -140,13 +165,18 @@ def main() -> None:
     judge_acc = (predict(judge, test[0]) == test[1]).float().mean().item()
     results["judge"] = {"train_images": len(train[0]), "test_images": len(test[0]), "test_acc": judge_acc,
                         "train_s": time.perf_counter() - t0}
-    lines += ["", "## Judge", "", f"Small CNN trained on {len(train[0])} corpus-style images of 4,000 held-out "
-              f"MNIST-train digits ({a.judge_epochs} epochs); accuracy on the other 1,000 held-out digits' corpus "
-              f"images: **{100 * judge_acc:.1f}%**."]
+    lines += ["", "## Judge", "", f"Small CNN trained on {len(train[0])} corpus-style images of held-out-pool "
+              f"MNIST-train digits that no corpus image shows, and of printed digits ({a.judge_epochs} epochs); "
+              f"accuracy on the corpus's {len(test[0])} held-out images: **{100 * judge_acc:.1f}%**."]
 
     # 3. Class-conditional samples.
+    corpus_diversity = colour_diversity(test[0][:1000])
     lines += ["", f"## Samples: {a.samples_per_digit} per digit, DDIM {a.sample_steps} steps, prompt "
-              f"'{digit_prompt(0).replace('0', 'k')}'", "", "| guidance | judged correct | worst digit |", "|---|---|---|"]
+              f"'{digit_prompt(0).replace('0', 'k')}'", "",
+              "Background-colour diversity = mean L2 distance between the mean RGB colours ([0, 1]) of the images' 2-px "
+              f"frames over all pairs; the corpus's held-out images: {corpus_diversity:.3f}.", "",
+              "| guidance | judged correct | worst digit | background-colour diversity | share of the corpus's |",
+              "|---|---|---|---|---|"]
     prompts = [digit_prompt(k) for k in range(10) for _ in range(a.samples_per_digit)]
     targets = torch.arange(10).repeat_interleave(a.samples_per_digit)
     sample_acc = {}
@@ -156,10 +186,14 @@ def main() -> None:
         wall = time.perf_counter() - start
         hit = (predict(judge, samples) == targets).float()
         per_digit = hit.view(10, -1).mean(1)
-        sample_acc[guidance] = {"acc": hit.mean().item(), "per_digit": per_digit.tolist(), "wall_s": wall}
+        diversity = colour_diversity(samples)
+        sample_acc[guidance] = {"acc": hit.mean().item(), "per_digit": per_digit.tolist(), "wall_s": wall,
+                                "colour_diversity": diversity, "diversity_share": diversity / corpus_diversity}
         worst = int(per_digit.argmin())
-        lines.append(f"| {guidance:g} | {100 * hit.mean():.1f}% | {worst} ({100 * per_digit[worst]:.0f}%) |")
+        lines.append(f"| {guidance:g} | {100 * hit.mean():.1f}% | {worst} ({100 * per_digit[worst]:.0f}%) | "
+                     f"{diversity:.3f} | {100 * diversity / corpus_diversity:.0f}% |")
     results["samples"] = sample_acc
+    results["corpus_colour_diversity"] = corpus_diversity
     best = max(sample_acc, key=lambda g: sample_acc[g]["acc"])
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
     sample_grid(ldm, [digit_prompt(k) for k in range(10)], DOCS_IMAGES / "embedded_samples.png", n_seeds=8,
@@ -186,7 +220,35 @@ def main() -> None:
     img2img_grid(ldm, x[:8], text[:8], [0.0, 0.3, 0.5, 0.7, 0.9], DOCS_IMAGES / "embedded_img2img.png",
                  num_inference_steps=20)
 
-    # 5. Throughput (batch 64, this process's torch threads).
+    # 5. img2img with a style phrase: how far the colour statistics move towards the phrase's style (the mean
+    # statistics of the corpus images captioned with it), and whether the judge keeps the label.
+    train_corpus, _ = split_corpus(build_corpus(a.data_dir))
+    phrases = [p.strip() for p in a.style_phrases.split(";")]
+    targets = {p: named_style(train_corpus, p) for p in phrases}
+    xs, ys = x[: a.style_images], y[: a.style_images]
+    src_stats = colour_stats(xs)
+    lines += ["", f"## img2img with a style phrase ({len(xs)} held-out corpus images × {len(phrases)} phrases, "
+              "20 DDIM steps)", "",
+              "Prompt: the class prompt + ', ' + the phrase. Way moved = 1 − d(output, style) / d(input, style), per "
+              "image and phrase, averaged; style = the mean colour statistics (RGB mean and std) of the corpus images "
+              f"captioned with the phrase. Phrases: {', '.join(repr(p) for p in phrases)}.", "",
+              "| strength | guidance | way moved to the named style | label kept |", "|---|---|---|---|"]
+    style_res = []
+    for strength, guidance in [(float(s_), float(g_)) for s_, g_ in (c.split("@") for c in a.style_configs.split(","))]:
+        moved, kept = [], []
+        for phrase, target in targets.items():
+            out = ldm.img2img(xs, [f"{digit_prompt(int(k))}, {phrase}" for k in ys], strength=strength,
+                              num_inference_steps=20, guidance_scale=guidance, seed=0)
+            d_in = (src_stats - target).norm(dim=1)
+            moved.append(1 - (colour_stats(out) - target).norm(dim=1) / d_in.clamp_min(1e-6))
+            kept.append((predict(judge, out) == ys).float())
+        way, keep = torch.cat(moved).mean().item(), torch.cat(kept).mean().item()
+        style_res.append({"strength": strength, "guidance": guidance, "way_moved": way, "label_kept": keep,
+                          "per_phrase_way": {p: m.mean().item() for p, m in zip(targets, moved)}})
+        lines.append(f"| {strength:g} | {guidance:g} | {100 * way:.0f}% | {100 * keep:.1f}% |")
+    results["style_img2img"] = style_res
+
+    # 6. Throughput (batch 64, this process's torch threads).
     xb, tb = x[:64], text[:64]
     z = ldm.encode(xb)
     embeds = ldm.encode_prompts(tb)
@@ -203,13 +265,22 @@ def main() -> None:
     lines += ["", f"## Throughput (batch 64, {torch.get_num_threads()} torch threads)", "", "| operation | images/s |",
               "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in throughput.items()]
 
-    gate_samples = sample_acc[best]["acc"] >= 0.9
-    gate_img2img = next(r for r in img2img_res if r["strength"] == 0.5 and r["guidance"] == 1.0)["label_kept"] >= 0.9
-    summary = (f"Gates: samples judged correct ≥ 90%: **{'PASS' if gate_samples else 'MISS'}** "
-               f"({100 * sample_acc[best]['acc']:.1f}% at guidance {best:g}); img2img strength 0.5 keeps the label "
-               f"≥ 90%: **{'PASS' if gate_img2img else 'MISS'}**.\n\n"
-               "Grids: docs/images/embedded_samples.png (rows = digits, best guidance), "
-               "docs/images/embedded_img2img.png (input, then strengths 0, 0.3, 0.5, 0.7, 0.9).\n\n")
+    ok_samples = [g for g, r in sample_acc.items() if g <= 4 and r["acc"] >= 0.95 and r["diversity_share"] >= 0.5]
+    ok_style = [r for r in style_res if r["strength"] <= 0.7 and r["way_moved"] >= 0.5 and r["label_kept"] >= 0.9]
+    ok_psnr = all(v >= 24 for k, v in psnr.items() if k != "corpus held-out")
+    sample_text = ", ".join(f"{100 * r['acc']:.1f}% / {100 * r['diversity_share']:.0f}% at guidance {g:g}"
+                            for g, r in sample_acc.items())
+    style_text = ", ".join(f"{100 * r['way_moved']:.0f}% / {100 * r['label_kept']:.1f}% at strength "
+                           f"{r['strength']:g}, guidance {r['guidance']:g}" for r in style_res)
+    psnr_text = ", ".join(f"{k} {v:.1f}" for k, v in psnr.items() if k != "corpus held-out")
+    summary = (
+        "Gates: samples judged correct ≥ 95% at guidance ≤ 4 keeping ≥ 50% of the corpus's background-colour "
+        f"diversity: **{'PASS' if ok_samples else 'MISS'}** (judged correct / diversity share: {sample_text}); "
+        "img2img with a style phrase at strength ≤ 0.7 moves ≥ 50% of the way keeping the label ≥ 90%: "
+        f"**{'PASS' if ok_style else 'MISS'}** (way moved / label kept: {style_text}); VAE PSNR ≥ 24 dB on each "
+        f"DigitsDG domain: **{'PASS' if ok_psnr else 'MISS'}** ({psnr_text} dB).\n\n"
+        "Grids: docs/images/embedded_samples.png (rows = digits, best guidance), "
+        "docs/images/embedded_img2img.png (input, then strengths 0, 0.3, 0.5, 0.7, 0.9).\n\n")
     (REPO / "benchmarks" / "reports" / f"{a.name}.json").write_text(json.dumps(results, indent=2))
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), summary + "\n".join(lines) + "\n")
 

@@ -38,7 +38,7 @@ from domainfusion.method import style_content
 COLOURS = {"red": (0.86, 0.12, 0.12), "blue": (0.12, 0.12, 0.86), "yellow": (0.9, 0.86, 0.16),
            "white": (0.94, 0.94, 0.94), "purple": (0.59, 0.16, 0.78), "dark green": (0.08, 0.4, 0.08)}
 DIGIT_ON = {"white": "black", "yellow": "black"}
-TEXTURES = ("on a texture", "inverted on a photo")
+TEXTURES = ("white on paper", "inverted on a photo")
 
 
 def style(images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=2.0)
     a = p.parse_args()
     torch.manual_seed(0)
-    ldm = load_ldm(a.model, a.data_dir, "auto")
+    ldm = load_ldm(a.model, "auto")
     ds = get_dataset(a.dataset, a.data_dir, [], {"data_augmentation": False})
     template = default_prompt_template(a.dataset)
     phrases = [f"{DIGIT_ON.get(c, 'white')} on {c}" for c in COLOURS] + list(TEXTURES)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -291,7 +293,7 @@ def ldm_train(
     """Train an LDM (VAE stage, then UNet on cached latents), resumable, with sample grids."""
     import dataclasses
 
-    from .ldm.embedded import export_embedded_weights
+    from .ldm.embedded import export_embedded_weights, write_provenance
     from .ldm.training import PRESETS, LDMTrainConfig, train_ldm
 
     fields = {f.name for f in dataclasses.fields(LDMTrainConfig)}
@@ -328,7 +330,9 @@ def ldm_train(
     folder = train_ldm(LDMTrainConfig(**values))
     console.print(f"[green]done[/green]: LDM folder {folder}")
     if install:
-        console.print(f"installed weights into {export_embedded_weights(folder)}")
+        weights = export_embedded_weights(folder)
+        write_provenance(output_dir, shlex.join(["domainfusion", *sys.argv[1:]]), weights)
+        console.print(f"installed weights into {weights} (provenance.json records how)")
 
 
 @ldm_app.command("sample")
@@ -340,14 +344,13 @@ def ldm_sample(
     steps: int = typer.Option(50, help="DDIM steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
     seed: int = typer.Option(0, help="Seed of the first column."),
-    data_dir: Path = typer.Option(Path("data"), help="Where the embedded LDM is materialised."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ) -> None:
     """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
     from .ldm import load_ldm
     from .ldm.grids import sample_grid
 
-    ldm = load_ldm(model, data_dir, device)
+    ldm = load_ldm(model, device)
     path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
 
@@ -382,7 +385,7 @@ def ldm_img2img(
         values = [float(s) for s in strengths.split(",")]
     except ValueError:
         raise UserError(f"--strengths takes numbers like '0.3,0.5', got {strengths!r}") from None
-    ldm = load_ldm(model, data_dir, device)
+    ldm = load_ldm(model, device)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [env], hp, allow_missing_classes, image_size=ldm.image_size)
     picks = torch.randperm(len(ds[env]), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
@@ -391,6 +394,71 @@ def ldm_img2img(
     prompts = [template.format(cls=ds.class_names[int(ds[env][i][1])]) for i in picks]
     path = img2img_grid(ldm, images, prompts, values, out, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
+
+
+@ldm_app.command("probe")
+def ldm_probe(
+    dataset: str = typer.Option("DigitsDG", help="Dataset whose domains are probed."),
+    model: str = typer.Option("embedded", help=LDM_HELP),
+    images_per_domain: int = typer.Option(300, help="Seeded random images per domain."),
+    draws: int = typer.Option(12, help="(t, noise) draws per image and class, shared by every class."),
+    t_min: int = typer.Option(100, help="Smallest timestep of the draws."),
+    t_max: int = typer.Option(900, help="Largest timestep of the draws (spread evenly from --t-min)."),
+    top_k: Optional[int] = typer.Option(None, help="With many classes: keep the K best classes after --prune-after "
+                                        "draws (default: every class, every draw)."),
+    prune_after: int = typer.Option(4, help="Draws spent on every class before --top-k pruning."),
+    prompt_template: Optional[str] = typer.Option(None, help="Class prompt, {cls} = class name (default: the "
+                                                  "dataset's class prompt)."),
+    compare_run: Optional[Path] = typer.Option(None, help="A run or sweep folder (e.g. ERM, leave-one-domain-out): "
+                                               "its held-out accuracy per domain, training-domain validation, is "
+                                               "printed beside the probe's."),
+    compare_algorithm: Optional[str] = typer.Option(None, help="Which algorithm of --compare-run (when it has "
+                                                    "several)."),
+    batch_size: int = typer.Option(256, help="UNet batch size (image, class, draw triples per call)."),
+    seed: int = typer.Option(0, help="Seeds the image picks and the noise draws."),
+    json_out: Optional[Path] = typer.Option(None, help="Also write the results as JSON."),
+    data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
+    allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+) -> None:
+    """What the LDM knows about each domain: its zero-shot accuracy as a diffusion classifier (lowest denoising
+    error over the class prompts), per domain, before any GPU hours go into DomainFusion."""
+    import dataclasses
+
+    from rich.table import Table
+
+    from . import hparams as registry
+    from .data import get_dataset
+    from .ldm import load_ldm
+    from .ldm.adapt import default_prompt_template
+    from .ldm.probe import ProbeConfig, probe_dataset, selected_accuracies
+
+    config = ProbeConfig(draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after,
+                         batch_size=batch_size, seed=seed)
+    compared = selected_accuracies(str(compare_run), compare_algorithm) if compare_run else {}
+    ldm = load_ldm(model, device)
+    hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
+    ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
+    template = prompt_template or default_prompt_template(dataset)
+    prompts = [template.format(cls=c) for c in ds.class_names]
+    results = probe_dataset(ldm, ds, prompts, images_per_domain, config)
+    table = Table(title=f"{model} on {dataset}: zero-shot diffusion-classifier accuracy "
+                        f"({draws} draws, t {t_min}-{t_max}, chance {100 / len(prompts):.1f}%)")
+    for column in ["domain", "images", "LDM zero-shot"] + (["compared run (held out)"] if compare_run else []) + \
+            ["UNet calls", "seconds"]:
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for i, r in enumerate(results):
+        other = [f"{100 * compared[i]:.1f}%" if i in compared else "-"] if compare_run else []
+        table.add_row(r.domain, str(r.images), f"{100 * r.accuracy:.1f}%", *other, str(r.unet_calls),
+                      f"{r.seconds:.0f}")
+    Console().print(table)
+    if json_out:
+        payload = {"model": model, "dataset": dataset, "prompts": prompts, "config": dataclasses.asdict(config),
+                   "domains": [dataclasses.asdict(r) for r in results],
+                   "compared": {ds.environments[i]: acc for i, acc in compared.items()}}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
 
 
 def main() -> None:

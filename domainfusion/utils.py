@@ -15,6 +15,29 @@ import numpy as np
 import torch
 
 
+def cache_dir() -> Path:
+    """Where derived artefacts (materialised models) go: $DOMAINFUSION_CACHE, else $XDG_CACHE_HOME/domainfusion, else
+    ~/.cache/domainfusion, as the Hugging Face cache does. Never a dataset folder: there an extra sub-folder would
+    become a domain of every image-folder dataset read from it."""
+    if os.environ.get("DOMAINFUSION_CACHE"):
+        return Path(os.environ["DOMAINFUSION_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "domainfusion"
+
+
+def machine_description() -> str:
+    """One line naming the CPU/GPU, core count and library versions numbers were measured (or weights trained) with."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
 def seed_hash(*args: Any) -> int:
     """Derive an integer seed from arbitrary arguments exactly as DomainBed's `misc.seed_hash` does."""
     args_str = str(args)

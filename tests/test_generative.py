@@ -205,5 +205,5 @@ def test_cdga_prompts_lie_between_own_and_other_domain(tmp_path: Path, sd_folder
 
 def test_domain_prompts() -> None:
     assert domain_prompt("PACS", "sketch", "dog") == "a sketch of a dog"
-    assert domain_prompt("DigitsDG", "mnist_m", "3") == "a photo of the digit 3, inverted on a photo"
+    assert domain_prompt("DigitsDG", "mnist_m", "3") == "a photo of the digit 3, handwritten inverted on a photo"
     assert domain_prompt("ImageFolder", "d0", "cat") == "a d0 image of a cat"

@@ -3,6 +3,7 @@ Stable-Diffusion-1.x-shaped one (CLIP), both loaded through the same `from_pretr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -154,6 +155,24 @@ def test_incomplete_folder(tmp_path: Path, bert_folder: Path, remove: str, messa
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(UserError, match=message):
         LatentDiffusion.from_pretrained(broken, device="cpu")
+
+
+@pytest.mark.parametrize("component, entry", [
+    ("unet", ["evil_module", "UNet2DConditionModel"]),  # a library the folder chooses would be imported
+    ("vae", ["diffusers", "DiffusionPipeline"]),  # a diffusers class, but not a model
+    ("tokenizer", ["transformers", "pipeline"]),  # a function, not a class
+    ("text_encoder", ["transformers", "NoSuchModel"]),
+])
+def test_model_index_may_only_name_allowed_component_classes(tmp_path: Path, bert_folder: Path, monkeypatch,
+                                                             component: str, entry: list[str]) -> None:
+    folder = tmp_path / "crafted"
+    shutil.copytree(bert_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, component: entry}))
+    (tmp_path / "evil_module.py").write_text("raise SystemExit('imported a module named by a model folder')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=f"declares {component} as {entry[0]}.{entry[1]}"):
+        LatentDiffusion.from_pretrained(folder, device="cpu")
 
 
 def test_missing_folder_and_unreachable_hub_id(tmp_path: Path) -> None:

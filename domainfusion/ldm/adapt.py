@@ -69,8 +69,8 @@ def check_resolution(ldm_size: int, input_shape: tuple[int, int, int], ldm_name:
 # How each known domain is described to an LDM (CDGA's prompts move between these). Digit descriptions use the
 # embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
 DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
-    "DigitsDG": {"mnist": "white on black", "mnist_m": "inverted on a photo", "syn": "on a texture",
-                 "optdigits": "thick white on black"},
+    "DigitsDG": {"mnist": "handwritten white on black", "mnist_m": "handwritten inverted on a photo",
+                 "syn": "printed", "optdigits": "low-res handwritten white on black"},
     "PACS": {"art_painting": "an art painting", "cartoon": "a cartoon", "photo": "a photo", "sketch": "a sketch"},
     "OfficeHome": {"Art": "an artistic image", "Clipart": "a clipart image", "Product": "a product photo",
                    "Real World": "a photo", "Real_World": "a photo"},
@@ -81,7 +81,7 @@ DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 
 def domain_prompt(dataset: str, domain: str, cls: str) -> str:
     """A prompt naming both the class and the domain's look, e.g. 'a sketch of a dog' or, for digits,
-    'a photo of the digit 3, inverted on a photo'; unknown domains are described by their folder name."""
+    'a photo of the digit 3, handwritten inverted on a photo'; unknown domains are described by their folder name."""
     known = DOMAIN_DESCRIPTIONS.get(dataset, {})
     if dataset in DIGIT_DATASETS:
         return f"{default_prompt_template(dataset).format(cls=cls)}, {known.get(domain, domain)}"

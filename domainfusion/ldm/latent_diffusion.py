@@ -29,6 +29,8 @@ COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work
 PIXEL_TOLERANCE = 1e-3  # resizing/normalising pipelines overshoot [0, 1] by rounding errors
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_EXAMPLES = {"vae": "AutoencoderKL", "unet": "UNet2DConditionModel", "scheduler": "DDPMScheduler",
+             "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
 
 
 class LatentDiffusion:
@@ -316,14 +318,25 @@ def _read_local_index(path: Path) -> dict:
     return index
 
 
+# What a model folder's model_index.json may name per component: the library, and the base class the named class
+# must derive from. A folder is data: it must never make us import a module of its choosing (a same-named .py in the
+# working directory would run) or build an arbitrary class.
+ALLOWED_COMPONENTS = {
+    "vae": ("diffusers", "ModelMixin"), "unet": ("diffusers", "ModelMixin"),
+    "scheduler": ("diffusers", "SchedulerMixin"), "text_encoder": ("transformers", "PreTrainedModel"),
+    "tokenizer": ("transformers", "PreTrainedTokenizerBase"),
+}  # fmt: skip
+
+
 def _load_component(path_or_id: str, name: str, entry: list[str]):
-    """Load one component with the class model_index.json names for it."""
+    """Load one component with the class model_index.json names for it, if that class is an allowed one."""
     library, class_name = entry
-    try:
-        component_class = getattr(importlib.import_module(library), class_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"model_index.json declares {name} as {library}.{class_name}, which this environment "
-                        f"cannot import ({e})") from e
+    allowed_library, base_name = ALLOWED_COMPONENTS[name]
+    module = importlib.import_module(allowed_library)
+    component_class = getattr(module, class_name, None) if library == allowed_library else None
+    if not (isinstance(component_class, type) and issubclass(component_class, getattr(module, base_name))):
+        raise UserError(f"model_index.json declares {name} as {library}.{class_name}; a {name} must be a "
+                        f"{allowed_library} {base_name} class (e.g. {_EXAMPLES[name]})")
     try:
         return component_class.from_pretrained(path_or_id, subfolder=name)
     except (OSError, ValueError) as e:

@@ -1,13 +1,14 @@
 """`domainfusion ldm train`: pre-train the embedded LDM on the digit corpus, or train / fine-tune an LDM on a dataset.
 
-Three resumable stages, each on a CPU budget (the embedded preset must finish in 45 minutes on 2 cores):
+Three resumable stages, each on a CPU budget (the embedded preset must finish in 90 minutes on 2 cores):
 1. VAE: L1 reconstruction + L1 on image gradients (a cheap, download-free stand-in for LPIPS: it keeps edges sharp)
    + Stable Diffusion's tiny KL weight; then `scaling_factor` = 1 / std of the training latents, as SD did.
 2. Latent cache: every training image is encoded once (posterior mean and std), so the UNet stage never runs the
    VAE; a fresh posterior sample is still drawn per step from the cached mean and std.
 3. UNet: epsilon-prediction MSE with Min-SNR-gamma weighting (faster convergence per step, which is what a CPU budget
    needs), AdamW with warmup + cosine LR, an EMA copy of the weights (the one that is saved and sampled), and
-   caption dropout to the empty prompt so classifier-free guidance works.
+   caption dropout to the empty prompt so classifier-free guidance works, and optionally style dropout to the bare
+   class prompt (so that prompt means the class in any style, as latent distillation and the probe use it).
 
 Every random draw of step k comes from a generator seeded by (seed, stage, k) and batches from per-epoch seeded
 permutations, so a run killed and resumed from its last checkpoint ends bit-identical (on CPU) to one that never
@@ -65,7 +66,7 @@ RESUME_FREE_KEYS = ("resume", "progress", "device")
 # many times slower.
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(data="corpus", corpus_size=100_000, vae_steps=4000, vae_batch_size=32, vae_precision="bf16",
-                     unet_steps=8000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
+                     unet_steps=6000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
                      sample_every=1000),
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -445,7 +446,7 @@ def _initial_models(config: LDMTrainConfig, device: torch.device):
     """(vae, unet, text_encoder, tokenizer, scheduler): loaded from `init_from`, or built from the embedded configs
     (with `model_overrides`) under the run's seed."""
     if config.init_from:
-        path = embedded_ldm_path(config.data_dir) if config.init_from == "embedded" else config.init_from
+        path = embedded_ldm_path() if config.init_from == "embedded" else config.init_from
         base = LatentDiffusion.from_pretrained(path, device=device, dtype=torch.float32)
         return base.vae, base.unet, base.text_encoder, base.tokenizer, base.scheduler
     with torch.random.fork_rng():
