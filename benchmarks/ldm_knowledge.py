@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--t-min", type=int, default=100)
     p.add_argument("--t-max", type=int, default=900)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--domains", default=None, help="comma-separated domains to probe (default: all)")
     p.add_argument("--compare-run", default=None, help="an ERM run or sweep folder (training-domain validation)")
     p.add_argument("--erm-reference", default=None, help="'domain=acc,...' from a committed report, when the runs "
                    "themselves are not on this machine")
@@ -82,13 +83,14 @@ def main() -> None:
             hp = {**registry.default_hparams("ERM", a.dataset), "data_augmentation": False}
             ds = get_dataset(a.dataset, a.data_dir, [], hp, image_size=ldm.image_size)
             prompts = [default_prompt_template(a.dataset).format(cls=c) for c in ds.class_names]
-            results[model] = probe_dataset(ldm, ds, prompts, a.images_per_domain, config)
+            results[model] = probe_dataset(ldm, ds, prompts, a.images_per_domain, config,
+                                           domains=a.domains.split(",") if a.domains else None)
             print(model, [f"{r.domain} {100 * r.accuracy:.1f}" for r in results[model]], flush=True)
     domains = [r.domain for r in results[models[0]]]
     erm: dict[str, float] = {}
     erm_source = ""
     if a.compare_run:
-        erm = {domains[i]: acc for i, acc in selected_accuracies(a.compare_run, "ERM").items()}
+        erm = {ds.environments[i]: acc for i, acc in selected_accuracies(a.compare_run, "ERM").items()}
         erm_source = f"ERM runs in `{a.compare_run}`, training-domain validation"
     elif a.erm_reference:
         erm = {k: float(v) / 100 for k, v in (item.split("=") for item in a.erm_reference.split(","))}

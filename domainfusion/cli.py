@@ -401,6 +401,7 @@ def ldm_probe(
     dataset: str = typer.Option("DigitsDG", help="Dataset whose domains are probed."),
     model: str = typer.Option("embedded", help=LDM_HELP),
     images_per_domain: int = typer.Option(300, help="Seeded random images per domain."),
+    domains: Optional[str] = typer.Option(None, help="Probe only these domains, e.g. 'sketch,cartoon' (default: all)."),
     draws: int = typer.Option(12, help="(t, noise) draws per image and class, shared by every class."),
     t_min: int = typer.Option(100, help="Smallest timestep of the draws."),
     t_max: int = typer.Option(900, help="Largest timestep of the draws (spread evenly from --t-min)."),
@@ -441,13 +442,14 @@ def ldm_probe(
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)
     prompts = [template.format(cls=c) for c in ds.class_names]
-    results = probe_dataset(ldm, ds, prompts, images_per_domain, config)
+    results = probe_dataset(ldm, ds, prompts, images_per_domain, config, domains=domains.split(",") if domains else None)
     table = Table(title=f"{model} on {dataset}: zero-shot diffusion-classifier accuracy "
                         f"({draws} draws, t {t_min}-{t_max}, chance {100 / len(prompts):.1f}%)")
     for column in ["domain", "images", "LDM zero-shot"] + (["compared run (held out)"] if compare_run else []) + \
             ["UNet calls", "seconds"]:
         table.add_column(column, justify="left" if column == "domain" else "right")
-    for i, r in enumerate(results):
+    for r in results:
+        i = ds.environments.index(r.domain)
         other = [f"{100 * compared[i]:.1f}%" if i in compared else "-"] if compare_run else []
         table.add_row(r.domain, str(r.images), f"{100 * r.accuracy:.1f}%", *other, str(r.unet_calls),
                       f"{r.seconds:.0f}")

@@ -77,14 +77,15 @@ def test_top_k_pruning_keeps_the_answer_and_spends_fewer_unet_calls(oracle):
 
 def test_denoising_errors_do_not_depend_on_the_batch_size(tmp_path):
     ldm = LatentDiffusion(**bert_components(tmp_path), device="cpu")
-    latents = ldm.encode(images(2))
+    latents = ldm.encode(images(1)).repeat(2, 1, 1, 1)  # one image twice, its classes in two orders
     embeds = ldm.encode_prompts(PROMPTS)
     t, noise = probe_draws(ProbeConfig(draws=3), tuple(latents.shape[1:]), 1000)
     candidates = torch.tensor([[0, 1, 2], [2, 1, 0]])
     one = denoising_errors(ldm, latents, embeds, candidates, t, noise, batch_size=1)
     many = denoising_errors(ldm, latents, embeds, candidates, t, noise, batch_size=1000)
     assert one.shape == (2, 3, 3) and torch.allclose(one, many, atol=1e-5)
-    assert torch.allclose(one[0, 0], many[1, 2], atol=1e-5)  # same class, same draws: same numbers whatever the slot
+    assert torch.allclose(one[0], many[1].flip(0), atol=1e-5)  # same class, same draws: same numbers in any slot
+    assert not torch.allclose(one[0, 0], one[0, 1])  # and different classes differ
 
 
 def test_config_is_validated():
@@ -108,6 +109,10 @@ def test_probe_dataset_reports_each_domain(oracle):
     assert [r.accuracy for r in results] == [1.0, 1.0]
     assert results[1].per_class[1:] == [1.0, 1.0] and results[1].per_class[0] != results[1].per_class[0]  # NaN
     assert [r.unet_calls for r in results] == [3 * 3 * 4, 2 * 3 * 4]
+    only_b = probe_dataset(ldm, dataset, PROMPTS, 10, ProbeConfig(draws=4), progress=False, domains=["b"])
+    assert [r.domain for r in only_b] == ["b"] and only_b[0].per_class[1:] == results[1].per_class[1:]
+    with pytest.raises(UserError, match="unknown domain"):
+        probe_dataset(ldm, dataset, PROMPTS, 10, ProbeConfig(), progress=False, domains=["c"])
     with pytest.raises(UserError, match="class prompts"):
         probe_dataset(ldm, dataset, PROMPTS[:2], 10, ProbeConfig(), progress=False)
 

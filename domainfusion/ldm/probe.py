@@ -114,9 +114,10 @@ class DomainKnowledge:
 
 
 def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], images_per_domain: int,
-                  config: ProbeConfig, chunk: int = 64, progress: bool = True) -> list[DomainKnowledge]:
-    """Zero-shot diffusion-classifier accuracy on a seeded random subset of every environment of `dataset` (a
-    `MultipleDomainDataset` built at the LDM's resolution, without training augmentation)."""
+                  config: ProbeConfig, chunk: int = 64, progress: bool = True,
+                  domains: list[str] | None = None) -> list[DomainKnowledge]:
+    """Zero-shot diffusion-classifier accuracy on a seeded random subset of every environment (or of `domains`) of
+    `dataset` (a `MultipleDomainDataset` built at the LDM's resolution, without training augmentation)."""
     import time
 
     from tqdm import tqdm
@@ -127,8 +128,13 @@ def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], image
         raise UserError(f"images_per_domain must be >= 1, got {images_per_domain}")
     if len(class_prompts) != dataset.num_classes:
         raise UserError(f"{len(class_prompts)} class prompts for {dataset.num_classes} classes")
+    unknown = sorted(set(domains or ()) - set(dataset.environments))
+    if unknown:
+        raise UserError(f"unknown domain(s) {unknown}; this dataset has {', '.join(dataset.environments)}")
     results = []
     for env_index, (name, env) in enumerate(zip(dataset.environments, dataset)):
+        if domains and name not in domains:
+            continue
         start = time.perf_counter()
         pick = torch.randperm(len(env), generator=torch.Generator().manual_seed(config.seed + env_index))
         pick = pick[:images_per_domain].tolist()
