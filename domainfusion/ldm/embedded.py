@@ -190,7 +190,7 @@ def _weights_digest(weights_dir: Path) -> str:
     if missing:
         raise UserError(
             f"the embedded LDM weights are not installed ({weights_dir} lacks {', '.join(missing)}). Run "
-            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 75 min on a 2-core CPU) or "
+            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 85 min on a 2-core CPU) or "
             "reinstall domainfusion."
         )
     h = hashlib.sha256()
