@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/domainfusion datasets show DigitsDG --data-dir $(DATA) --out $(DEMO_OUT)/DigitsDG.png --per-class 2
 	$(BIN)/domainfusion ldm sample "a photo of the digit 0" "a photo of the digit 1" "a photo of the digit 2" \
 		"a photo of the digit 3" "a photo of the digit 4" "a photo of the digit 5" "a photo of the digit 6" \
-		"a photo of the digit 7" "a photo of the digit 8" "a photo of the digit 9" --n-seeds 6 --steps 25 \
+		"a photo of the digit 7" "a photo of the digit 8" "a photo of the digit 9" --n-seeds 6 --steps 25 --guidance 4 \
 		--out $(DEMO_OUT)/ldm_samples.png
 	$(BIN)/domainfusion train --algorithm ERM $(DEMO_FLAGS) --output-dir $(DEMO_OUT)/runs/erm
 	$(BIN)/domainfusion train --algorithm DomainFusion $(DEMO_FLAGS) --output-dir $(DEMO_OUT)/runs/domainfusion
