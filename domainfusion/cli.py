@@ -442,7 +442,8 @@ def ldm_probe(
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)
     prompts = [template.format(cls=c) for c in ds.class_names]
-    results = probe_dataset(ldm, ds, prompts, images_per_domain, config, domains=domains.split(",") if domains else None)
+    chosen = domains.split(",") if domains else None
+    results = probe_dataset(ldm, ds, prompts, images_per_domain, config, domains=chosen)
     table = Table(title=f"{model} on {dataset}: zero-shot diffusion-classifier accuracy "
                         f"({draws} draws, t {t_min}-{t_max}, chance {100 / len(prompts):.1f}%)")
     for column in ["domain", "images", "LDM zero-shot"] + (["compared run (held out)"] if compare_run else []) + \

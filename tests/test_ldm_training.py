@@ -351,3 +351,14 @@ def test_shipped_weights_match_their_provenance_and_load_as_embedded(tmp_path, m
     x[..., 8:24, 13:19] = 1.0
     psnr = -10 * torch.log10((ldm.decode(ldm.encode(x)) - x).pow(2).mean())
     assert psnr > 20, psnr
+
+
+def test_bf16_vae_stage_trains_differently_and_unknown_precisions_are_refused(trained, mnist_root, tmp_path):
+    folder = train_ldm(_config(tmp_path / "bf16", mnist_root, vae_precision="bf16"))
+    losses = _losses(tmp_path / "bf16", "vae")
+    assert len(losses) == 6 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    fp32 = load_file(trained[1] / "vae" / "diffusion_pytorch_model.safetensors")
+    bf16 = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(fp32[k], bf16[k]) for k in fp32)  # autocast was on: same seed, other arithmetic
+    with pytest.raises(UserError, match="precision"):
+        train_ldm(_config(tmp_path / "bad", mnist_root, vae_precision="fp16"))

@@ -278,7 +278,8 @@ def _resolution(rng: np.random.RandomState, image: np.ndarray, kind: str) -> np.
     small = small.resize((side, side), Image.Resampling.BOX)
     if rng.rand() < 0.5:
         small = Image.fromarray((np.rint(np.asarray(small) / 255.0 * 16) * (255.0 / 16)).astype(np.uint8))
-    up = Image.Resampling.NEAREST if kind == "pixelated" else [Image.Resampling.BILINEAR, Image.Resampling.BICUBIC][rng.randint(2)]
+    smooth = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+    up = Image.Resampling.NEAREST if kind == "pixelated" else smooth[rng.randint(2)]
     return np.asarray(small.resize((SIZE, SIZE), up), np.float64)
 
 
@@ -421,6 +422,7 @@ def split_corpus(corpus: Corpus) -> tuple[Corpus, Corpus]:
     cut = len(corpus.labels) - held_out_size(len(corpus.labels))
 
     def part(s: slice) -> Corpus:
-        return Corpus(corpus.images[s], corpus.labels[s], corpus.captions[s], {k: v[s] for k, v in corpus.factors.items()})
+        factors = {k: v[s] for k, v in corpus.factors.items()}
+        return Corpus(corpus.images[s], corpus.labels[s], corpus.captions[s], factors)
 
     return part(slice(None, cut)), part(slice(cut, None))

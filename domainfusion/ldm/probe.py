@@ -12,11 +12,18 @@ al. found best), the noise is seeded.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from ..errors import UserError
+from ..report.records import load_records
+from ..report.selection import IIDAccuracySelection
+from ..report.tables import trial_results
+from .adapt import to_ldm_images
 from .latent_diffusion import LatentDiffusion
 
 
@@ -118,12 +125,6 @@ def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], image
                   domains: list[str] | None = None) -> list[DomainKnowledge]:
     """Zero-shot diffusion-classifier accuracy on a seeded random subset of every environment (or of `domains`) of
     `dataset` (a `MultipleDomainDataset` built at the LDM's resolution, without training augmentation)."""
-    import time
-
-    from tqdm import tqdm
-
-    from .adapt import to_ldm_images
-
     if images_per_domain < 1:
         raise UserError(f"images_per_domain must be >= 1, got {images_per_domain}")
     if len(class_prompts) != dataset.num_classes:
@@ -157,12 +158,6 @@ def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], image
 def selected_accuracies(run_dir: str, algorithm: str | None = None) -> dict[int, float]:
     """{held-out env index: test accuracy} of the runs in `run_dir` under training-domain validation, averaged over
     trial seeds (DomainBed's selection); `algorithm` picks one when the folder holds several."""
-    from collections import defaultdict
-
-    from ..report.records import load_records
-    from ..report.selection import IIDAccuracySelection
-    from ..report.tables import trial_results
-
     results = trial_results(load_records(run_dir), IIDAccuracySelection())
     algorithms = sorted({r.algorithm for r in results})
     if not results:

@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      unet_steps=6000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
                      sample_every=1000),
 }
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -578,8 +578,7 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
     """Mixed precision for a training stage: "fp32" (off) or "bf16" (autocast; weights stay fp32)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device.type, dtype=PRECISIONS[precision] or torch.bfloat16,
-                          enabled=PRECISIONS[precision] is not None)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:
