@@ -25,7 +25,7 @@ from common import REPO, write_report
 from domainfusion.data.digits_dg import build_digits_dg
 from domainfusion.data.resources import load_mnist_splits
 from domainfusion.ldm import load_ldm
-from domainfusion.ldm.corpus import (build_corpus, digit_pools, digit_prompt, generate_corpus, load_sources,
+from domainfusion.ldm.corpus import (Corpus, build_corpus, digit_pools, digit_prompt, generate_corpus, load_sources,
                                      split_corpus)
 from domainfusion.ldm.grids import img2img_grid, sample_grid
 from domainfusion.ldm.training import vae_psnr
@@ -53,12 +53,12 @@ def as_float(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255
 
 
-def judge_data(data_dir: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def judge_data(data_dir: str, held_corpus: Corpus
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test) for the judge: train on held-out-pool digits no corpus image shows, test on the corpus's held-out
     images (see the module docstring)."""
     images, labels = load_mnist_splits(data_dir)["train"]
     _, held_pool = digit_pools(len(images), 0, held_out=True)
-    _, held_corpus = split_corpus(build_corpus(data_dir))
     shown = int((held_corpus.factors["source"] == "handwritten").sum())  # the held-out images use the pool in order
     digits = held_pool[shown:]
     styled = generate_corpus(images[digits], labels[digits], 60_000, seed=1, sources=load_sources(data_dir))
@@ -148,7 +148,7 @@ def main() -> None:
     results: dict[str, object] = {}
 
     # 1. VAE PSNR: held-out corpus and each DigitsDG-offline domain.
-    _, held_corpus = split_corpus(build_corpus(a.data_dir))
+    train_corpus, held_corpus = split_corpus(build_corpus(a.data_dir))
     psnr = {"corpus held-out": vae_psnr(ldm.vae, torch.as_tensor(held_corpus.images[: a.psnr_images]))}
     rng = np.random.RandomState(0)
     for domain, (images, _) in build_digits_dg(a.data_dir).items():
@@ -160,13 +160,12 @@ def main() -> None:
 
     # 2. The judge.
     t0 = time.perf_counter()
-    train, test = judge_data(a.data_dir)
+    train, test = judge_data(a.data_dir, held_corpus)
     judge = train_judge(train, a.judge_epochs)
     judge_hit = predict(judge, test[0]) == test[1]
     judge_acc = judge_hit.float().mean().item()
-    _, held_for_factors = split_corpus(build_corpus(a.data_dir))
-    plain = torch.as_tensor((held_for_factors.factors["resolution"] == "") & (held_for_factors.factors["blur"] == "")
-                            & (held_for_factors.factors["noise"] == ""))
+    factors = held_corpus.factors
+    plain = torch.as_tensor((factors["resolution"] == "") & (factors["blur"] == "") & (factors["noise"] == ""))
     judge_plain = judge_hit[plain].float().mean().item()
     results["judge"] = {"train_images": len(train[0]), "test_images": len(test[0]), "test_acc": judge_acc,
                         "test_acc_full_resolution_sharp": judge_plain,
@@ -235,7 +234,6 @@ def main() -> None:
 
     # 5. img2img with a style phrase: how far the colour statistics move towards the phrase's style (the mean
     # statistics of the corpus images captioned with it), and whether the judge keeps the label.
-    train_corpus, _ = split_corpus(build_corpus(a.data_dir))
     phrases = [p.strip() for p in a.style_phrases.split(";")]
     targets = {p: named_style(train_corpus, p) for p in phrases}
     xs, ys = x[readable][: a.style_images], y[readable][: a.style_images]

@@ -126,18 +126,17 @@ def build_mnist_m(test_images: np.ndarray, seed: int = SEEDS["mnist_m"]) -> np.n
     return _resize(compose_mnist_m(test_images, photos, np.random.RandomState(seed)), SIZE, Image.Resampling.BILINEAR)
 
 
+def glyph_mask(font: ImageFont.FreeTypeFont, digit: int) -> Image.Image:
+    """A digit's ink in `font` (rendered large, e.g. at 96 px) cropped to its bounding box."""
+    canvas = Image.new("L", (192, 192))
+    ImageDraw.Draw(canvas).text((48, 24), str(digit), font=font, fill=255)
+    return canvas.crop(canvas.getbbox())
+
+
 def _glyph_masks() -> list[list[Image.Image]]:
     """[font][digit] -> the digit's ink, rendered large (96 px font) and cropped to its bounding box."""
-    masks = []
-    for name in SYN_FONTS:
-        font = ImageFont.truetype(str(font_path(name)), 96)
-        row = []
-        for digit in range(10):
-            canvas = Image.new("L", (192, 192))
-            ImageDraw.Draw(canvas).text((48, 24), str(digit), font=font, fill=255)
-            row.append(canvas.crop(canvas.getbbox()))
-        masks.append(row)
-    return masks
+    fonts = [ImageFont.truetype(str(font_path(name)), 96) for name in SYN_FONTS]
+    return [[glyph_mask(font, digit) for digit in range(10)] for font in fonts]
 
 
 def _contrasting_colours(rng: np.random.RandomState, min_luma_gap: float = 80.0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ each named in the caption, from sources disjoint from every DigitsDG-offline dom
 - stroke rendering: filled, outline, glowing, shadowed, double, dotted;
 - background: plain colour (grey-scale or any RGB), gradient, paper grain, tinted texture, a photo, or an
   MNIST-M-like |photo - 255*ink| blend; photos and textures are bundled scikit-image images no DigitsDG domain uses
-  (`CORPUS_PHOTOS`, `CORPUS_GREY_IMAGES`), grey ones colourised at random;
+  (`CORPUS_PHOTOS`, `CORPUS_GREY_PHOTOS`, `CORPUS_GREY_TEXTURES`), grey ones colourised or tinted at random;
 - resolution: down to 5-14 px and back up with nearest (pixelated), bilinear or bicubic (low-res) resampling,
   optionally quantised to 17 grey levels;
 - nuisance: Gaussian blur and pixel noise (named when strong).
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..data.digits_dg import MNIST_M_PHOTOS, UNUSED_PHOTOS, load_bundled_photo
+from ..data.digits_dg import MNIST_M_PHOTOS, UNUSED_PHOTOS, glyph_mask, load_bundled_photo
 from ..data.resources import load_mnist_splits, load_wheel_fonts
 from ..utils import atomic_write_text, save_npz_atomic
 
@@ -113,12 +113,6 @@ class Sources(NamedTuple):
     textures: list[np.ndarray]
 
 
-def _glyph(font: ImageFont.FreeTypeFont, digit: int) -> Image.Image:
-    canvas = Image.new("L", (192, 192))
-    ImageDraw.Draw(canvas).text((48, 24), str(digit), font=font, fill=255)
-    return canvas.crop(canvas.getbbox())
-
-
 def load_sources(cache_dir: str | Path) -> Sources:
     """Glyphs of every packaged font face (rendered at 96 px, cropped to ink), colour photos and grey images."""
     import skimage.data
@@ -126,7 +120,7 @@ def load_sources(cache_dir: str | Path) -> Sources:
     glyphs = []
     for faces in load_wheel_fonts(cache_dir).values():
         fonts = [ImageFont.truetype(io.BytesIO(data), 96) for data in faces.values()]
-        glyphs.append([[_glyph(font, d) for d in range(10)] for font in fonts])
+        glyphs.append([[glyph_mask(font, d) for d in range(10)] for font in fonts])
     return Sources(glyphs, [load_bundled_photo(name) for name in CORPUS_PHOTOS],
                    [getattr(skimage.data, name)() for name in CORPUS_GREY_PHOTOS],
                    [getattr(skimage.data, name)() for name in CORPUS_GREY_TEXTURES])  # fmt: skip

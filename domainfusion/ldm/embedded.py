@@ -167,13 +167,13 @@ def write_provenance(run_dir: str | Path, command: str, weights_dir: str | Path 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(domainfusion.__file__).parent, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    summary = json.loads((run_dir / "summary.json").read_text())
     record = {
         "command": command, "commit": commit, "date": datetime.date.today().isoformat(),
         "machine": f"{machine_description()}, diffusers {diffusers.__version__}",
         "trained_on": device, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-        "wall_minutes": round(json.loads((run_dir / "summary.json").read_text())["wall_s"] / 60, 1),
-        "config": json.loads((run_dir / "config.json").read_text()),
-        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "wall_minutes": round(summary["wall_s"] / 60, 1), "config": json.loads((run_dir / "config.json").read_text()),
+        "summary": summary,
         "weights_sha256": _weights_digest(weights_dir),
     }  # fmt: skip
     path = weights_dir / "provenance.json"

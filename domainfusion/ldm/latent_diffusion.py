@@ -29,8 +29,6 @@ COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work
 PIXEL_TOLERANCE = 1e-3  # resizing/normalising pipelines overshoot [0, 1] by rounding errors
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_EXAMPLES = {"vae": "AutoencoderKL", "unet": "UNet2DConditionModel", "scheduler": "DDPMScheduler",
-             "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
 
 
 class LatentDiffusion:
@@ -158,8 +156,10 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ text
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → text-encoder hidden states (B, L, D), each distinct string encoded once per model instance.
+    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
+        """Prompts → text-encoder hidden states (B, L, D), each distinct string encoded once per model instance
+        (`cache=False`: encoded now and not kept, for bulk callers that hold the result themselves, e.g. tens of
+        thousands of training captions).
 
         Like diffusers' `encode_prompt`, an attention mask is passed only if the text encoder's config sets
         `use_attention_mask` (Stable Diffusion's CLIP was trained without one).
@@ -173,7 +173,10 @@ class LatentDiffusion:
             mask = tokens.attention_mask.to(self.device)
             use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
             hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
-            self._prompt_cache.update((p, h[None].to(self.dtype)) for p, h in zip(new, hidden))
+            encoded = {p: h[None].to(self.dtype) for p, h in zip(new, hidden)}
+            if not cache:
+                return torch.cat([encoded.get(p, self._prompt_cache.get(p)) for p in prompts])
+            self._prompt_cache.update(encoded)
         return torch.cat([self._prompt_cache[p] for p in prompts])
 
     # ------------------------------------------------------------------ diffusion
@@ -318,25 +321,26 @@ def _read_local_index(path: Path) -> dict:
     return index
 
 
-# What a model folder's model_index.json may name per component: the library, and the base class the named class
-# must derive from. A folder is data: it must never make us import a module of its choosing (a same-named .py in the
+# What a model folder's model_index.json may name per component: the library, the base class the named class must
+# derive from, and an example for the error message. A folder is data: it must never make us import a module of its choosing (a same-named .py in the
 # working directory would run) or build an arbitrary class.
 ALLOWED_COMPONENTS = {
-    "vae": ("diffusers", "ModelMixin"), "unet": ("diffusers", "ModelMixin"),
-    "scheduler": ("diffusers", "SchedulerMixin"), "text_encoder": ("transformers", "PreTrainedModel"),
-    "tokenizer": ("transformers", "PreTrainedTokenizerBase"),
+    "vae": ("diffusers", "ModelMixin", "AutoencoderKL"), "unet": ("diffusers", "ModelMixin", "UNet2DConditionModel"),
+    "scheduler": ("diffusers", "SchedulerMixin", "DDPMScheduler"),
+    "text_encoder": ("transformers", "PreTrainedModel", "CLIPTextModel"),
+    "tokenizer": ("transformers", "PreTrainedTokenizerBase", "CLIPTokenizer"),
 }  # fmt: skip
 
 
 def _load_component(path_or_id: str, name: str, entry: list[str]):
     """Load one component with the class model_index.json names for it, if that class is an allowed one."""
     library, class_name = entry
-    allowed_library, base_name = ALLOWED_COMPONENTS[name]
+    allowed_library, base_name, example = ALLOWED_COMPONENTS[name]
     module = importlib.import_module(allowed_library)
     component_class = getattr(module, class_name, None) if library == allowed_library else None
     if not (isinstance(component_class, type) and issubclass(component_class, getattr(module, base_name))):
         raise UserError(f"model_index.json declares {name} as {library}.{class_name}; a {name} must be a "
-                        f"{allowed_library} {base_name} class (e.g. {_EXAMPLES[name]})")
+                        f"{allowed_library} {base_name} class (e.g. {example})")
     try:
         return component_class.from_pretrained(path_or_id, subfolder=name)
     except (OSError, ValueError) as e:

@@ -60,9 +60,8 @@ from .latent_diffusion import LatentDiffusion
 # Keys that may change between a run and its resumption without changing its result.
 RESUME_FREE_KEYS = ("resume", "progress", "device")
 
-# The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running: the
-# VAE stage in bf16 autocast (about 2x faster than fp32 on a CPU with AMX/AVX-512 bf16), the UNet in fp32 (bf16 gave
-# it no speed-up on CPU). Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
+# The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running (stage
+# times: docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
 # many times slower.
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(data="corpus", corpus_size=100_000, vae_steps=4000, vae_batch_size=32, vae_precision="bf16",
@@ -539,17 +538,18 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
     mean, std = latents["mean"].to(device), latents["std"].to(device)
     unet.to(device).requires_grad_(True).train()
     captions = sorted(set(data.captions))
-    embeds = torch.cat([ldm.encode_prompts(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+    embeds = torch.cat([ldm.encode_prompts(captions[i : i + 256], cache=False) for i in range(0, len(captions), 256)])
     index_of = {c: i for i, c in enumerate(captions)}
     caption_index = torch.tensor([index_of[c] for c in data.captions], device=device)
     empty = ldm.encode_prompts([""])[0]
-    if config.style_dropout and data.class_captions is None:
-        raise UserError("style_dropout needs class prompts for the training images; this data has none (set it to 0)")
-    short = data.class_captions if config.style_dropout else data.captions
-    short_prompts = sorted(set(short))
-    short_embeds = ldm.encode_prompts(short_prompts)
-    short_of = {c: i for i, c in enumerate(short_prompts)}
-    short_index = torch.tensor([short_of[c] for c in short], device=device)
+    if config.style_dropout:
+        if data.class_captions is None:
+            raise UserError("style_dropout needs class prompts for the training images; this data has none (set it "
+                            "to 0)")
+        class_prompts = sorted(set(data.class_captions))
+        class_embeds = ldm.encode_prompts(class_prompts)
+        class_of = {c: i for i, c in enumerate(class_prompts)}
+        class_index = torch.tensor([class_of[c] for c in data.class_captions], device=device)
 
     def unet_step(step: int, g: torch.Generator) -> torch.Tensor:
         idx = batch_indices(len(mean), config.unet_batch_size, step, config.seed).to(device)
@@ -559,7 +559,7 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
         cond = embeds[caption_index[idx]]
         if config.style_dropout:
             restyle = (u >= config.cond_dropout) & (u < config.cond_dropout + config.style_dropout)
-            cond = torch.where(restyle[:, None, None], short_embeds[short_index[idx]], cond)
+            cond = torch.where(restyle[:, None, None], class_embeds[class_index[idx]], cond)
         cond = torch.where((u < config.cond_dropout)[:, None, None], empty, cond)
         with _autocast(device, config.unet_precision):
             return unet_loss(unet, ldm.scheduler, z0, cond, g, config.snr_gamma)
