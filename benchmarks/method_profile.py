@@ -35,6 +35,7 @@ def build(name: str, dataset, in_splits, train_envs, out: Path, hp_overrides: di
     hp = {k: v for k, v in hp.items() if k in registry.specs(name, "DigitsDG")}
     context = RunContext(dataset="DigitsDG", output_dir=out, train_splits=[in_splits[i] for i in train_envs],
                          train_env_names=[dataset.environments[i] for i in train_envs],
+                         env_names=list(dataset.environments),
                          class_names=list(dataset.class_names),
                          steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
                          seed=0)  # fmt: skip

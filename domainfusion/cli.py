@@ -21,6 +21,8 @@ app.add_typer(ldm_app, name="ldm")
 console = Console(stderr=True)
 
 LDM_HELP = "'embedded' (the shipped tiny LDM), a diffusers Stable Diffusion folder, or a hub id."
+VARIANT_HELP = ("Name this configuration (e.g. 'DomainFusion_posterior' with --hparams '{\"ld_target\": \"posterior\"}'): "
+                "result tables show it as its own row instead of the algorithm's.")
 PROMPT_HELP = "Class prompt with a {cls} placeholder (default: 'a photo of the digit {cls}' for digits, else 'a photo of a {cls}')."
 SKIP_BAD_HELP = ("Leave out images that cannot be read (truncated, corrupt) instead of stopping; they are counted in "
                  "results.jsonl (skipped_images) and listed in OUTPUT_DIR/skipped_images.txt.")
@@ -38,6 +40,7 @@ def _parse_envs(text: str) -> list[int]:
 def train(
     dataset: str = typer.Option("DigitsDG", help="Dataset name (see `domainfusion datasets list`)."),
     algorithm: str = typer.Option("ERM", help="Algorithm name."),
+    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP),
     test_envs: str = typer.Option("0", help="Held-out environment indices, e.g. '0' or '0,1'."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     output_dir: Path = typer.Option(Path("runs/train"), help="Where results.jsonl, the model and `done` go."),
@@ -78,7 +81,7 @@ def train(
                             f"{dsi_mode!r} with --algorithm {algorithm}")
         algorithm = modes[dsi_mode]  # a variant name, so result tables show the two readings as separate rows
     args = TrainArgs(
-        dataset=dataset, algorithm=algorithm, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
+        dataset=dataset, algorithm=algorithm, variant=variant, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
         allow_missing_classes=allow_missing_classes, image_size=image_size, skip_bad_images=skip_bad_images,
@@ -107,6 +110,7 @@ def sweep_command(
     command: str = typer.Argument(..., help="launch | delete-incomplete | list"),
     datasets: str = typer.Option("DigitsDG", help="Comma-separated dataset names."),
     algorithms: Optional[str] = typer.Option(None, help="Comma-separated algorithm names (default: all registered)."),
+    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " Needs a single --algorithms."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     output_dir: Path = typer.Option(Path("runs/sweep"), help="Sweep folder; each job writes to a hashed sub-folder."),
     n_hparams_from: int = typer.Option(0, help="First hparams seed (0 = default hparams)."),
@@ -163,7 +167,7 @@ def sweep_command(
         extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
                "skip_bad_images": skip_bad_images,
                "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
-               "ldm": ldm, "prompt_template": prompt_template, "device": device},
+               "ldm": ldm, "prompt_template": prompt_template, "device": device, "variant": variant},
     )
     options = {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job, "ray_address": ray_address,
                "slurm_partition": slurm_partition, "timeout_min": timeout_min}

@@ -101,9 +101,18 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("img2img_steps", 20, lambda r: int(r.choice([10, 20])), 1, 1000)
         hparam("img2img_guidance", 2.0, lambda r: float(r.choice([1.0, 2.0, 3.0])), 1.0, 50.0)
     if algorithm.startswith("DomainFusion"):
-        # Latent distillation (method.md §1).
-        hparam("ld_weight", 0.1, lambda r: float(10 ** r.uniform(-3, 0)), 0.0, 1e4)
+        # Latent distillation (method.md §1). The loss is a mean over latent elements (confidence target) or a KL
+        # per image (posterior target), so λ_LD does not depend on the LDM's latent size; v1's 0.1 on a sum over
+        # the embedded 8×8×4 latent is 25.6 here.
+        hparam("ld_weight", 1.0, lambda r: float(10 ** r.uniform(-1, 1.5)), 0.0, 1e4)
         hparam("ld_batch_size", 16, lambda r: int(r.choice([8, 16, 32])), 1, 4096)
+        hparam("ld_target", "confidence", lambda r: str(r.choice(["confidence", "posterior"])),
+               choices=("confidence", "posterior"))
+        # Posterior target: (t, ε) draws per image, candidate classes (the classifier's top-k; all when fewer),
+        # and the temperature of softmax(−error / τ) over them (errors are mean squared ε per latent element).
+        hparam("ld_draws", 2, lambda r: int(r.choice([1, 2, 4])), 1, 1024)
+        hparam("ld_top_k", 10, lambda r: 10, 1, 100000)
+        hparam("ld_temperature", 0.002, lambda r: float(10 ** r.uniform(-3.3, -2.3)), 1e-6, 1e3)
         hparam("ld_t_min", 0.02, lambda r: float(r.uniform(0.02, 0.2)), 0.0, 1.0)
         hparam("ld_t_max", 0.98, lambda r: float(r.uniform(0.5, 0.98)), 0.0, 1.0)
         hparam("ld_weighting", "sds", lambda r: str(r.choice(["sds", "uniform"])), choices=("sds", "uniform"))
@@ -114,10 +123,17 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("aug_every_epochs", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])), 1e-3, 1e6)
         hparam("aug_candidates", 4, lambda r: int(r.choice([2, 4, 8])), 1, 64)
         hparam("aug_pool_fraction", 0.01, lambda r: float(10 ** r.uniform(-2.3, -1.3)), 1e-6, 1.0)
-        # Candidates' prompts: the class prompt, or the class in each source domain's look in turn (never the
-        # held-out domain's); the style/content selection then keeps the farthest style among them.
-        hparam("aug_style_words", "none", lambda r: str(r.choice(["none", "source_domains"])),
-               choices=("none", "source_domains"))
+        # Candidates' prompts: the class prompt, or the class in each source domain's look in turn, or in the looks
+        # of a fixed style vocabulary (never the held-out domain's); the selection then keeps the farthest style.
+        hparam("aug_style_words", "none", lambda r: str(r.choice(["none", "source_domains", "vocabulary"])),
+               choices=("none", "source_domains", "vocabulary"))
+        # Candidate strengths spread evenly over img2img_strength ± this, so some candidates move further.
+        hparam("aug_strength_spread", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.2])), 0.0, 1.0)
+        # Where style and content are measured and mixed: the 4-channel latent or the VAE encoder's deep features.
+        hparam("aug_style_space", "latent", lambda r: str(r.choice(["latent", "vae_features"])),
+               choices=("latent", "vae_features"))
+        # What a refresh edits: the current pool image (the paper; edits chain) or the real image it came from.
+        hparam("aug_refresh_from", "pool", lambda r: str(r.choice(["pool", "source"])), choices=("pool", "source"))
     if algorithm == "CDGA":
         hparam("cdga_variants", 1, lambda r: int(r.choice([1, 2])), 1, 1000)
     if algorithm.startswith("DSI"):

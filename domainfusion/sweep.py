@@ -159,6 +159,9 @@ def make_jobs(
     extra = {k: v for k, v in extra.items() if v is not None and v != _DEFAULTS[k]}
     if isinstance(hparams, dict):
         hparams = json.dumps(hparams, sort_keys=True)
+    if extra.get("variant") is not None and len(algorithms) != 1:
+        raise UserError(f"--variant names one configuration of one algorithm; got {len(algorithms)} algorithms "
+                        f"({', '.join(algorithms)}): launch each variant with its own --algorithms")
     for algorithm in algorithms:
         algorithm_class(algorithm)
 

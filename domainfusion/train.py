@@ -42,6 +42,10 @@ class TrainArgs:
 
     dataset: str = "DigitsDG"
     algorithm: str = "ERM"
+    # A name for this configuration (e.g. DomainFusion with some hparams overridden), shown in result tables instead
+    # of the algorithm's, so configurations of one algorithm get their own rows; the registry still keys on the
+    # algorithm, and the run's seed does not change (variants of one algorithm are paired).
+    variant: str | None = None
     test_envs: list[int] = field(default_factory=lambda: [0])
     data_dir: str = "data"
     output_dir: str = "runs/train"
@@ -230,7 +234,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
 
     context = RunContext(
         dataset=args.dataset, output_dir=out, train_splits=[in_splits[i] for i in train_envs],
-        train_env_names=[dataset.environments[i] for i in train_envs], class_names=list(dataset.class_names),
+        train_env_names=[dataset.environments[i] for i in train_envs], env_names=list(dataset.environments),
+        class_names=list(dataset.class_names),
         steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
         seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
         device=device, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),

@@ -56,8 +56,8 @@ def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), re
     splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
               for k in n]  # fmt: skip
     return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits, train_env_names=list(DOMAINS[: len(n)]),
-                      class_names=["dog", "horse"], steps_per_epoch=2.0, seed=0, ldm_model=str(ldm_folder),
-                      resume=resume)  # fmt: skip
+                      env_names=list(DOMAINS), class_names=["dog", "horse"], steps_per_epoch=2.0, seed=0,
+                      ldm_model=str(ldm_folder), resume=resume)  # fmt: skip
 
 
 def build(name: str, ctx: RunContext, **overrides) -> PerDomainLDMs:

@@ -41,7 +41,7 @@ def tensor_context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5)
     splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
               for k in n]  # fmt: skip
     return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits,
-                      train_env_names=list(PACS_DOMAINS[: len(n)]), class_names=["dog", "horse"],
+                      train_env_names=list(PACS_DOMAINS[: len(n)]), env_names=list(PACS_DOMAINS), class_names=["dog", "horse"],
                       steps_per_epoch=2.0, seed=seed, ldm_model=str(ldm_folder))  # fmt: skip
 
 

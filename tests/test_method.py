@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from domainfusion import hparams as registry
+from domainfusion.errors import UserError
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
@@ -59,9 +60,10 @@ def test_sds_gradient_wrt_latent_is_weighted_noise_residual(ldm: LatentDiffusion
     with torch.no_grad():
         eps_hat = ldm.predict_noise(ldm.add_noise(out.latents, noise, t), t, ldm.encode_prompts([PROMPTS[i] for i in y]))
     w = (1 - ldm.alphas_cumprod[t]).view(-1, 1, 1, 1)
-    torch.testing.assert_close(grad_z, w * (eps_hat - noise) / 4, rtol=0, atol=0)
-    # The loss value is ½‖g‖²/B, and the gradient reaches the logits only through the true-class confidence.
-    torch.testing.assert_close(out.loss, 0.5 * (w * (eps_hat - noise)).pow(2).sum() / 4)
+    n = out.latents.numel()  # the loss is a mean over the B·C·h·w latent elements
+    torch.testing.assert_close(grad_z, w * (eps_hat - noise) / n, rtol=0, atol=0)
+    # The loss value is ½ mean g², and the gradient reaches the logits only through the true-class confidence.
+    torch.testing.assert_close(out.loss, 0.5 * (w * (eps_hat - noise)).pow(2).mean())
     (grad_logits,) = torch.autograd.grad(out.loss, logits)
     assert grad_logits.abs().sum() > 0
     torch.testing.assert_close(grad_logits.sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)  # softmax Jacobian
@@ -100,7 +102,7 @@ def test_uncond_reference_gradient_is_the_class_score_difference(ldm: LatentDiff
         eps_uncond = ldm.predict_noise(z_t, t, ldm.encode_prompts([""] * 4))
     w = (1 - ldm.alphas_cumprod[t]).view(-1, 1, 1, 1)
     # The drawn noise cancels: only the prompt's effect on the prediction is distilled.
-    torch.testing.assert_close(grad_z, w * (eps_y - eps_uncond) / 4, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_z, w * (eps_y - eps_uncond) / out.latents.numel(), rtol=1e-5, atol=1e-9)
     assert (eps_y - eps_uncond).abs().max() > 1e-3  # the tiny UNet does read the prompt
 
 
@@ -138,6 +140,84 @@ def test_confidence_darkens_the_image_fed_to_the_vae(ldm: LatentDiffusion, monke
     expected_c = torch.tensor([torch.e ** 2 / (torch.e ** 2 + 2), 1 / 3])
     torch.testing.assert_close(out.confidence, expected_c)
     torch.testing.assert_close(seen["x"], expected_c.view(-1, 1, 1, 1) * x)
+
+
+class StubLDM:
+    """The parts of LatentDiffusion that latent distillation touches, with a chosen latent side and a UNet whose
+    prediction misses the drawn noise by a fixed amount per class prompt (the prompt embedding's value)."""
+
+    device, dtype, num_train_timesteps, image_size = torch.device("cpu"), torch.float64, 1000, 32
+
+    def __init__(self, side: int, miss: list[float]) -> None:
+        self.side, self.miss = side, torch.tensor(miss, dtype=torch.float64)
+        self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.miss[: len(prompts)].view(-1, 1, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        grey = torch.nn.functional.interpolate(x.double().mean(1, keepdim=True), size=(self.side, self.side))
+        return grey.expand(-1, 4, -1, -1)
+
+    def add_noise(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise.double() + 0 * z  # the prediction below then misses the noise by the class's amount exactly
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float = 1.0
+                      ) -> torch.Tensor:
+        return z_t + embeds.reshape(-1, 1, 1, 1)
+
+
+def test_ld_is_scale_free_across_latent_sizes() -> None:
+    """Equal per-element error on an 8×8×4 and a 64×64×4 latent (embedded vs SD at 512 px) gives equal gradients."""
+    x = torch.full((2, 3, 32, 32), 0.5, dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    grads = []
+    for side in (8, 64):
+        ld = LatentDistillation(StubLDM(side, [0.3, 0.3]), ["a", "b"], ld_settings(weighting="uniform"))
+        logits = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+        out = ld(logits, x, y, torch.Generator().manual_seed(0))
+        assert out.latents.shape == (2, 4, side, side) and out.unet_evals == 2
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        grads.append(grad)
+        # ½ mean g² with g = 0.3 everywhere; ∂L/∂c_b = mean over b's elements of g · ∂z/∂c = 0.3 · 0.5 / B.
+        torch.testing.assert_close(out.loss, torch.tensor(0.5 * 0.09, dtype=torch.float64))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+    c = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64).softmax(1)
+    dc = 0.3 * 0.5 / 2  # ∂L/∂c per image
+    expected = torch.stack([dc * c[0, 0] * (torch.tensor([1.0, 0.0]) - c[0]), dc * c[1, 1] * (torch.tensor([0.0, 1.0]) - c[1])])
+    torch.testing.assert_close(grads[0], expected.double())
+
+
+def test_posterior_target_gradient_is_classifier_minus_ldm_posterior() -> None:
+    """q = softmax(−e/τ) from per-class denoising errors e_k = miss_k²; ∂KL(q‖p)/∂logits = (p − q) / B."""
+    miss = [0.0, 0.1, 0.2]
+    ld = LatentDistillation(StubLDM(8, miss), ["a", "b", "c"],
+                            ld_settings(target="posterior", temperature=0.01, draws=3))
+    logits = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    out = ld(logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([2, 0]),
+             torch.Generator().manual_seed(0))
+    q = torch.tensor([0.0, -1.0, -4.0], dtype=torch.float64).softmax(0).expand(2, 3)  # −(0, .01, .04) / .01
+    torch.testing.assert_close(out.posterior.double(), q)
+    p = logits.detach().softmax(1)
+    torch.testing.assert_close(out.loss, (q * (q.log() - p.log())).sum(1).mean())
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    torch.testing.assert_close(grad, (p - q) / 2)
+    assert out.unet_evals == 2 * 3 * 3  # images × candidate classes × draws
+
+
+def test_posterior_target_judges_the_top_k_classes_and_always_the_label() -> None:
+    ld = LatentDistillation(StubLDM(8, [0.0, 0.1, 0.2, 0.3, 0.4]), list("abcde"),
+                            ld_settings(target="posterior", temperature=0.01, draws=1, top_k=2))
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0]], dtype=torch.float64,
+                          requires_grad=True)
+    out = ld(logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 0]),
+             torch.Generator().manual_seed(0))
+    assert out.candidates.tolist() == [[0, 1], [4, 0]]  # image 1's label 0 replaces its second-best class
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    assert torch.count_nonzero(grad[0, 2:]) == 0 and torch.count_nonzero(grad[1, 1:4]) == 0
+    sub = logits.detach().gather(1, out.candidates).softmax(1)
+    torch.testing.assert_close(grad.gather(1, out.candidates), (sub - out.posterior.double()) / 2)
+    assert out.unet_evals == 2 * 2 * 1
 
 
 # ------------------------------------------------------------------------------------------- style and content
@@ -234,8 +314,9 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     assert torch.equal(after_labels, before_labels)
     assert torch.equal(torch.cat([s for _, _, s in pool.shards()]), before_sources)
     assert all(not torch.equal(a, b) for a, b in zip(after_images, before_images))
-    prompts_per_image = [p for chunk in calls for p in chunk[::3]]
-    assert prompts_per_image == [PROMPTS[int(y)] for y in before_labels]
+    assert [len(p) for p in calls] == [4] * 3 + [4] * 3 + [1] * 3  # per shard (4 + 4 + 1 images), one call per candidate
+    shards = [before_labels[:4], before_labels[4:8], before_labels[8:]]
+    assert calls == [[PROMPTS[int(y)] for y in labels] for labels in shards for _ in range(3)]
     assert (tmp_path / "grids" / "refresh-000.png").is_file()
     assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["gen-000001", "manifest.json"]
     assert not aug.due(0.99) and aug.due(1.0)
@@ -254,10 +335,14 @@ def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, l
     img2img = ldm.img2img
     monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
     aug.refresh()
-    assert [len(c) for c in calls] == [8, 6]  # two shards (4 + 3 images), 2 candidates each
+    assert [len(c) for c in calls] == [4, 4, 3, 3]  # two shards (4 + 3 images), one call per candidate (2)
     # Image p's candidate j uses style (p + j) mod 3, also across the shard boundary (p = 4, 5, 6).
-    expected = [f"{PROMPTS[labels[p]]}, style {(p + j) % 3}" for p in range(7) for j in range(2)]
-    assert [p for c in calls for p in c] == expected
+    expected = [[f"{PROMPTS[labels[p]]}, style {(p + j) % 3}" for p in shard] for shard in (range(4), range(4, 7))
+                for j in range(2)]
+    assert calls == expected
+    calls.clear()
+    aug.refresh()  # refresh 1 moves on by N styles: candidate j of image p uses style (p + j + 2) mod 3
+    assert calls[0] == [f"{PROMPTS[labels[p]]}, style {(p + 2) % 3}" for p in range(4)]
     assert torch.equal(pool.labels, torch.tensor(labels))
 
 
@@ -267,3 +352,99 @@ def test_pool_sampling_is_seeded(tmp_path: Path) -> None:
     b = pool.sample(8, torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].dtype == torch.float32 and a[0].shape == (8, 3, 32, 32) and 0 <= a[0].min() <= a[0].max() <= 1
+
+
+def aug_settings(**changes) -> AugSettings:
+    return dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), **changes)
+
+
+def test_candidate_strengths_spread_evenly_and_clip() -> None:
+    assert aug_settings(candidates=4, strength=0.5, strength_spread=0.0).strengths() == [0.5] * 4
+    torch.testing.assert_close(torch.tensor(aug_settings(candidates=4, strength=0.5, strength_spread=0.3).strengths()),
+                               torch.tensor([0.2, 0.4, 0.6, 0.8]))
+    assert aug_settings(candidates=3, strength=0.9, strength_spread=0.2).strengths() == [0.7, 0.9, 1.0]
+    assert aug_settings(candidates=1, strength=0.4, strength_spread=0.2).strengths() == [0.4]
+
+
+@pytest.mark.parametrize("refresh_from", ["pool", "source"])
+def test_refresh_edits_the_pool_image_or_always_the_real_one(tmp_path: Path, ldm: LatentDiffusion, monkeypatch,
+                                                             refresh_from: str) -> None:
+    chunks = list(subset_chunks([tensor_dataset(5)], 1.0, seed=0))
+    pool = SyntheticPool.create(tmp_path / "pool", chunks)
+    origin = SyntheticPool.create(tmp_path / "origin", chunks)
+    real = origin.read(torch.arange(5))[0]
+    settings = aug_settings(candidates=2, strength=0.6, steps=5, refresh_from=refresh_from, strength_spread=0.2)
+    aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0, origin=origin)
+    seen, strengths = [], []
+    transform, img2img = aug.transform, ldm.img2img
+    monkeypatch.setattr(aug, "transform", lambda images, *a: seen.append(images.clone()) or transform(images, *a))
+    monkeypatch.setattr(ldm, "img2img", lambda *a, **kw: strengths.append(kw["strength"]) or img2img(*a, **kw))
+    previous = []
+    for _ in range(3):
+        previous.append(pool.read(torch.arange(5))[0])
+        aug.refresh()
+    expected = [real] * 3 if refresh_from == "source" else previous
+    for images, inputs in zip(seen, expected):
+        assert torch.equal((images * 255).round().to(torch.uint8), inputs)
+    assert not torch.equal(pool.read(torch.arange(5))[0], real)
+    assert torch.equal(origin.read(torch.arange(5))[0], real)  # the origin is never rewritten
+    torch.testing.assert_close(torch.tensor(strengths), torch.tensor([0.4, 0.8] * 3))
+
+
+def test_style_space_of_vae_features_selects_and_mixes_there(tmp_path: Path, ldm: LatentDiffusion) -> None:
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(3)], 1.0, seed=0))
+    outs = {}
+    for space in ("latent", "vae_features"):
+        aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28),
+                                 aug_settings(candidates=4, strength=0.7, steps=5, style_space=space), seed=0)
+        outs[space] = out = aug.transform(x, torch.tensor([0, 1, 2]), first=0, seed=11)
+        channels = 4 if space == "latent" else ldm.vae.config.block_out_channels[-1]
+        feats = out.candidates.flatten(0, 1) if space == "latent" else \
+            ldm.encode_features(ldm.decode(out.candidates.flatten(0, 1)))  # fmt: skip
+        assert feats.shape[1] == channels
+        space_source = ldm.encode(to_ldm_images(x, 32)) if space == "latent" else ldm.encode_features(to_ldm_images(x, 32))
+        style_pick, content_pick = sc.select_style_content(space_source, feats.unflatten(0, (3, 4)))
+        assert torch.equal(out.style_pick, style_pick) and torch.equal(out.content_pick, content_pick)
+        assert (out.stats["style_distance_picked"] >= out.stats["style_distance_mean"]).all()
+        assert (out.stats["content_similarity_picked"] >= out.stats["content_similarity_mean"]).all()
+        mixed = sc.recombine(feats.unflatten(0, (3, 4)), style_pick, content_pick)
+        expected = ldm.decode(mixed if space == "latent" else ldm.latents_from_features(mixed))
+        torch.testing.assert_close(out.results, expected)
+    # Same seeds, same candidates: the two spaces differ only in where they select and mix.
+    torch.testing.assert_close(outs["latent"].candidates, outs["vae_features"].candidates)
+
+
+def test_encoder_split_into_features_and_the_rest_is_the_encoder(ldm: LatentDiffusion) -> None:
+    x, _ = batch(3)
+    features = ldm.encode_features(x)
+    assert features.shape == (3, ldm.vae.config.block_out_channels[-1], 8, 8)
+    torch.testing.assert_close(ldm.latents_from_features(features), ldm.encode(x), rtol=0, atol=0)
+
+
+def test_style_vocabulary_never_names_a_domain_of_the_dataset() -> None:
+    from domainfusion.ldm.adapt import GENERIC_STYLES, style_vocabulary
+
+    pacs = style_vocabulary("PACS", ["art_painting", "cartoon", "photo", "sketch"], None)
+    assert {"a photo", "a cartoon"} <= set(GENERIC_STYLES) and not {"a photo", "a cartoon"} & set(pacs)
+    assert "a watercolor painting" in pacs and len(pacs) == len(GENERIC_STYLES) - 2
+    own = ["printed", "handwritten white on black", "glowing red on blue"]
+    assert style_vocabulary("DigitsDG", ["mnist", "mnist_m", "syn", "optdigits"], own) == ["glowing red on blue"]
+    with pytest.raises(UserError, match="style_vocabulary.json"):
+        style_vocabulary("DigitsDG", ["mnist", "syn"], ["printed"])
+
+
+def test_model_folder_style_vocabulary_is_read_and_checked(ldm_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(ldm_folder, folder)
+    assert LatentDiffusion.from_pretrained(folder, device="cpu").style_vocabulary is None
+    (folder / "style_vocabulary.json").write_text('["a watercolor painting", "pixel art"]')
+    model = LatentDiffusion.from_pretrained(folder, device="cpu")
+    assert model.style_vocabulary == ["a watercolor painting", "pixel art"]
+    model.save_pretrained(tmp_path / "saved")
+    assert LatentDiffusion.from_pretrained(tmp_path / "saved", device="cpu").style_vocabulary == model.style_vocabulary
+    (folder / "style_vocabulary.json").write_text('{"styles": 1}')
+    with pytest.raises(UserError, match="style_vocabulary.json.*list of style phrases"):
+        LatentDiffusion.from_pretrained(folder, device="cpu")

@@ -57,6 +57,12 @@ def test_group_records_puts_two_test_env_record_in_both_groups():
     assert keys == [(0, "D", "ERM", 0, 2), (0, "D", "ERM", 2, 1), (1, "D", "ERM", 1, 1)]
 
 
+def test_variants_of_an_algorithm_are_rows_of_their_own():
+    plain, named = rec(0, [0], algorithm="DomainFusion"), rec(0, [0], algorithm="DomainFusion")
+    named["args"]["variant"] = "DomainFusion_posterior"
+    assert [g.algorithm for g in group_records([plain, named])] == ["DomainFusion", "DomainFusion_posterior"]
+
+
 # Test env 0. hparams 0: step 1 has the best train-env validation (mean of env1/env2 out = 0.85) although
 # step 2 has the best *test-env* out acc (0.99), which must be ignored. hparams 1: step 0, val 0.9.
 IID_RECORDS = [

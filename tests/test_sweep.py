@@ -116,6 +116,13 @@ def test_output_dir_is_md5_of_args(tmp_path):
     assert not set(j.output_dir for j in digits_jobs(tmp_path, n_hparams=2, steps=6)) & set(dirs)
 
 
+def test_variant_renames_the_job_but_keeps_its_seed(tmp_path):
+    (plain,) = digits_jobs(tmp_path, test_envs=[[1]])
+    (named,) = digits_jobs(tmp_path, test_envs=[[1]], extra={"variant": "ERM_lr"})
+    assert named.args["seed"] == plain.args["seed"] and named.output_dir != plain.output_dir
+    assert named.command[named.command.index("--variant") + 1] == "ERM_lr"
+
+
 def test_command_flags(tmp_path):
     (job,) = digits_jobs(tmp_path, test_envs=[[1, 2]], steps=7, data_dir="d",
                          extra={"eval_train_in": False, "allow_missing_classes": True, "image_size": None,
@@ -139,6 +146,7 @@ def test_command_flags(tmp_path):
         ({"test_envs": [[0, 1, 2, 3]]}, "at least one training environment"),
         ({"extra": {"progress": True}}, "cannot set"),
         ({"n_hparams": 0}, "grid is empty"),
+        ({"algorithms": ["ERM", "CDGA"], "extra": {"variant": "ERM_big"}}, "one configuration of one algorithm"),
     ],
 )
 def test_make_jobs_validates_up_front(tmp_path, kw, message):

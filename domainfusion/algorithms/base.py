@@ -32,6 +32,7 @@ class RunContext:
     output_dir: Path
     train_splits: list[Dataset]  # the in-splits of the training environments (never the held-out domains)
     train_env_names: list[str]
+    env_names: list[str]  # every domain, held out or not (only to keep their names out of prompts)
     class_names: list[str]
     steps_per_epoch: float  # steps per pass over all source images (the unit of the augmentation period T)
     seed: int
@@ -66,6 +67,14 @@ class RunContext:
         from ..ldm.adapt import domain_prompt
 
         return [[domain_prompt(self.dataset, env, c) for env in self.train_env_names] for c in self.class_names]
+
+    def style_vocabulary_prompts(self) -> list[list[str]]:
+        """Per class, the class prompt in each look of the LDM's style vocabulary (`adapt.style_vocabulary`: a fixed
+        list, minus any phrase naming one of the dataset's domains)."""
+        from ..ldm.adapt import style_prompt, style_vocabulary
+
+        styles = style_vocabulary(self.dataset, self.env_names, self.ldm().style_vocabulary)
+        return [[style_prompt(p, s) for s in styles] for p in self.class_prompts()]
 
 
 class Algorithm(nn.Module):

@@ -8,10 +8,12 @@ only) and DomainFusion_RandSel (random candidate selection instead of most-diffe
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from ..method.latent_distillation import LatentDistillation, LDSettings
-from ..method.online_augmentation import AugSettings, OnlineAugmentation, subset_chunks
+from ..method.online_augmentation import AugSettings, Chunk, OnlineAugmentation, subset_chunks
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -34,12 +36,17 @@ class DomainFusion(PoolERM):
         self.augmentation = None
         if self.AUGMENTATION:
             settings = AugSettings.from_hparams(hparams, self.SELECTION)
-            self.pool = self.open_or_create_pool("pool", lambda: subset_chunks(
-                context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool")))
-            styled = context.source_domain_prompts() if settings.style_words == "source_domains" else \
-                [[p] for p in prompts]  # fmt: skip
+
+            def initial() -> Iterable[Chunk]:
+                return subset_chunks(context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool"))
+
+            self.pool = self.open_or_create_pool("pool", initial)
+            # refresh_from=source: a frozen copy of the pool's real images, which every refresh edits afresh.
+            origin = self.open_or_create_pool("pool_origin", initial) if settings.refresh_from == "source" else None
+            styled = {"none": lambda: [[p] for p in prompts], "source_domains": context.source_domain_prompts,
+                      "vocabulary": context.style_vocabulary_prompts}[settings.style_words]()
             self.augmentation = OnlineAugmentation(ldm, self.pool, styled, self.input_shape, settings, context.seed,
-                                                   context.output_dir / "pool_grids")  # fmt: skip
+                                                   context.output_dir / "pool_grids", origin)  # fmt: skip
 
     def before_step(self) -> None:
         epoch = self.steps_done.item() / self.context.steps_per_epoch
@@ -47,13 +54,17 @@ class DomainFusion(PoolERM):
             with self.generating():
                 self.augmentation.refresh()
 
-    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_source: int):
+        """λ_LD · L_LD on a random sub-batch: of the source images for the paper's confidence target (method.md), of
+        source and pool images for the posterior target (the LDM judges synthetic images as well)."""
         if self.ld is None:
             return 0.0, {}
-        keep = torch.randperm(len(x), generator=self.ld_generator)[: self.ld.settings.batch_size].to(x.device)
+        n = n_source if self.ld.settings.target == "confidence" else len(x)
+        keep = torch.randperm(n, generator=self.ld_generator)[: self.ld.settings.batch_size].to(x.device)
         out = self.ld(logits[keep], x[keep], y[keep], self.ld_generator)
         return self.ld.settings.weight * out.loss, {"ld_loss": out.loss.item(),
-                                                    "confidence": out.confidence.mean().item()}
+                                                    "confidence": out.confidence.mean().item(),
+                                                    "ld_unet_evals": float(out.unet_evals)}
 
 
 @register("DomainFusion_LD")

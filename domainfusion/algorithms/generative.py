@@ -61,9 +61,10 @@ class PoolERM(ERM):
     def before_step(self) -> None:
         """Hook run before each step (DomainFusion refreshes its pool here)."""
 
-    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | float,
-                                                                                         dict[str, float]]:
-        """A loss added to the cross-entropy, from the source part of the batch (logits already computed)."""
+    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_source: int
+                   ) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """A loss added to the cross-entropy, from the step's images (the first `n_source` real, the rest drawn from
+        the pool) and the logits already computed on them."""
         return 0.0, {}
 
     def update(self, minibatches: Minibatches) -> dict[str, float]:
@@ -77,7 +78,7 @@ class PoolERM(ERM):
             inputs, targets = torch.cat([x, px.to(x.device)]), torch.cat([y, py.to(y.device)])
         logits = self.predict(inputs)
         ce = F.cross_entropy(logits, targets)
-        extra, values = self.extra_loss(logits[: len(x)], x, y)
+        extra, values = self.extra_loss(logits, inputs, targets, len(x))
         loss = ce + extra
         self.optimizer.zero_grad()
         loss.backward()

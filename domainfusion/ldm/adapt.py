@@ -86,3 +86,32 @@ def domain_prompt(dataset: str, domain: str, cls: str) -> str:
     if dataset in DIGIT_DATASETS:
         return f"{default_prompt_template(dataset).format(cls=cls)}, {known.get(domain, domain)}"
     return f"{known.get(domain, f'a {domain} image')} of a {cls}"
+
+
+# Common looks for models that ship no style vocabulary (Stable Diffusion): renditions as in ImageNet-R and
+# DomainNet's kinds of images, written down before any benchmark ran. Fixed, never derived from a held-out domain.
+GENERIC_STYLES = (
+    "a photo", "a black and white photo", "a blurry photo", "a close-up photo", "a painting", "an oil painting",
+    "a watercolor painting", "a pencil sketch", "a charcoal drawing", "a line drawing", "a cartoon", "an anime drawing",
+    "a clipart image", "a comic", "pixel art", "a 3d render", "a toy", "a sculpture", "an origami", "an embroidery",
+    "a tattoo", "graffiti", "a mosaic", "a stained glass window", "a quick doodle", "an infographic",
+)
+
+
+def style_vocabulary(dataset: str, domains: list[str], model_vocabulary: list[str] | None) -> list[str]:
+    """The style phrases online augmentation may prompt with: the model's own vocabulary (or `GENERIC_STYLES`) minus
+    any phrase that is the name or the description of one of the dataset's domains, held out or not, so the list
+    never names the held-out domain and does not depend on which domain is held out."""
+    known = DOMAIN_DESCRIPTIONS.get(dataset, {})
+    taken = {d.lower() for d in domains} | {known.get(d, "").lower() for d in domains}
+    kept = [s for s in (model_vocabulary or GENERIC_STYLES) if s.lower() not in taken]
+    if not kept:
+        raise UserError("every phrase of the style vocabulary names a domain of the dataset: give the LDM folder a "
+                        "style_vocabulary.json with other looks, or use aug_style_words=none")
+    return kept
+
+
+def style_prompt(class_prompt: str, style: str) -> str:
+    """A class prompt in a given look, in the embedded captions' form: 'a photo of the digit 3, printed black on
+    paper', 'a photo of a dog, a watercolor painting'."""
+    return f"{class_prompt}, {style}"

@@ -72,6 +72,25 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 FACTORS = ("source", "size", "tilt", "weight", "effect", "background", "resolution", "blur", "noise")
 
 
+# The looks online augmentation may ask the embedded LDM for (`aug_style_words=vocabulary`): phrases of the captions'
+# own words, in their order, written down with the corpus and before any held-out domain was chosen. Every style
+# word (resolution, blur, noise, source, weight, effect) and every background kind appears; geometry (size, tilt) is
+# left out, being content rather than style. Materialised next to the model as `style_vocabulary.json`.
+STYLE_VOCABULARY = (
+    "printed black on paper", "handwritten white on dark blue", "printed thick red on yellow",
+    "handwritten thin black on light gray", "printed outline white on dark green", "handwritten glowing green on black",
+    "printed shadowed blue on light orange gradient", "handwritten double purple on white",
+    "printed dotted orange on dark blue", "low-res printed yellow on dark purple texture",
+    "pixelated handwritten red on gray", "blurry printed white on a photo", "noisy handwritten black on paper",
+    "handwritten thick yellow on dark red texture", "printed thin light blue on brown gradient",
+    "handwritten outline red on light yellow", "printed glowing pink on dark gray",
+    "handwritten shadowed white on turquoise", "printed double black on light green gradient",
+    "handwritten dotted blue on a photo", "low-res handwritten purple on light pink",
+    "pixelated printed green on dark pink texture", "blurry handwritten orange on black",
+    "noisy printed dark blue on light gray gradient",
+)
+
+
 class Corpus(NamedTuple):
     images: np.ndarray  # uint8 (N, 32, 32, 3)
     labels: np.ndarray  # int64 (N,)

@@ -35,11 +35,14 @@ import domainfusion
 
 from ..errors import UserError
 from ..utils import cache_dir, machine_description, publish_dir
+from .corpus import STYLE_VOCABULARY
+from .latent_diffusion import STYLE_VOCABULARY_FILE
 
 EMBEDDED_WEIGHTS_DIR = Path(domainfusion.__file__).parent / "ldm" / "weights"
 WEIGHT_COMPONENTS = ("vae", "unet", "scheduler")
 MAX_PROMPT_TOKENS = 32
 MAX_WEIGHT_BYTES = 25_000_000  # VAE + UNet as shipped (fp16): what the package may carry
+FOLDER_LAYOUT = 2  # bump when a materialised folder gains or changes files (2: style_vocabulary.json)
 
 
 def embedded_configs() -> dict[str, dict]:
@@ -120,6 +123,7 @@ def _write_text_components(dest: Path) -> None:
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }  # fmt: skip
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (dest / STYLE_VOCABULARY_FILE).write_text(json.dumps(list(STYLE_VOCABULARY), indent=0) + "\n")
 
 
 def assemble_ldm_folder(dest: str | Path, vae: AutoencoderKL, unet: UNet2DConditionModel,
@@ -203,10 +207,10 @@ def _weights_digest(weights_dir: Path) -> str:
 
 def embedded_ldm_path(cache: str | Path | None = None, weights_dir: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
     """The full embedded LDM folder (package weights + package text encoder), materialized once per weight version
-    under `<cache>/embedded-ldm/<digest>/` (default cache: `utils.cache_dir()`); raises a UserError when the package
+    under `<cache>/embedded-ldm/<digest>-<layout>/` (default cache: `utils.cache_dir()`); raises a UserError when the package
     has no weights."""
     weights_dir = Path(weights_dir)
-    dest = Path(cache or cache_dir()) / "embedded-ldm" / _weights_digest(weights_dir)[:16]
+    dest = Path(cache or cache_dir()) / "embedded-ldm" / f"{_weights_digest(weights_dir)[:16]}-{FOLDER_LAYOUT}"
     if (dest / "model_index.json").is_file():
         return dest
 

@@ -29,6 +29,9 @@ COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work
 PIXEL_TOLERANCE = 1e-3  # resizing/normalising pipelines overshoot [0, 1] by rounding errors
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# Optional in a model folder: a JSON list of the looks the model's captions name ("printed black on paper"), for
+# online augmentation's style-phrase candidates; models without one get a generic list (ldm/adapt.py).
+STYLE_VOCABULARY_FILE = "style_vocabulary.json"
 
 
 class LatentDiffusion:
@@ -40,7 +43,7 @@ class LatentDiffusion:
     """
 
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler, device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, style_vocabulary: list[str] | None = None) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if vae.config.latent_channels != 4:
@@ -54,6 +57,7 @@ class LatentDiffusion:
             # nn.Module.to: diffusers' override (0.42) warns on every dtype cast, even with no fp32-only submodules.
             torch.nn.Module.to(module.requires_grad_(False).eval(), self.device, self.dtype)
         self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
+        self.style_vocabulary = style_vocabulary
         # A private DDPM copy, so pipelines and callers never mutate the schedule the LD loss relies on. clip_sample
         # and steps_offset (which only affect sampling) get the values StableDiffusionPipeline would otherwise force
         # with a deprecation warning, so saved folders load warning-free in plain diffusers too.
@@ -79,8 +83,10 @@ class LatentDiffusion:
         unused components (safety checker, feature extractor) are never loaded or downloaded.
         """
         path = Path(path_or_id)
+        vocabulary = None
         if path.is_dir():
             index = _read_local_index(path)
+            vocabulary = _read_style_vocabulary(path / STYLE_VOCABULARY_FILE)
         elif path.exists():
             raise UserError(f"'{path}' is a file; expected a diffusers model folder (model_index.json, "
                             f"{', '.join(c + '/' for c in COMPONENTS)})")
@@ -98,7 +104,7 @@ class LatentDiffusion:
         else:
             raise UserError(f"model folder '{path}' does not exist")
         components = {name: _load_component(str(path_or_id), name, index[name]) for name in COMPONENTS}
-        return cls(**components, device=device, dtype=dtype)
+        return cls(**components, device=device, dtype=dtype, style_vocabulary=vocabulary)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers folder (safetensors) that both `from_pretrained` and diffusers' pipelines can read."""
@@ -112,6 +118,8 @@ class LatentDiffusion:
             index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.style_vocabulary is not None:
+            (path / STYLE_VOCABULARY_FILE).write_text(json.dumps(self.style_vocabulary, indent=0) + "\n")
 
     # ------------------------------------------------------------------ VAE
 
@@ -146,6 +154,28 @@ class LatentDiffusion:
             posterior = self.vae.encode(x).latent_dist
             z = posterior.sample(generator) if sample else posterior.mean
             return z * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → the VAE encoder's deepest feature map, the input of its middle block (B, C, h, w):
+        the many-channel space online augmentation can split into style and content (C = 512 on Stable Diffusion,
+        96 on the embedded LDM, against the latent's 4). `latents_from_features` finishes the encoder."""
+        self.check_images(images)
+        encoder = self.vae.encoder
+        h = encoder.conv_in(images.to(self.device, self.dtype) * 2 - 1)
+        for block in encoder.down_blocks:
+            h = block(h)
+        return h
+
+    @torch.no_grad()
+    def latents_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The rest of `encode` from `encode_features`' map: middle block, output head, posterior mean, scaled.
+        `latents_from_features(encode_features(x))` is `encode(x)`."""
+        encoder = self.vae.encoder
+        moments = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features.to(self.dtype)))))
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        return moments.chunk(2, dim=1)[0] * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -222,15 +252,15 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def img2img(self, images: torch.Tensor | None, prompts: list[str] | None = None, strength: float = 0.5,
-                num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | None = 0,
+                num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | list[int] | None = 0,
                 batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
                 output: str = "images", latents: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt.
 
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
         converges to `decode(encode(images))`. As in diffusers, only int(num_inference_steps · strength) steps run;
-        when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`,
-        so results do not depend on `batch_size`. Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
+        when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`
+        (or `seed[i]` for a list of seeds), so results do not depend on `batch_size`. Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
         for prompts no string spells (CDGA's interpolations between domain descriptions). `output="latents"` returns
         the scaled latents instead of [0, 1] images, and `latents` (already encoded, instead of `images`) lets a
         caller that needs the source latents anyway encode each image once (online augmentation works in latent
@@ -248,6 +278,8 @@ class LatentDiffusion:
         n_cond = len(prompts) if prompts is not None else len(prompt_embeds)
         if n_cond != n:
             raise UserError(f"img2img needs one prompt per image, got {n_cond} prompts for {n} images")
+        if isinstance(seed, list) and len(seed) != n:
+            raise UserError(f"img2img needs one seed per image, got {len(seed)} seeds for {n} images")
         if images is not None:
             self.check_images(images)
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
@@ -277,12 +309,15 @@ class LatentDiffusion:
             out.append(self.decode(latents))
         return torch.cat(out)
 
-    def _pipeline_args(self, embeds: torch.Tensor, offset: int, guidance_scale: float, seed: int | None) -> dict:
+    def _pipeline_args(self, embeds: torch.Tensor, offset: int, guidance_scale: float,
+                       seed: int | list[int] | None) -> dict:
         """Arguments shared by both pipelines: precomputed embeddings (no tokenizer round trip, cache reused),
-        per-image generators, and latent output (decoded by `decode`, so both paths share one decoder)."""
+        per-image generators (image offset + i seeded `seed + offset + i`, or `seed[offset + i]`), and latent output
+        (decoded by `decode`, so both paths share one decoder)."""
         uncond = self.encode_prompts([""]).expand_as(embeds) if guidance_scale > 1 else None
-        generators = None if seed is None else [torch.Generator().manual_seed(seed + offset + i)
-                                                 for i in range(len(embeds))]
+        seeds = seed[offset:offset + len(embeds)] if isinstance(seed, list) else \
+            None if seed is None else [seed + offset + i for i in range(len(embeds))]  # fmt: skip
+        generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
         return dict(prompt_embeds=embeds, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
                     generator=generators, output_type="latent", return_dict=False)
 
@@ -319,6 +354,19 @@ def _read_local_index(path: Path) -> dict:
                         f"{', '.join(missing)} (a Stable-Diffusion-style folder has model_index.json and "
                         f"{', '.join(c + '/' for c in COMPONENTS)})")
     return index
+
+
+def _read_style_vocabulary(path: Path) -> list[str] | None:
+    """A folder's optional style vocabulary: a JSON list of non-empty strings, or None when the file is absent."""
+    if not path.is_file():
+        return None
+    try:
+        vocabulary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{path}' is not valid JSON: {e}; it must be a list of style phrases, or be removed") from e
+    if not (isinstance(vocabulary, list) and vocabulary and all(isinstance(v, str) and v.strip() for v in vocabulary)):
+        raise UserError(f"'{path}' must be a non-empty JSON list of style phrases, e.g. [\"a watercolor painting\"]")
+    return vocabulary
 
 
 # What a model folder's model_index.json may name per component: the library, the base class the named class must

@@ -40,16 +40,32 @@ def content_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(-3), b.flatten(-3), dim=-1)
 
 
-def select_style_content(source: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For source maps (B, C, H, W) and candidates (B, N, C, H, W): indices (B,) of the candidate whose style is
-    most different from the source's and of the candidate whose content is most similar to the source's."""
+def candidate_scores(source: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For source maps (B, C, H, W) and candidates (B, N, C, H, W): each candidate's style distance to its source
+    and content similarity with it, both (B, N)."""
     b, n = candidates.shape[:2]
     cand_style = tuple(s.view(b, n, -1) for s in style(candidates.flatten(0, 1)))
     src_style = tuple(s[:, None] for s in style(source))
-    style_pick = style_distance(cand_style, src_style).argmax(dim=1)
     cand_content = content(candidates.flatten(0, 1)).view_as(candidates)
-    content_pick = content_similarity(cand_content, content(source)[:, None]).argmax(dim=1)
-    return style_pick, content_pick
+    return style_distance(cand_style, src_style), content_similarity(cand_content, content(source)[:, None])
+
+
+def select_style_content(source: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B,) of the candidate whose style is most different from the source's and of the candidate whose
+    content is most similar to the source's."""
+    distance, similarity = candidate_scores(source, candidates)
+    return distance.argmax(dim=1), similarity.argmax(dim=1)
+
+
+def selection_stats(source: torch.Tensor, candidates: torch.Tensor, style_pick: torch.Tensor,
+                    content_pick: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image (B,): the picked style's distance from the source and the average candidate's (what a random pick
+    gets in expectation), and likewise the picked content's similarity — what the selection rule buys."""
+    distance, similarity = candidate_scores(source, candidates)
+    rows = torch.arange(len(candidates), device=candidates.device)
+    return {"style_distance_picked": distance[rows, style_pick], "style_distance_mean": distance.mean(dim=1),
+            "content_similarity_picked": similarity[rows, content_pick],
+            "content_similarity_mean": similarity.mean(dim=1)}
 
 
 def recombine(candidates: torch.Tensor, style_pick: torch.Tensor, content_pick: torch.Tensor) -> torch.Tensor:

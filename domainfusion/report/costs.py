@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record
+from domainfusion.report.records import Record, row_name
 
 
 def run_costs(records: Sequence[Record]) -> dict[str, list[dict[str, float]]]:
@@ -32,7 +32,7 @@ def run_costs(records: Sequence[Record]) -> dict[str, list[dict[str, float]]]:
         generation_s = float(last.get("generation_s", 0.0))
         finetune_s = float(last.get("ldm_finetune_s", 0.0))
         steps_s = float(np.dot([r["step_time"] for r in run], windows))
-        per_algorithm[last["args"]["algorithm"]].append({
+        per_algorithm[row_name(last["args"])].append({
             "step_time": steps_s / float(windows.sum()),
             "generated_images": float(last.get("generated_images", 0)),
             "generation_s": generation_s,

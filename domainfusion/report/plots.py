@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from domainfusion.errors import UserError
-from domainfusion.report.records import Record, num_envs
+from domainfusion.report.records import Record, num_envs, row_name
 
 
 def plot_accuracy_vs_step(
@@ -42,7 +42,7 @@ def plot_accuracy_vs_step(
     for run in runs.values():
         args = run[0]["args"]
         panels[(args["dataset"], args["test_envs"][0])].append(sorted(run, key=lambda r: r["step"]))
-    algorithms = sorted({r["args"]["algorithm"] for run in runs.values() for r in run})
+    algorithms = sorted({row_name(r["args"]) for run in runs.values() for r in run})
     colors = {alg: f"C{i % 10}" for i, alg in enumerate(algorithms)}
     env_names = env_names or {}
 
@@ -52,7 +52,7 @@ def plot_accuracy_vs_step(
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (dataset, test_env) in zip(axes, sorted(panels)):
         for run in panels[(dataset, test_env)]:
-            color = colors[run[0]["args"]["algorithm"]]
+            color = colors[row_name(run[0]["args"])]
             steps = [r["step"] for r in run]
             test = [100 * r[f"env{test_env}_in_acc"] for r in run]
             val = [100 * np.mean([r[f"env{i}_out_acc"] for i in range(num_envs(r)) if i != test_env])

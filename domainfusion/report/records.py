@@ -78,8 +78,14 @@ def _is_record(obj: Any) -> bool:
             and all(key in obj["args"] for key in _REQUIRED_ARGS))
 
 
+def row_name(args: dict) -> str:
+    """What result tables call a run: its `variant` when it has one, else its algorithm."""
+    return args.get("variant") or args["algorithm"]
+
+
 def group_records(records: Iterable[Record]) -> list[RecordGroup]:
-    """Group by (trial_seed, dataset, algorithm, test_env) like DomainBed's `get_grouped_records`.
+    """Group by (trial_seed, dataset, algorithm or variant (`row_name`), test_env) like DomainBed's
+    `get_grouped_records`.
 
     A record trained with test_envs [i, j] lands in both group i and group j: leave-one-domain-out selection
     for test env i needs the runs that also held out j.
@@ -88,7 +94,7 @@ def group_records(records: Iterable[Record]) -> list[RecordGroup]:
     for record in records:
         args = record["args"]
         for test_env in args["test_envs"]:
-            groups[(args["trial_seed"], args["dataset"], args["algorithm"], test_env)].append(record)
+            groups[(args["trial_seed"], args["dataset"], row_name(args), test_env)].append(record)
     return [RecordGroup(*key, records=groups[key]) for key in sorted(groups)]
 
 

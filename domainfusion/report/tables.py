@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record, group_records, num_envs
+from domainfusion.report.records import Record, group_records, num_envs, row_name
 from domainfusion.report.selection import SelectionMethod
 
 
@@ -73,7 +73,7 @@ def results_table(
     env_names = env_names or {}
     results = trial_results(records, selection)
     datasets = _ordered({r["args"]["dataset"] for r in records}, env_names)
-    algorithms = _ordered({r["args"]["algorithm"] for r in records}, algorithm_order)
+    algorithms = _ordered({row_name(r["args"]) for r in records}, algorithm_order)
     render = _latex_table if latex else _markdown_table
 
     blocks = [f"\\subsection{{Model selection: {selection.name}}}"] if latex else []
