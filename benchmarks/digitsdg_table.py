@@ -10,6 +10,13 @@ sweep skips those) and reports all of them. Usage:
     .venv/bin/python benchmarks/digitsdg_table.py --algorithms DSI,DSI_TestTime --test-envs 1 --n-trials 1 \
         --steps 300 --checkpoint-freq 100 --output-dir runs/bench_method --name method-digitsdg-dsi \
         --hparams '{"batch_size": 32, "dsi_finetune_steps": 100, "dsi_translate_fraction": 0.1, "img2img_steps": 10}'
+    .venv/bin/python benchmarks/digitsdg_table.py --plan benchmarks/plans/method-v2.json --steps 1000 \
+        --checkpoint-freq 100 --device cuda --n-parallel 16 --output-dir runs/bench_v2 --name method-digitsdg-v2
+
+A `--plan` is a JSON list of rows, each {"variant", "algorithm", "hparams", "priority"} and optionally "test_envs"
+(e.g. "1") and "n_hparams": every row's jobs go into one sweep (so parallel slots never idle between rows), ordered
+by priority, then trial seed, then row, so a launch stopped early has finished the rows that matter most; each row is
+its own line in the tables (`--variant`).
 """
 
 from __future__ import annotations
@@ -18,13 +25,15 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from common import REPO, run, write_report
 
 sys.path.insert(0, str(REPO))
-from domainfusion.report.records import Record, group_records, load_records  # noqa: E402
+from domainfusion.report.records import Record, group_records, load_records, row_name  # noqa: E402
 from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
+from domainfusion.sweep import make_jobs, sweep  # noqa: E402
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
 
@@ -35,7 +44,7 @@ def coverage_table(records: list[Record], rows: list[dict]) -> str:
     A trial missing some held-out domains is flagged: the Averages table averages it over the ones it has."""
     overrides: dict[str, set[str]] = {}
     for record in records:
-        overrides.setdefault(record["args"]["algorithm"], set()).add(record["args"]["hparams"] or "none")
+        overrides.setdefault(row_name(record["args"]), set()).add(record["args"]["hparams"] or "none")
     done: dict[str, dict[int, list[str]]] = {}
     for r in sorted(rows, key=lambda r: r["test_env"]):
         done.setdefault(r["algorithm"], {}).setdefault(r["trial_seed"], []).append(ENVS[r["test_env"]])
@@ -79,6 +88,24 @@ def search_table(records: list[Record]) -> str:
     )
 
 
+def plan_jobs(plan_path: str, a: argparse.Namespace) -> list:
+    """The jobs of every row of a plan, in launch order (priority, trial seed, row)."""
+    rows = json.loads(Path(plan_path).read_text())
+    keyed = []
+    for i, row in enumerate(rows):
+        hparams = {**json.loads(a.hparams or "{}"), **row.get("hparams", {})}
+        test_envs = row.get("test_envs", a.test_envs)
+        jobs = make_jobs(
+            ["DigitsDG"], [row["algorithm"]], n_hparams_from=0, n_hparams=row.get("n_hparams", a.n_hparams),
+            n_trials=a.n_trials, data_dir=a.data_dir, output_dir=a.output_dir, steps=a.steps,
+            checkpoint_freq=a.checkpoint_freq, single_test_envs=test_envs is None,
+            test_envs=[[int(e)] for e in test_envs.split(";")] if test_envs else None, hparams=hparams or None,
+            extra={"eval_train_in": False, "device": a.device, "variant": row["variant"]},
+        )
+        keyed += [((row["priority"], job.args["trial_seed"], i), job) for job in jobs]
+    return [job for _, job in sorted(keyed, key=lambda pair: pair[0])]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=150)
@@ -93,6 +120,7 @@ def main() -> None:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--output-dir", default="runs/bench_digitsdg")
     p.add_argument("--algorithms", default="ERM")
+    p.add_argument("--plan", default=None, help="a JSON list of rows (variants) to launch instead of --algorithms")
     p.add_argument("--test-envs", default=None, help="held-out domains, e.g. '1' or '0;1' (default: each one)")
     p.add_argument("--hparams", default=None, help="JSON overrides applied to every run, e.g. a smaller batch")
     p.add_argument("--name", default="erm-digitsdg", help="report name: benchmarks/reports/<date>-<name>.md")
@@ -114,7 +142,12 @@ def main() -> None:
     wall = None
     if not a.report_only:
         run(["datasets", "show", "DigitsDG", "--data-dir", a.data_dir, "--out", "/tmp/digitsdg_warmup.png"])
-        _, wall = run(sweep_args)
+        if a.plan:
+            start = time.time()
+            sweep("launch", plan_jobs(a.plan, a), "local", a.n_parallel, skip_confirmation=True)
+            wall = time.time() - start
+        else:
+            _, wall = run(sweep_args)
     tables = {}
     for sel in ("iid", "oracle"):
         rows_path = Path(a.output_dir) / f"rows_{sel}.json"
@@ -153,7 +186,7 @@ def main() -> None:
         f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
         f"|---|---|---|---|---|---|\n{per_trial}\n\n![accuracy vs step]({plot.name})\n"
     )
-    if a.n_hparams > 1:
+    if any(r["args"]["hparams_seed"] for r in records):
         body += f"\n## Random-search draws (training-domain validation)\n\n{search_table(records)}"
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 
