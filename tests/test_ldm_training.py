@@ -21,7 +21,7 @@ from domainfusion.errors import UserError
 from domainfusion.ldm import corpus as corpus_module
 from domainfusion.ldm import training
 from domainfusion.ldm.corpus import (CORPUS_PHOTOS, MAX_CAPTION_TOKENS, build_corpus, cache_paths, colour_name,
-                                     digit_prompt, split_corpus)
+                                     STYLE_VOCABULARY, digit_prompt, split_corpus)
 from domainfusion.ldm import embedded, load_ldm
 from domainfusion.ldm.embedded import (EMBEDDED_WEIGHTS_DIR, MAX_PROMPT_TOKENS, MAX_WEIGHT_BYTES, build_embedded_models,
                                        embedded_configs, embedded_ldm_path, export_embedded_weights, load_text_encoder,
@@ -302,7 +302,8 @@ def test_embedded_ldm_path_materializes_installed_weights(trained, tmp_path):
     assert sorted(p.name for p in weights.iterdir()) == ["scheduler", "unet", "vae"]
     folder = embedded_ldm_path(tmp_path / "cache", weights_dir=weights)
     assert folder.parent == tmp_path / "cache" / "embedded-ldm"
-    assert LatentDiffusion.from_pretrained(folder, device="cpu").image_size == 32
+    model = LatentDiffusion.from_pretrained(folder, device="cpu")
+    assert model.image_size == 32 and model.style_vocabulary == list(STYLE_VOCABULARY)
     stamp = (folder / "model_index.json").stat().st_mtime_ns
     assert embedded_ldm_path(tmp_path / "cache", weights_dir=weights) == folder
     assert (folder / "model_index.json").stat().st_mtime_ns == stamp

@@ -38,6 +38,15 @@ def ld_settings(**changes) -> LDSettings:
     return dataclasses.replace(LDSettings.from_hparams(DEFAULTS), **changes)
 
 
+def aug_settings(**changes) -> AugSettings:
+    """The registry's default augmentation settings, with `changes`."""
+    return dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), **changes)
+
+
+# The paper's reading of the four augmentation knobs (the registry defaults to the v2 bundle).
+PAPER_AUG = {"style_space": "latent", "style_words": "none", "strength_spread": 0.0, "refresh_from": "pool"}
+
+
 def batch(n: int = 4, channels: int = 3, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, channels, size, size, generator=g), torch.randint(len(PROMPTS), (n,), generator=g)
@@ -295,8 +304,7 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(9)], 1.0, seed=0))
     before_images, before_labels = pool.read(torch.arange(9))
     before_sources = torch.cat([s for _, _, s in pool.shards()])
-    settings = dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), candidates=3, strength=0.5,
-                                   steps=4)
+    settings = aug_settings(candidates=3, strength=0.5, steps=4, **PAPER_AUG)
     aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0,
                              grid_dir=tmp_path / "grids")
     calls = []
@@ -328,8 +336,7 @@ def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, l
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(7)], 1.0, seed=0))
     labels = pool.labels.tolist()
     styles = [[f"{p}, style {k}" for k in range(3)] for p in PROMPTS]
-    settings = dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), candidates=2, strength=0.5,
-                                   steps=4, style_words="source_domains")
+    settings = aug_settings(candidates=2, strength=0.5, steps=4, **{**PAPER_AUG, "style_words": "source_domains"})
     aug = OnlineAugmentation(ldm, pool, styles, (1, 28, 28), settings, seed=0)
     calls = []
     img2img = ldm.img2img
@@ -352,10 +359,6 @@ def test_pool_sampling_is_seeded(tmp_path: Path) -> None:
     b = pool.sample(8, torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].dtype == torch.float32 and a[0].shape == (8, 3, 32, 32) and 0 <= a[0].min() <= a[0].max() <= 1
-
-
-def aug_settings(**changes) -> AugSettings:
-    return dataclasses.replace(AugSettings.from_hparams(DEFAULTS, "style_content"), **changes)
 
 
 def test_candidate_strengths_spread_evenly_and_clip() -> None:
@@ -397,7 +400,8 @@ def test_style_space_of_vae_features_selects_and_mixes_there(tmp_path: Path, ldm
     outs = {}
     for space in ("latent", "vae_features"):
         aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28),
-                                 aug_settings(candidates=4, strength=0.7, steps=5, style_space=space), seed=0)
+                                 aug_settings(candidates=4, strength=0.7, steps=5, style_space=space, refresh_from="pool",
+                                              strength_spread=0.0), seed=0)
         outs[space] = out = aug.transform(x, torch.tensor([0, 1, 2]), first=0, seed=11)
         channels = 4 if space == "latent" else ldm.vae.config.block_out_channels[-1]
         feats = out.candidates.flatten(0, 1) if space == "latent" else \
