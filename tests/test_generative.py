@@ -13,7 +13,7 @@ from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.errors import UserError
-from domainfusion.ldm.adapt import check_resolution, domain_prompt
+from domainfusion.ldm.adapt import GENERIC_STYLES, check_resolution, domain_prompt, style_vocabulary
 from domainfusion.train import TrainArgs, train
 from conftest import make_image_folder
 from tiny_ldm import save_tiny_ldm
@@ -161,8 +161,14 @@ def test_style_words_name_only_the_source_domains(tmp_path: Path, sd_folder: Pat
     assert df.augmentation.prompts == [[domain_prompt("PACS", d, c) for d in PACS_DOMAINS[:2]] for c in ("dog", "horse")]
     assert not any(domain_prompt("PACS", d, c) in p for d in held_out for c in ("dog", "horse")
                    for p in sum(df.augmentation.prompts, []))  # fmt: skip
-    plain = build("DomainFusion", tensor_context(tmp_path / "plain", sd_folder))
+    plain = build("DomainFusion", tensor_context(tmp_path / "plain", sd_folder), aug_style_words="none")
     assert plain.augmentation.prompts == [[p] for p in context.class_prompts()]
+    # The default: the class prompt in each look of the generic vocabulary (the tiny SD folder ships none), never a
+    # look that is a PACS domain's name or description, held out or not.
+    styled = build("DomainFusion", tensor_context(tmp_path / "styled", sd_folder))
+    kept = style_vocabulary("PACS", list(PACS_DOMAINS), None)
+    assert styled.augmentation.prompts == [[f"{p}, {s}" for s in kept] for p in context.class_prompts()]
+    assert "a photo" in GENERIC_STYLES and "a photo" not in kept and "a sketch" not in kept
 
 
 def test_variants_share_hparam_draws() -> None:

@@ -1,6 +1,7 @@
 """DomainFusion (ECCV 2024) and its ablations, on the Algorithm contract; the method itself is in `method/`.
 
-Loss per step: cross-entropy on source ∪ pool batches + λ_LD · L_LD on a sub-batch of the source images.
+Loss per step: cross-entropy on source ∪ pool batches + λ_LD · L_LD on a sub-batch (of the source images for the
+paper's confidence target, of source and pool images for the posterior target).
 The ablations are the same class with parts switched off, so one `--algorithm` option selects them and result
 tables show each as its own row: DomainFusion_LD (latent distillation only), DomainFusion_Aug (online augmentation
 only) and DomainFusion_RandSel (random candidate selection instead of most-different style / most-similar content).
