@@ -168,7 +168,7 @@ def test_style_words_name_only_the_source_domains(tmp_path: Path, sd_folder: Pat
     styled = build("DomainFusion", tensor_context(tmp_path / "styled", sd_folder))
     kept = style_vocabulary("PACS", list(PACS_DOMAINS), None)
     assert styled.augmentation.prompts == [[f"{p}, {s}" for s in kept] for p in context.class_prompts()]
-    assert "a photo" in GENERIC_STYLES and "a photo" not in kept and "a sketch" not in kept
+    assert {"a photo", "a cartoon"} <= set(GENERIC_STYLES) and not {"a photo", "a cartoon"} & set(kept)
 
 
 def test_variants_share_hparam_draws() -> None:
