@@ -13,18 +13,21 @@ What it must not do: unpickle anything but tensors, or write outside OUTPUT_DIR.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
+from .errors import UserError
 from .utils import load_module, publish_dir, recover_dir, save_module
 
 CHECKPOINT = "checkpoint"
@@ -116,14 +119,41 @@ def read_state(out: Path) -> dict[str, Any] | None:
     middle of replacing the checkpoint leaves the previous one, which is restored first."""
     recover_dir(out / CHECKPOINT)
     path = out / CHECKPOINT / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with _damage_is_a_user_error(path):
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+        if "pool" in state:
+            _pool_in(out, state["pool"])
+    return state
+
+
+def _pool_in(out: Path, pool: str) -> Path:
+    """The pool folder state.json names, which must lie inside OUTPUT_DIR (restoring it deletes what is there)."""
+    root = (out / pool).resolve()
+    if Path(pool).is_absolute() or out.resolve() not in root.parents:
+        raise ValueError(f"pool {pool!r} is not a folder inside {out}")
+    return root
+
+
+@contextlib.contextmanager
+def _damage_is_a_user_error(path: Path) -> Iterator[None]:
+    """A checkpoint file that a kill, a full disk or a hand cut short: one error naming it, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError,
+            safetensors.SafetensorError) as e:
+        raise UserError(f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); this run cannot resume from "
+                        "it: rerun without --resume to start over") from None
 
 
 def restore_pool(out: Path, state: dict[str, Any]) -> None:
     """Put the checkpointed pool back in place (hard links again) before the algorithm opens it: the live pool may
     have been refreshed after the checkpoint."""
     if "pool" in state:
-        root = out / state["pool"]
+        root = _pool_in(out, state["pool"])
         if root.exists():
             shutil.rmtree(root)
         shutil.copytree(out / CHECKPOINT / "pool", root, copy_function=os.link)
@@ -132,15 +162,18 @@ def restore_pool(out: Path, state: dict[str, Any]) -> None:
 def restore_checkpoint(out: Path, algorithm: torch.nn.Module, rank: int = 0) -> dict[str, Any]:
     """Load weights, optimisers and every RNG (rank `rank`'s) into a freshly built algorithm; returns state.json."""
     folder = out / CHECKPOINT
-    state = json.loads((folder / "state.json").read_text())
-    load_module(algorithm, folder / "model.safetensors")
-    optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
-    for name, optimizer in optimizers(algorithm).items():
-        optimizer.load_state_dict(optimizer_states[name])
+    state = read_state(out)
+    with _damage_is_a_user_error(folder / "model.safetensors"):
+        load_module(algorithm, folder / "model.safetensors")
+    with _damage_is_a_user_error(folder / "optimizers.pt"):
+        optimizer_states = torch.load(folder / "optimizers.pt", weights_only=True)
+        for name, optimizer in optimizers(algorithm).items():
+            optimizer.load_state_dict(optimizer_states[name])
     path = folder / f"rng-rank{rank}.safetensors"
     if path.is_file():
-        with safetensors.safe_open(str(path), framework="pt") as f:
+        with _damage_is_a_user_error(path), safetensors.safe_open(str(path), framework="pt") as f:
             set_rng_state(algorithm, {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["scalars"]))
     else:  # a checkpoint from before per-rank files: rank 0's tensors in rng.safetensors, its scalars in state.json
-        set_rng_state(algorithm, safetensors.torch.load_file(str(folder / "rng.safetensors")), state)
+        with _damage_is_a_user_error(folder / "rng.safetensors"):
+            set_rng_state(algorithm, safetensors.torch.load_file(str(folder / "rng.safetensors")), state)
     return state

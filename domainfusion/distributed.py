@@ -54,7 +54,18 @@ def resolve_device(name: str) -> torch.device:
     """'auto' → CUDA when available; under a launcher a bare 'cuda' (or 'auto') means this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is not a device this tool trains on; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
     if launched() and device.type == "cuda":
         if device.index is not None:
             raise UserError(f"--device {name} names one GPU for every process; under torchrun/accelerate use "
@@ -71,8 +82,14 @@ def setup(device_name: str) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(leave)
     return device
+
+
+def leave() -> None:
+    """Leave the process group if still in it (a caller may have left it already)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

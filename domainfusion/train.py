@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,11 +24,12 @@ from tqdm import tqdm
 from . import distributed
 from . import hparams as hparams_registry
 from .algorithms import RunContext, algorithm_class
-from .checkpoint import CHECKPOINT, read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
+from .checkpoint import read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, holdout_split
 from .errors import UserError
-from .utils import append_jsonl, atomic_write_text, retired, save_module, seed_everything, seed_hash
+from .output_dir import RUN_FILES, OutputDir
+from .utils import append_jsonl, atomic_write_text, save_module, seed_everything, seed_hash
 
 EVAL_BATCH_SIZE = 256
 # Arguments that may differ between a run and its resumption without changing its results.
@@ -100,31 +100,21 @@ def peak_memory_gb(device: torch.device) -> float:
     return distributed.max_across_ranks([peak], device)[0]
 
 
-def prepare_output_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
-    """Create the output folder; refuse to clobber a finished run; check that it is writable before compute.
-
-    Returns the folder and, with --resume and a complete checkpoint there, the checkpoint's state; otherwise the
-    previous attempt's files are removed and the run starts from step 0.
-    """
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose another folder") from None
+def prepare_output_dir(args: TrainArgs, output: OutputDir) -> dict[str, Any] | None:
+    """Refuse to clobber a finished run; with --resume, the state of the checkpoint to resume from (None: start at
+    step 0). Run by rank 0 holding the folder's lock; deletes nothing (see `OutputDir.set_aside`)."""
+    out = output.path
     if (out / "done").exists() and not args.overwrite:
         raise UserError(f"{out} holds a finished run (done marker); pass --overwrite or choose another --output-dir")
-    state = read_state(out) if args.resume and not (out / "done").exists() else None
-    if state is not None:
-        _check_same_run(out, args)
-        return out, state
-    for stale in ("results.jsonl", "done", "model.safetensors", "model.json"):
-        (out / stale).unlink(missing_ok=True)
-    for folder in (out / CHECKPOINT, retired(out / CHECKPOINT)):
-        shutil.rmtree(folder, ignore_errors=True)
-    return out, None
+    if not args.resume or (out / "done").exists():
+        return None
+    state = read_state(out)
+    if state is None:
+        if any((out / name).exists() for name in RUN_FILES):  # a run was here, but left nothing to resume from
+            print(f"--resume: {out} has no checkpoint; starting from step 0", file=sys.stderr)
+        return None
+    _check_same_run(out, args)
+    return state
 
 
 def _check_same_run(out: Path, args: TrainArgs) -> None:
@@ -138,24 +128,34 @@ def _check_same_run(out: Path, args: TrainArgs) -> None:
                         "arguments, or drop --resume to start over")
 
 
-def _prepare_output_dir_once(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
-    """`prepare_output_dir` on rank 0 only (it deletes a previous attempt's files); its outcome, a refusal included,
-    on every rank."""
+def _open_output_dir(args: TrainArgs) -> tuple[OutputDir, dict[str, Any] | None]:
+    """The output folder, locked by rank 0, and `prepare_output_dir`'s outcome (a refusal included) on every rank."""
+    output = OutputDir(args.output_dir)
     if not distributed.is_main():
         outcome = distributed.broadcast_object(None)
         if isinstance(outcome, str):
             raise UserError(outcome)
-        return outcome
+        return output, outcome
     try:
-        outcome = prepare_output_dir(args)
+        output.acquire()
+        state = prepare_output_dir(args, output)
     except UserError as e:
+        output.release()
         distributed.broadcast_object(str(e))
         raise
-    return distributed.broadcast_object(outcome)
+    return output, distributed.broadcast_object(state)
 
 
 def check_args(args: TrainArgs) -> None:
     """Numeric flags that would otherwise fail deep inside training."""
+    if not args.test_envs:
+        raise UserError("--test-envs is empty; name the held-out environment(s), e.g. --test-envs 0")
+    if len(set(args.test_envs)) != len(args.test_envs):
+        raise UserError(f"--test-envs names an environment twice: {args.test_envs}")
+    if args.image_size is not None and args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers must be 0 (load in the main process) or more, got {args.num_workers}")
     if not 0.0 < args.holdout_fraction < 1.0:
         raise UserError(f"--holdout-fraction must be strictly between 0 and 1, got {args.holdout_fraction}")
     for name in ("steps", "checkpoint_freq"):
@@ -174,12 +174,27 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     check_args(args)
     device = distributed.setup(args.device)
     hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
+    main = distributed.is_main()
+    algorithm_cls = algorithm_class(args.algorithm)
+    if distributed.world_size() > 1 and not getattr(algorithm_cls, "DATA_PARALLEL", True):
+        raise UserError(f"{args.algorithm} does not support data-parallel training; run it as one process")
+    output, resume_state = _open_output_dir(args)
+    try:
+        return _train_in(output, resume_state, args, hp, algorithm_cls, device)
+    except BaseException:
+        if main:
+            output.restore_replaced()
+        raise
+    finally:
+        output.release()
+
+
+def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: TrainArgs, hp: dict,
+              algorithm_cls: type, device: torch.device) -> list[dict[str, Any]]:
+    """`train` in its locked output folder."""
+    out = output.path
     local_hp = distributed.local_hparams(hp)  # this rank's share of the per-step batches
     world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    algorithm_cls = algorithm_class(args.algorithm)
-    if world_size > 1 and not getattr(algorithm_cls, "DATA_PARALLEL", True):
-        raise UserError(f"{args.algorithm} does not support data-parallel training; run it as one process")
-    out, resume_state = _prepare_output_dir_once(args)
     if resume_state is not None and resume_state.get("world_size", 1) != world_size:
         raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "
                         f"{resume_state.get('world_size', 1)}; launch the same number of processes")
@@ -192,6 +207,8 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         args.skip_bad_images,
     )
     if main:
+        if resume_state is None:  # the inputs are valid: make room for the new run, keeping the old one's files
+            output.set_aside()
         distributed.barrier()
     if dataset.skipped_images and main:
         atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
@@ -299,8 +316,9 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
             records.append(record)
             rngs = distributed.gather_object(rng_state(algorithm))  # every rank's, on rank 0
             if main:
-                append_jsonl(out / "results.jsonl", record)
-                write_checkpoint(out, step, algorithm, {"world_size": world_size} if world_size > 1 else {}, rngs)
+                _write_checkpoint(out, record, step, algorithm, {"world_size": world_size} if world_size > 1 else {},
+                                  rngs)
+                output.discard_replaced()
             if writer is not None:
                 for key, val in record.items():
                     if isinstance(val, (int, float)) and key != "step":
@@ -317,6 +335,17 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         atomic_write_text(out / "done", "done")
     distributed.barrier()  # every rank returns once the run is complete on disk
     return records
+
+
+def _write_checkpoint(out: Path, record: dict[str, Any], step: int, algorithm: torch.nn.Module,
+                      extra: dict[str, Any], rngs: list) -> None:
+    """The checkpoint's results line and state; a full disk (or file-size limit) becomes one clear error."""
+    try:
+        append_jsonl(out / "results.jsonl", record)
+        write_checkpoint(out, step, algorithm, extra, rngs)
+    except (OSError, RuntimeError) as e:  # torch.save reports short writes as RuntimeError ("unexpected pos ...")
+        raise UserError(f"cannot write step {step}'s checkpoint in {out} ({e}); free disk space (or raise the "
+                        "file-size limit) and rerun with --resume: the last complete checkpoint is kept") from None
 
 
 def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp: dict, dataset) -> None:
@@ -337,12 +366,22 @@ def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp
 
 def _records_up_to(path: Path, step: int, rewrite: bool) -> list[dict[str, Any]]:
     """The results.jsonl records up to the checkpoint's step; `rewrite` drops the later ones from the file (they are
-    written again)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    written again), and a last line a kill cut short."""
+    lines = [line for line in (path.read_text().splitlines() if path.is_file() else []) if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # cut short by a kill or a full disk: written again from the checkpoint
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON; repair or delete that line, then rerun with "
+                            "--resume") from None
+        if record["step"] <= step:
+            records.append(record)
     if rewrite:
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return [json.loads(line) for line in kept]
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return records
 
 
 def _tensorboard_writer(out: Path, start_step: int):

@@ -48,6 +48,10 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> N
     torch.set_num_threads(1)
     distributed.setup("cpu")
     fn(*args)
+    # Leave the group together: a rank tearing gloo down while its peer still talks to it can abort the peer
+    # ("terminate called without an active exception").
+    distributed.barrier()
+    distributed.leave()
 
 
 def run_ranks(fn: Callable, *args: Any, world: int = 2, timeout: float = 300) -> None:
