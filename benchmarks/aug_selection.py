@@ -34,7 +34,8 @@ from domainfusion.data.digits_dg import build_digits_dg
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import style_prompt, style_vocabulary, to_ldm_images
 from domainfusion.ldm.corpus import build_corpus, digit_prompt, split_corpus
-from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation, SyntheticPool
+from domainfusion.data.pool import SyntheticPool
+from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation
 from domainfusion.method.style_content import candidate_scores, content, content_similarity
 from ldm_quality import judge_data, predict, train_judge
 

@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,27 +26,17 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .data.pool import SyntheticPool
 from .errors import UserError
-from .utils import load_module, publish_dir, recover_dir, save_module
+from .utils import generators, load_module, optimizers, publish_dir, recover_dir, save_module
 
 CHECKPOINT = "checkpoint"
 RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors, JSON-able scalars
 
 
-def optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
-    """The optimisers an algorithm owns (attributes): what a checkpoint saves and data parallelism synchronises."""
-    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.optim.Optimizer)}
-
-
-def generators(algorithm: torch.nn.Module) -> dict[str, torch.Generator]:
-    """The random generators an algorithm owns (attributes): saved per rank, seeded per rank under data parallelism."""
-    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.Generator)}
-
-
-def _pool_root(algorithm: torch.nn.Module) -> Path | None:
-    """The folder of the algorithm's synthetic pool, if it has one."""
-    pool = getattr(algorithm, "pool", None)
-    return Path(pool.root) if pool is not None else None
+def _pool(algorithm: torch.nn.Module) -> SyntheticPool | None:
+    """The algorithm's synthetic pool, if it has one."""
+    return getattr(algorithm, "pool", None)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -99,15 +88,10 @@ def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: di
             safetensors.torch.save_file(tensors, str(tmp / f"rng-rank{r}.safetensors"),
                                         metadata={"scalars": json.dumps(scalars)})
         state = {"step": step, **extra}
-        root = _pool_root(algorithm)
-        if root is not None:
-            state["pool"] = str(root.relative_to(out))
-            manifest = json.loads((root / "manifest.json").read_text())
-            generation = f"gen-{manifest['generation']:06d}"
-            (tmp / "pool" / generation).mkdir(parents=True)
-            for shard in manifest["shards"]:
-                os.link(root / generation / shard, tmp / "pool" / generation / shard)
-            shutil.copyfile(root / "manifest.json", tmp / "pool" / "manifest.json")
+        pool = _pool(algorithm)
+        if pool is not None:
+            state["pool"] = str(pool.root.relative_to(out))
+            pool.link_into(tmp / "pool")
         (tmp / "state.json").write_text(json.dumps(state))
         _fsync_tree(tmp)
 
@@ -153,10 +137,7 @@ def restore_pool(out: Path, state: dict[str, Any]) -> None:
     """Put the checkpointed pool back in place (hard links again) before the algorithm opens it: the live pool may
     have been refreshed after the checkpoint."""
     if "pool" in state:
-        root = _pool_in(out, state["pool"])
-        if root.exists():
-            shutil.rmtree(root)
-        shutil.copytree(out / CHECKPOINT / "pool", root, copy_function=os.link)
+        SyntheticPool.restore(out / CHECKPOINT / "pool", _pool_in(out, state["pool"]))
 
 
 def restore_checkpoint(out: Path, algorithm: torch.nn.Module, rank: int = 0) -> dict[str, Any]:

@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .checkpoint import generators, optimizers
 from .errors import UserError
-from .utils import seed_everything, seed_hash
+from .utils import generators, optimizers, seed_everything, seed_hash
 
 Chunk = tuple[torch.Tensor, ...]
 # Gradient all-reduce bucket. `average_gradients` on ResNet-18's 42.6 MiB of gradients, 2 gloo CPU processes (ms

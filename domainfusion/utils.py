@@ -180,3 +180,13 @@ def load_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
     if missing or unexpected:
         raise RuntimeError(f"{path} does not match {type(module).__name__} (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
+
+
+def optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    """The optimisers an algorithm owns (attributes): what a checkpoint saves and data parallelism synchronises."""
+    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.optim.Optimizer)}
+
+
+def generators(algorithm: torch.nn.Module) -> dict[str, torch.Generator]:
+    """The random generators an algorithm owns (attributes): saved per rank, seeded per rank under data parallelism."""
+    return {k: v for k, v in vars(algorithm).items() if isinstance(v, torch.Generator)}

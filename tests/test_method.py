@@ -15,7 +15,8 @@ from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
 from domainfusion.method.latent_distillation import LatentDistillation, LDSettings
-from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation, SyntheticPool, subset_chunks
+from domainfusion.data.pool import SyntheticPool, subset_chunks
+from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -285,7 +286,7 @@ def tensor_dataset(n: int, channels: int = 1, size: int = 28) -> torch.utils.dat
 
 
 def test_pool_subset_is_seeded_and_traceable(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("domainfusion.method.online_augmentation.SHARD_SIZE", 4)
+    monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 4)
     sets = [tensor_dataset(10), tensor_dataset(15)]
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks(sets, 0.4, seed=1))
     assert len(pool) == 10 and len(pool.manifest["shards"]) == 3  # 4 + 4 + 2
@@ -300,7 +301,7 @@ def test_pool_subset_is_seeded_and_traceable(tmp_path: Path, monkeypatch) -> Non
 
 def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Path, ldm: LatentDiffusion,
                                                                     monkeypatch) -> None:
-    monkeypatch.setattr("domainfusion.method.online_augmentation.SHARD_SIZE", 4)
+    monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 4)
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(9)], 1.0, seed=0))
     before_images, before_labels = pool.read(torch.arange(9))
     before_sources = torch.cat([s for _, _, s in pool.shards()])
@@ -332,7 +333,7 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
 
 def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, ldm: LatentDiffusion,
                                                                 monkeypatch) -> None:
-    monkeypatch.setattr("domainfusion.method.online_augmentation.SHARD_SIZE", 4)
+    monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 4)
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(7)], 1.0, seed=0))
     labels = pool.labels.tolist()
     styles = [[f"{p}, style {k}" for k in range(3)] for p in PROMPTS]

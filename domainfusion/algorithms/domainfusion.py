@@ -14,7 +14,8 @@ from typing import Iterable
 import torch
 
 from ..method.latent_distillation import LatentDistillation, LDSettings
-from ..method.online_augmentation import AugSettings, Chunk, OnlineAugmentation, subset_chunks
+from ..data.pool import Chunk, subset_chunks
+from ..method.online_augmentation import AugSettings, OnlineAugmentation
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM

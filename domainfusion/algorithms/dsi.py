@@ -33,7 +33,8 @@ import torch
 
 from ..data.loaders import domain_of
 from ..ldm.adapt import default_prompt_template, from_ldm_images, to_ldm_images
-from ..method.online_augmentation import Chunk, subset_chunks, to_uint8
+from ..data.pool import Chunk, subset_chunks
+from ..images import to_uint8
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..method.online_augmentation import Chunk, SyntheticPool
+from ..data.pool import Chunk, SyntheticPool
 from ..utils import seed_hash
 from .base import Minibatches, RunContext
 from .erm import ERM
