@@ -11,6 +11,7 @@ import torch
 
 from domainfusion import hparams as registry
 from domainfusion.errors import UserError
+from domainfusion.images import to_uint8
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
@@ -75,8 +76,15 @@ def test_sds_gradient_wrt_latent_is_weighted_noise_residual(ldm: LatentDiffusion
     # The loss value is ½ mean g², and the gradient reaches the logits only through the true-class confidence.
     torch.testing.assert_close(out.loss, 0.5 * (w * (eps_hat - noise)).pow(2).mean())
     (grad_logits,) = torch.autograd.grad(out.loss, logits)
-    assert grad_logits.abs().sum() > 0
-    torch.testing.assert_close(grad_logits.sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)  # softmax Jacobian
+    # Chain rule by hand: ∂L/∂c_b = <∂L/∂z_b, ∂E(c·x_b)/∂c_b> through the VAE, then c = softmax(logits)_y gives
+    # ∂c/∂logits = c·(onehot(y) − softmax(logits)). Fails if c were another class's probability, detached, or the
+    # image were not darkened by c.
+    c = out.confidence.detach().requires_grad_()
+    (dl_dc,) = torch.autograd.grad(ldm.encode(c.view(-1, 1, 1, 1) * x), c, grad_outputs=grad_z)
+    assert (dl_dc.abs() > 1e-9).all()
+    p = logits.detach().softmax(1)
+    expected = (dl_dc * c.detach())[:, None] * (torch.nn.functional.one_hot(y, len(PROMPTS)) - p)
+    torch.testing.assert_close(grad_logits, expected, rtol=1e-4, atol=1e-10)
 
 
 def test_sds_loss_and_gradient_vanish_when_the_unet_predicts_the_noise(ldm: LatentDiffusion, monkeypatch) -> None:
@@ -314,6 +322,14 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     encode = ldm.encode
     encoded = []
     monkeypatch.setattr(ldm, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    transformed = []  # (inputs, labels, first position, output) of each transform call
+    transform = aug.transform
+
+    def recording_transform(images, labels, first, *args):
+        transformed.append((images, labels, first, transform(images, labels, first, *args)))
+        return transformed[-1][-1]
+
+    monkeypatch.setattr(aug, "transform", recording_transform)
     assert aug.due(0.0)
     assert aug.refresh() == 27
     assert pool.generated == 27 and pool.refreshes == 1 and len(pool) == 9
@@ -322,7 +338,19 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     after_images, after_labels = pool.read(torch.arange(9))
     assert torch.equal(after_labels, before_labels)
     assert torch.equal(torch.cat([s for _, _, s in pool.shards()]), before_sources)
-    assert all(not torch.equal(a, b) for a, b in zip(after_images, before_images))
+    # Position p now holds what the refresh made of the image that was at p: the decoded AdaIN mix of the candidates
+    # picked by the selection rule (style farthest, content closest to the input's latent), in the dataset's shape.
+    # Fails if a refresh kept the input, wrote one candidate, or shuffled positions.
+    assert [first for _, _, first, _ in transformed] == [0, 4, 8]
+    inputs, input_labels, _, outs = zip(*transformed)
+    assert torch.equal(to_uint8(torch.cat(inputs)), before_images)
+    assert torch.equal(torch.cat(input_labels), before_labels)
+    for x, out in zip(inputs, outs):
+        candidates = out.candidates  # (B, N, 4, h, w) the candidate latents made from x
+        picks = sc.select_style_content(encode(to_ldm_images(x, ldm.image_size)), candidates)
+        assert torch.equal(picks[0], out.style_pick) and torch.equal(picks[1], out.content_pick)
+        torch.testing.assert_close(out.results, ldm.decode(sc.recombine(candidates, *picks)))
+    assert torch.equal(after_images, to_uint8(from_ldm_images(torch.cat([o.results for o in outs]), (1, 28, 28))))
     assert [len(p) for p in calls] == [4] * 3 + [4] * 3 + [1] * 3  # per shard (4 + 4 + 1 images), one call per candidate
     shards = [before_labels[:4], before_labels[4:8], before_labels[8:]]
     assert calls == [[PROMPTS[int(y)] for y in labels] for labels in shards for _ in range(3)]
