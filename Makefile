@@ -31,6 +31,7 @@ DEMO_STEPS ?= 200
 DEMO_FLAGS = --dataset DigitsDG --test-envs 1 --data-dir $(DATA) --steps $(DEMO_STEPS) --checkpoint-freq 100 \
 	--no-eval-train-in --hparams '{"batch_size": 32}' --overwrite
 demo: install
+	mkdir -p $(DATA)
 	$(BIN)/domainfusion datasets show DigitsDG --data-dir $(DATA) --out $(DEMO_OUT)/DigitsDG.png --per-class 2
 	$(BIN)/domainfusion ldm sample "a photo of the digit 0" "a photo of the digit 1" "a photo of the digit 2" \
 		"a photo of the digit 3" "a photo of the digit 4" "a photo of the digit 5" "a photo of the digit 6" \

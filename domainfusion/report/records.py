@@ -39,13 +39,17 @@ class RecordGroup:
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
-    """Read every `results.jsonl` below `path` (sorted, so the output order does not depend on the filesystem)."""
+    """Read every `results.jsonl` below `path` (sorted, so the output order does not depend on the filesystem).
+
+    Hidden folders are skipped: `.replaced/` holds a run that a running replacement may still discard or restore.
+    """
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory: pass the sweep output directory that holds one folder per run.")
     records: list[Record] = []
     for results_path in sorted(root.rglob("results.jsonl")):
-        records.extend(_read_results(results_path))
+        if not any(part.startswith(".") for part in results_path.relative_to(root).parts):
+            records.extend(_read_results(results_path))
     return records
 
 
