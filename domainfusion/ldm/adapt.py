@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..images import from_rgb, to_rgb
 
 DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
 
@@ -29,24 +30,13 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def to_ldm_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """(B, C, h, w) in [0, 1], C in {1, 2, 3} -> (B, 3, resolution, resolution); 1 channel = grey, 2 = red/green."""
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 2:
-        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-    elif x.shape[1] != 3:
-        raise ValueError(f"expected 1, 2 or 3 image channels, got {x.shape[1]}")
-    return _resize(x, (resolution, resolution)).clamp(0, 1)
+    return _resize(to_rgb(x), (resolution, resolution)).clamp(0, 1)
 
 
 def from_ldm_images(x: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
     """The inverse direction: LDM RGB images -> the dataset's (C, H, W) (grey = channel mean, red/green kept)."""
     channels, height, width = input_shape
-    x = _resize(x, (height, width))
-    if channels == 1:
-        x = x.mean(dim=1, keepdim=True)
-    elif channels == 2:
-        x = x[:, :2]
-    return x.clamp(0, 1).contiguous()
+    return from_rgb(_resize(x, (height, width)), channels).clamp(0, 1).contiguous()
 
 
 # The LDM may see images at most this many times smaller than the dataset's: beyond it, distillation and

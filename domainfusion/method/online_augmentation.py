@@ -197,6 +197,5 @@ class OnlineAugmentation:
         rows = [torch.cat([out.originals[i:i + 1].cpu(), decoded[i].cpu(), decoded[i, out.style_pick[i]][None].cpu(),
                            decoded[i, out.content_pick[i]][None].cpu(), out.results[i:i + 1].cpu()])
                 for i in range(m)]  # fmt: skip
-        n = self.settings.candidates
-        label = f"orig|{n} cand|style|content|new"  # fits the grid's label column
-        return save_grid(rows, path, [label] + [""] * (m - 1))
+        candidates = [f"cand {j + 1}" for j in range(self.settings.candidates)]
+        return save_grid(rows, path, column_titles=["orig", *candidates, "style", "content", "new"])
