@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from . import hparams as hparams_registry
 from .algorithms import algorithm_class
 from .checkpoint import CHECKPOINT
+from .config_fields import ResultFree, result_free_fields
 from .data import dataset_class
 from .distributed import local_hparams
 from .errors import UserError
@@ -35,17 +36,17 @@ STATES = (DONE, INCOMPLETE, NOT_LAUNCHED)
 COMMANDS = ("launch", "delete_incomplete", "list")
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
-# Set by the grid itself; everything else in TrainArgs may come through `extra`. `progress` is always off (logs go
-# to files) and `overwrite` is never needed (launch skips finished jobs).
+# Set by the grid itself; everything else in TrainArgs may come through `extra`, except the invocation flags that
+# `Job.command` sets (every job resumes, logs go to files; `overwrite` is never needed: launch skips finished jobs).
 _GRID_FIELDS = {
     "dataset", "algorithm", "test_envs", "data_dir", "output_dir", "hparams", "hparams_seed", "trial_seed", "seed",
     "steps", "checkpoint_freq", "holdout_fraction",
 }
-_NEVER = _GRID_FIELDS | {"progress", "overwrite", "resume"}
+_NEVER = _GRID_FIELDS | set(result_free_fields(TrainArgs, ResultFree.INVOCATION))
 EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _NEVER)
 # Where a job runs does not change its result, so these stay out of the folder hash: a sweep started on one machine
 # can be resumed with another --device or --num-workers and still find its finished jobs.
-RUNTIME_ONLY = ("device", "num_workers")
+PLACEMENT_FIELDS = result_free_fields(TrainArgs, ResultFree.PLACEMENT)
 
 
 def all_test_env_combinations(n: int) -> list[list[int]]:
@@ -72,8 +73,9 @@ def num_environments(dataset: str, data_dir: str | Path, allow_missing_classes: 
 
 
 def job_hash(args: dict[str, Any]) -> str:
-    """DomainBed's folder name: md5 of the sorted-key JSON of the train args, minus output_dir and runtime-only keys."""
-    keyed = {k: v for k, v in args.items() if k != "output_dir" and k not in RUNTIME_ONLY}
+    """DomainBed's folder name: md5 of the sorted-key JSON of the train args, minus where the job runs (output_dir,
+    device, num_workers: `PLACEMENT_FIELDS`)."""
+    keyed = {k: v for k, v in args.items() if k not in PLACEMENT_FIELDS}
     return hashlib.md5(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -25,6 +25,7 @@ from . import distributed
 from . import hparams as hparams_registry
 from .algorithms import RunContext, algorithm_class
 from .checkpoint import read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
+from .config_fields import ResultFree, changed_fields, result_free
 from .data import get_dataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, holdout_split
 from .errors import UserError
@@ -32,13 +33,12 @@ from .output_dir import RUN_FILES, OutputDir
 from .utils import append_jsonl, atomic_write_text, save_module, seed_everything, seed_hash
 
 EVAL_BATCH_SIZE = 256
-# Arguments that may differ between a run and its resumption without changing its results.
-RESUME_FREE_ARGS = ("resume", "progress", "device", "num_workers", "overwrite", "tensorboard", "output_dir")
 
 
 @dataclass
 class TrainArgs:
-    """The arguments of one run; stored verbatim as `args` in every results.jsonl record."""
+    """The arguments of one run; stored verbatim as `args` in every results.jsonl record. Those marked
+    `result_free` may differ between a run and its resumption."""
 
     dataset: str = "DigitsDG"
     algorithm: str = "ERM"
@@ -48,7 +48,7 @@ class TrainArgs:
     variant: str | None = None
     test_envs: list[int] = field(default_factory=lambda: [0])
     data_dir: str = "data"
-    output_dir: str = "runs/train"
+    output_dir: str = result_free(ResultFree.PLACEMENT, default="runs/train")
     hparams: str | None = None
     hparams_seed: int = 0
     trial_seed: int = 0
@@ -63,13 +63,13 @@ class TrainArgs:
     pretrained: str | None = None
     ldm: str = "embedded"
     prompt_template: str | None = None
-    num_workers: int | None = None
-    device: str = "auto"
+    num_workers: int | None = result_free(ResultFree.PLACEMENT, default=None)
+    device: str = result_free(ResultFree.PLACEMENT, default="auto")
     skip_model_save: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
+    overwrite: bool = result_free(ResultFree.INVOCATION, default=False)
+    resume: bool = result_free(ResultFree.INVOCATION, default=False)
+    tensorboard: bool = result_free(ResultFree.LOGGING, default=False)
+    progress: bool = result_free(ResultFree.INVOCATION, default=True)
 
 
 def accuracy(network: torch.nn.Module, loader, device: torch.device) -> float:
@@ -119,10 +119,7 @@ def prepare_output_dir(args: TrainArgs, output: OutputDir) -> dict[str, Any] | N
 
 def _check_same_run(out: Path, args: TrainArgs) -> None:
     """Refuse to resume a run with arguments that would change its results."""
-    saved = json.loads((out / "args.json").read_text())["args"]
-    current = json.loads(json.dumps(dataclasses.asdict(args)))
-    defaults = json.loads(json.dumps(dataclasses.asdict(TrainArgs())))  # runs saved before a field existed
-    changed = sorted(k for k in current if k not in RESUME_FREE_ARGS and saved.get(k, defaults[k]) != current[k])
+    changed = changed_fields(json.loads((out / "args.json").read_text())["args"], args, TrainArgs())
     if changed:
         raise UserError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use the same "
                         "arguments, or drop --resume to start over")

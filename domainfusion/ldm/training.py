@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..config_fields import ResultFree, changed_fields, result_free
 from ..errors import UserError
 from ..utils import atomic_write_text, publish_dir
 from .adapt import default_prompt_template, to_ldm_images
@@ -56,9 +57,6 @@ from .embedded import (assemble_ldm_folder, build_embedded_models, embedded_ldm_
                        weight_bytes)
 from .grids import sample_grid, save_grid
 from .latent_diffusion import LatentDiffusion
-
-# Keys that may change between a run and its resumption without changing its result.
-RESUME_FREE_KEYS = ("resume", "progress", "device")
 
 # The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running (stage
 # times: docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
@@ -73,7 +71,8 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class LDMTrainConfig:
-    """Everything that defines an LDM training run (saved as config.json; resuming requires the same values)."""
+    """Everything that defines an LDM training run (saved as config.json; resuming requires the same values, except
+    in the fields marked `result_free`)."""
 
     output_dir: str
     data: str = "corpus"  # "corpus" (the digit corpus) or a dataset registry name (DigitsDG, PACS, ImageFolder, ...)
@@ -119,9 +118,9 @@ class LDMTrainConfig:
     sample_seeds: int = 4
     sample_steps: int = 25
     sample_guidance: float = 1.0
-    resume: bool = False
-    device: str = "auto"
-    progress: bool = True
+    resume: bool = result_free(ResultFree.INVOCATION, default=False)
+    device: str = result_free(ResultFree.PLACEMENT, default="auto")
+    progress: bool = result_free(ResultFree.INVOCATION, default=True)
 
 
 @dataclass
@@ -390,11 +389,8 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
 
 
 def changed_settings(out: Path, config: LDMTrainConfig) -> list[str]:
-    """The settings (other than RESUME_FREE_KEYS) in which `config` differs from the run saved in `out`."""
-    saved = json.loads((out / "config.json").read_text())
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
-    defaults = json.loads(json.dumps(dataclasses.asdict(LDMTrainConfig(output_dir=""))))  # fields added later
-    return sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != current[k])
+    """The settings (result-free ones aside) in which `config` differs from the run saved in `out`."""
+    return changed_fields(json.loads((out / "config.json").read_text()), config, LDMTrainConfig(output_dir=""))
 
 
 def _check_resumable(out: Path, config: LDMTrainConfig) -> None:
