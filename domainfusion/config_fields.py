@@ -1,7 +1,7 @@
 """Which settings leave a run's result unchanged, declared once on each dataclass field, and the one comparison that
 decides whether a saved run may continue under the current settings.
 
-`train.TrainArgs` and `ldm.training.LDMTrainConfig` mark such fields with `result_free(...)`; their resume checks,
+`train.TrainArgs` and `ldm.train_config.LDMTrainConfig` mark such fields with `result_free(...)`; their resume checks,
 and the sweep's job folder names and per-job flags, are derived from the marks, so a new field is classified in one
 place.
 """

