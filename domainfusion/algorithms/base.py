@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,44 @@ class RunContext:
     resume: bool = False  # reopen on-disk state (synthetic pools) restored from the checkpoint instead of rebuilding
     input_shape: tuple[int, int, int] | None = None  # the dataset's (C, H, W); checked against the LDM's resolution
     _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
+
+    @classmethod
+    def for_data(
+        cls, train_splits: Sequence[Dataset], class_names: Sequence[str], train_env_names: Sequence[str], *,
+        output_dir: str | Path, batch_size: int, dataset: str = "ImageFolder", env_names: Sequence[str] | None = None,
+        ldm_model: str = "embedded", seed: int = 0, device: str | torch.device = "cpu",
+        prompt_template: str | None = None, data_dir: str = "data", resume: bool = False,
+        input_shape: tuple[int, int, int] | None = None,
+    ) -> "RunContext":
+        """The one way to build a context, for `train` and for anyone training with their own loaders.
+
+        `train_splits`: one Dataset of (image (C, H, W) in [0, 1], label) per source domain, the images the generator
+        edits (never a held-out domain's). `batch_size` is per domain, as in `update`'s minibatches: with the split
+        sizes it gives `steps_per_epoch`, the unit of the augmentation period. `dataset` picks the prompts (digit
+        wording for the DigitsDG/MNIST family, descriptions of the folder names of PACS, OfficeHome and DomainNet;
+        any other name gets "a photo of a {cls}" and describes a domain by its name). `env_names` (default: the
+        sources) lists every domain, held out too, so that none of their names reaches a prompt. `input_shape`
+        defaults to the first image's.
+        """
+        env_names = list(train_env_names if env_names is None else env_names)
+        if not train_splits or len(train_splits) != len(train_env_names):
+            raise UserError(f"give one source domain name per training split: {len(train_splits)} split(s), "
+                            f"names {list(train_env_names)}")
+        if any(len(s) == 0 for s in train_splits):
+            raise UserError(f"every source split needs images; sizes: {[len(s) for s in train_splits]}")
+        if missing := [e for e in train_env_names if e not in env_names]:
+            raise UserError(f"source domain(s) {missing} are not in env_names {env_names}")
+        if not class_names:
+            raise UserError("class_names is empty: the class prompts are built from them")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        return cls(
+            dataset=dataset, output_dir=Path(output_dir), train_splits=list(train_splits),
+            train_env_names=list(train_env_names), env_names=env_names, class_names=list(class_names),
+            steps_per_epoch=sum(len(s) for s in train_splits) / (batch_size * len(train_splits)), seed=seed,
+            ldm_model=ldm_model, data_dir=data_dir, prompt_template=prompt_template, device=torch.device(device),
+            resume=resume, input_shape=tuple(input_shape or train_splits[0][0][0].shape),
+        )
 
     def ldm(self) -> "LatentDiffusion":
         if self._ldm is None:
