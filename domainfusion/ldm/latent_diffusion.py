@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -35,6 +36,8 @@ FILE_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml
 # Optional in a model folder: a JSON list of the looks the model's captions name ("printed black on paper"), for
 # online augmentation's style-phrase candidates; models without one get a generic list (ldm/adapt.py).
 STYLE_VOCABULARY_FILE = "style_vocabulary.json"
+# A model_index.json key that marks a folder of randomly initialised weights (ldm/sd_shaped.py): loading it warns.
+RANDOM_WEIGHTS_KEY = "_random_weights"
 
 
 class LatentDiffusion:
@@ -108,6 +111,8 @@ class LatentDiffusion:
             raise UserError(f"model folder '{path_or_id}' does not exist; check the path (an LDM is 'embedded', a "
                             "diffusers model folder, or a Hugging Face Hub id 'org/name')")
         source = str(path) if path.is_dir() else str(path_or_id)
+        if index.get(RANDOM_WEIGHTS_KEY):
+            warnings.warn(f"{source}: {index[RANDOM_WEIGHTS_KEY]}", stacklevel=2)
         components = {name: _load_component(source, name, index[name]) for name in COMPONENTS}
         return cls(**components, device=device, dtype=dtype, style_vocabulary=vocabulary)
 
