@@ -33,6 +33,7 @@ from common import REPO, run, write_report
 sys.path.insert(0, str(REPO))
 from domainfusion.report.records import Record, group_records, load_records, row_name  # noqa: E402
 from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
+from domainfusion.launchers import get_launcher  # noqa: E402
 from domainfusion.sweep import make_jobs, sweep  # noqa: E402
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
@@ -144,7 +145,7 @@ def main() -> None:
         run(["datasets", "show", "DigitsDG", "--data-dir", a.data_dir, "--out", "/tmp/digitsdg_warmup.png"])
         if a.plan:
             start = time.time()
-            sweep("launch", plan_jobs(a.plan, a), "local", a.n_parallel, skip_confirmation=True)
+            sweep("launch", plan_jobs(a.plan, a), get_launcher("local", {}), a.n_parallel, skip_confirmation=True)
             wall = time.time() - start
         else:
             _, wall = run(sweep_args)

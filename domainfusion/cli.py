@@ -206,6 +206,7 @@ def sweep_command(
 ) -> None:
     """Run a DomainBed sweep: every (trial, dataset, algorithm, held-out set, hparams seed) as one train job."""
     from .algorithms import ALGORITHMS
+    from .launchers import get_launcher
     from .sweep import make_jobs, normalize_command, sweep
 
     normalize_command(command)
@@ -221,9 +222,10 @@ def sweep_command(
                "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
                "ldm": ldm, "prompt_template": prompt_template, "device": device, "variant": variant},
     )
-    options = {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job, "ray_address": ray_address,
-               "slurm_partition": slurm_partition, "timeout_min": timeout_min}
-    failed = sweep(command, jobs, launcher, n_parallel, skip_confirmation, delete_incomplete, options, nproc_per_job)
+    run = get_launcher(launcher, {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job,
+                                  "ray_address": ray_address, "slurm_partition": slurm_partition,
+                                  "timeout_min": timeout_min})
+    failed = sweep(command, jobs, run, n_parallel, skip_confirmation, delete_incomplete, nproc_per_job)
     if failed:
         raise typer.Exit(1)
 

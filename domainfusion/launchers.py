@@ -13,7 +13,6 @@ on them.
 from __future__ import annotations
 
 import fcntl
-import functools
 import importlib
 import inspect
 import os
@@ -23,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -31,12 +31,25 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
-from .sweep import DONE, Job, thread_env
+from .sweep import DONE, Job
 
 CLUSTER_EXTRA = "pip install 'domainfusion[cluster]'"
 # A line of torch elastic's logger (glog format), e.g. "E1128 01:57:17.540000 3811 torch/distributed/elastic/...".
 _TORCHRUN_LOG = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
 Outcome = int | str  # a return code, or what happened to a task that never returned one
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_env(n_parallel: int, cores: int | None = None) -> dict[str, str]:
+    """Thread variables for each job: cores split evenly so parallel jobs do not oversubscribe the CPU.
+
+    A thread count the user exported explicitly wins.
+    """
+    threads = str(max(1, (cores or _cpu_count()) // n_parallel))
+    return {var: os.environ.get(var, threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def job_command(job: Job, nproc: int) -> list[str]:
@@ -316,7 +329,19 @@ LAUNCHERS: dict[str, Callable[..., int]] = {
 }
 
 
-def get_launcher(name: str, options: Mapping[str, Any]) -> Callable[[Sequence[Job], int, int], int]:
+@dataclass(frozen=True)
+class BoundLauncher:
+    """A launcher with its options bound: the `sweep.Launcher` that `sweep.sweep` runs its jobs with."""
+
+    name: str
+    run: Callable[..., int]
+    options: Mapping[str, Any]
+
+    def __call__(self, jobs: Sequence[Job], n_parallel: int, nproc_per_job: int) -> int:
+        return self.run(jobs, n_parallel, nproc_per_job, **self.options)
+
+
+def get_launcher(name: str, options: Mapping[str, Any]) -> BoundLauncher:
     """The launcher `name` with its `options` bound (None values dropped), checked before anything runs."""
     if name not in LAUNCHERS:
         raise UserError(f"unknown launcher {name!r}; choose one of {', '.join(LAUNCHERS)}")
@@ -327,4 +352,4 @@ def get_launcher(name: str, options: Mapping[str, Any]) -> Callable[[Sequence[Jo
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise UserError(f"the {name} launcher takes no {flags}")
-    return functools.partial(launcher, **options)
+    return BoundLauncher(name, launcher, options)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from . import hparams as hparams_registry
 from .algorithms import algorithm_class
@@ -125,6 +124,17 @@ class Job:
         return f"{self.state:<12} {self.name} {self.output_dir}"
 
 
+class Launcher(Protocol):
+    """Where a sweep's jobs run (`launchers.get_launcher` builds one from its name and options): runs `jobs`,
+    `n_parallel` at a time and each as `nproc_per_job` processes, and returns how many failed. Launchers depend on
+    `Job`; the sweep knows them only through this interface, handed in by its caller."""
+
+    @property
+    def name(self) -> str: ...
+
+    def __call__(self, jobs: Sequence[Job], n_parallel: int, nproc_per_job: int) -> int: ...
+
+
 def make_jobs(
     datasets: Sequence[str],
     algorithms: Sequence[str],
@@ -213,19 +223,6 @@ def _check_test_envs(test_envs: Sequence[Sequence[int]], n: int, dataset: str) -
             )
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def thread_env(n_parallel: int, cores: int | None = None) -> dict[str, str]:
-    """Thread variables for each job: cores split evenly so parallel jobs do not oversubscribe the CPU.
-
-    A thread count the user exported explicitly wins.
-    """
-    threads = str(max(1, (cores or _cpu_count()) // n_parallel))
-    return {var: os.environ.get(var, threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-
-
 def checkpoint_world_size(out: Path) -> int | None:
     """How many processes wrote the run's checkpoint (None without one). Read only, also where a kill left it aside
     (`retired`): a job that another launch is running may be replacing it right now."""
@@ -300,23 +297,21 @@ def normalize_command(command: str) -> str:
 def sweep(
     command: str,
     jobs: Sequence[Job],
-    launcher: str = "local",
+    launcher: Launcher | None = None,
     n_parallel: int = 1,
     skip_confirmation: bool = False,
     delete_incomplete: bool = False,
-    launcher_options: dict[str, Any] | None = None,
     nproc_per_job: int = 1,
 ) -> int:
     """Run a sweep command; returns the number of failed jobs (0 for list, delete_incomplete, or a cancelled launch).
 
-    `launch` runs every job that is not done; interrupted ones resume from their last checkpoint, unless
-    `delete_incomplete` removes them first so they start over. `launcher_options` go to the launcher (None = its
-    default), e.g. `{"cpus_per_job": 4}` for ray or slurm. Each job trains as `nproc_per_job` data-parallel processes.
+    `launch` runs every job that is not done with `launcher` (e.g. `launchers.get_launcher("ray", {"cpus_per_job":
+    4})`); interrupted ones resume from their last checkpoint, unless `delete_incomplete` removes them first so they
+    start over. Each job trains as `nproc_per_job` data-parallel processes.
     """
-    from .launchers import get_launcher  # launchers run this module's Jobs, so they import it
-
     command = normalize_command(command)
-    run = get_launcher(launcher, launcher_options or {})
+    if command == "launch" and launcher is None:
+        raise TypeError("sweep('launch', ...) needs a launcher: launchers.get_launcher(name, options)")
     if n_parallel < 1:
         raise UserError(f"--n-parallel must be at least 1, got {n_parallel}")
 
@@ -351,14 +346,14 @@ def sweep(
     else:
         how = ""
     processes = f", {nproc_per_job} processes each" if nproc_per_job > 1 else ""
-    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher} launcher, {n_parallel} at a time"
+    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher.name} launcher, {n_parallel} at a time"
           f"{processes}.")
     if not (skip_confirmation or _confirm("Are you sure?")):
         print("Nothing launched.")
         return 0
     if incomplete and delete_incomplete:
         _delete(incomplete)
-    return run(to_launch, n_parallel, nproc_per_job)
+    return launcher(to_launch, n_parallel, nproc_per_job)
 
 
 def _delete(jobs: Sequence[Job]) -> None:

@@ -292,7 +292,8 @@ def two_process_runs(grid) -> tuple[list[Job], list[Job], Job, str]:
     assert local_launcher(single, 2) == 0
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        failed = sweep("launch", [*two, bad], "local", n_parallel=2, skip_confirmation=True, nproc_per_job=2)
+        failed = sweep("launch", [*two, bad], get_launcher("local", {}), n_parallel=2, skip_confirmation=True,
+                       nproc_per_job=2)
     assert failed == 1, printed.getvalue()
     return single, two, bad, printed.getvalue()
 

@@ -20,6 +20,7 @@ from domainfusion.algorithms.erm import ERM
 from domainfusion.cli import app
 from domainfusion.errors import UserError
 from domainfusion.checkpoint import CHECKPOINT
+from domainfusion.launchers import get_launcher, thread_env
 from domainfusion.sweep import (
     DONE,
     INCOMPLETE,
@@ -29,11 +30,11 @@ from domainfusion.sweep import (
     make_jobs,
     state_counts,
     sweep,
-    thread_env,
 )
 from domainfusion.utils import retired
 
 OTHER = "SweepTestERM"
+DUMMY, LOCAL = get_launcher("dummy", {}), get_launcher("local", {})
 
 
 @pytest.fixture
@@ -177,13 +178,13 @@ def test_states_and_delete_incomplete(tmp_path):
 def test_launch_resumes_incomplete_or_deletes_them_and_dummy_prints_commands(tmp_path, capsys):
     jobs = digits_jobs(tmp_path, single_test_envs=True)
     mark(jobs, done=1, incomplete=1)
-    assert sweep("launch", jobs, "dummy", skip_confirmation=True) == 0
+    assert sweep("launch", jobs, DUMMY, skip_confirmation=True) == 0
     out = capsys.readouterr().out
     assert "About to launch 3 job(s) (1 incomplete resume from their last checkpoint)" in out
     printed = [line for line in out.splitlines() if line.startswith(shlex.quote(sys.executable))]
     assert printed == [shlex.join(j.command) for j in jobs[1:]] and all(" --resume " in p for p in printed)
     assert [j.state for j in jobs] == [DONE, INCOMPLETE, NOT_LAUNCHED, NOT_LAUNCHED]
-    assert sweep("launch", jobs, "dummy", skip_confirmation=True, delete_incomplete=True) == 0
+    assert sweep("launch", jobs, DUMMY, skip_confirmation=True, delete_incomplete=True) == 0
     assert "after deleting 1 incomplete" in capsys.readouterr().out
     assert [j.state for j in jobs] == [DONE, NOT_LAUNCHED, NOT_LAUNCHED, NOT_LAUNCHED]
 
@@ -191,7 +192,7 @@ def test_launch_resumes_incomplete_or_deletes_them_and_dummy_prints_commands(tmp
 def test_launch_asks_first(tmp_path, monkeypatch, capsys):
     jobs = digits_jobs(tmp_path, single_test_envs=True)
     monkeypatch.setattr("builtins.input", lambda _: "n")
-    assert sweep("launch", jobs, "dummy") == 0
+    assert sweep("launch", jobs, DUMMY) == 0
     out = capsys.readouterr().out
     assert "About to launch 4 job(s)" in out and "Nothing launched." in out and "--seed" not in out
 
@@ -216,7 +217,7 @@ def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
               steps=3, checkpoint_freq=2, extra={"image_size": 16, "num_workers": 0, "device": "cpu"})
     jobs = make_jobs(["ImageFolder"], ["ERM"], **kw)
     bad = Job({**jobs[0].args, "data_dir": str(tmp_path / "missing")}, tmp_path / "sweep")
-    assert sweep("launch", [*jobs, bad], "local", n_parallel=2, skip_confirmation=True) == 1
+    assert sweep("launch", [*jobs, bad], LOCAL, n_parallel=2, skip_confirmation=True) == 1
     out = capsys.readouterr().out
     assert "2 of 3 jobs finished, 1 failed." in out
     assert f"{bad.output_dir / 'err.txt'}:\n      error: data folder" in out
@@ -229,11 +230,11 @@ def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
         assert (job.output_dir / "model.safetensors").exists() and (job.output_dir / "out.txt").exists()
 
     again = make_jobs(["ImageFolder"], ["ERM"], **kw)
-    assert sweep("launch", again, "local", n_parallel=2, skip_confirmation=True) == 0
+    assert sweep("launch", again, LOCAL, n_parallel=2, skip_confirmation=True) == 0
     assert "Nothing to launch: all 2 jobs are done." in capsys.readouterr().out
     assert [read_steps(j) for j in again] == [[0, 2], [0, 2]]
     # The failed job is incomplete: a new launch resumes (here: retries) it and leaves the finished ones alone.
-    assert sweep("launch", [*again, bad], "local", skip_confirmation=True) == 1
+    assert sweep("launch", [*again, bad], LOCAL, skip_confirmation=True) == 1
     assert "1 incomplete resume from their last checkpoint" in capsys.readouterr().out
     assert [read_steps(j) for j in again] == [[0, 2], [0, 2]]
 
@@ -290,7 +291,7 @@ def test_jobs_that_cannot_run_as_nproc_processes_are_refused_before_launch(tmp_p
     jobs = make_jobs(["DigitsDG"], [algorithm], n_trials=1, test_envs=[[0]], data_dir="data",
                      output_dir=tmp_path, **{"n_hparams": 1, **kw})
     with pytest.raises(UserError, match=message):
-        sweep("launch", jobs, "dummy", skip_confirmation=True, nproc_per_job=nproc)
+        sweep("launch", jobs, DUMMY, skip_confirmation=True, nproc_per_job=nproc)
     assert all(j.state == NOT_LAUNCHED for j in jobs)
 
 
@@ -301,11 +302,11 @@ def test_incomplete_jobs_resume_only_with_the_processes_that_checkpointed_them(t
     jobs[2].output_dir.mkdir(parents=True)  # failed before its first checkpoint: starts over with any number
     with pytest.raises(UserError, match=r"^1 incomplete job\(s\) were checkpointed by 2 process\(es\) and resume only "
                                         r"with as many; relaunch with --nproc-per-job 2, or pass --delete-incomplete"):
-        sweep("launch", jobs, "dummy", skip_confirmation=True)
+        sweep("launch", jobs, DUMMY, skip_confirmation=True)
     with pytest.raises(UserError, match=r"^2 incomplete job\(s\) were checkpointed by 1 or 2 process\(es\)"):
-        sweep("launch", jobs, "dummy", skip_confirmation=True, nproc_per_job=4)
+        sweep("launch", jobs, DUMMY, skip_confirmation=True, nproc_per_job=4)
     assert (jobs[1].output_dir / retired(Path(CHECKPOINT)).name).is_dir()  # looked at, not moved back
     capsys.readouterr()
-    assert sweep("launch", jobs, "dummy", skip_confirmation=True, delete_incomplete=True, nproc_per_job=2) == 0
+    assert sweep("launch", jobs, DUMMY, skip_confirmation=True, delete_incomplete=True, nproc_per_job=2) == 0
     assert "after deleting 3 incomplete" in capsys.readouterr().out
     assert [j.state for j in jobs] == [NOT_LAUNCHED] * 4
