@@ -254,6 +254,22 @@ def test_cdga_generates_k_variants_of_every_source_image(tmp_path: Path, sd_fold
     assert "loss" in cdga.update(minibatches(0)) and cdga.checkpoint_stats()["generated_images"] == 22
 
 
+def test_cdga_generates_in_parts_of_max_batch_images_with_the_same_pool(tmp_path: Path, sd_folder: Path) -> None:
+    """CDGA's chunks go through the LDM in parts of at most max_batch images (the UNet sees 2 rows per image under
+    guidance) and give the pool a whole-chunk generation gives."""
+    pools, largest = [], []
+    for max_batch in (None, 2):
+        ldm = LatentDiffusion.from_pretrained(sd_folder, device="cpu", max_batch=max_batch)
+        rows: list[int] = []
+        for module in (ldm.vae.encoder, ldm.unet):
+            module.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+        context = dataclasses.replace(tensor_context(tmp_path / str(max_batch), sd_folder, n=(6, 5)), _ldm=ldm)
+        pools.append(torch.cat([images for images, _, _ in build("CDGA", context).pool.shards()]))
+        largest.append(max(rows))
+    assert largest[1] <= 2 < largest[0]
+    assert (pools[0].int() - pools[1].int()).abs().max() <= 1  # equal up to float rounding at the uint8 step
+
+
 def test_cdga_prompts_lie_between_own_and_other_domain(tmp_path: Path, sd_folder: Path) -> None:
     context = tensor_context(tmp_path, sd_folder, n=(3, 3, 3))
     cdga = build("CDGA", context)

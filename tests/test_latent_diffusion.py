@@ -202,3 +202,56 @@ def test_bad_arguments(ldm: LatentDiffusion) -> None:
         ldm.img2img(images(2), ["a dog"] * 2, strength=1.5)
     with pytest.raises(UserError, match="one prompt per image"):
         ldm.img2img(images(2), ["a dog"], strength=0.5)
+
+
+def record_batches(ldm: LatentDiffusion) -> dict[str, list[int]]:
+    """Rows of every call into the VAE encoder (whole, or its first and second halves as `encode_features` and
+    `latents_from_features` run them), the VAE decoder, the UNet and the text encoder."""
+    seen: dict[str, list[int]] = {}
+    modules = {"encoder": ldm.vae.encoder, "encoder_head": ldm.vae.encoder.conv_in,
+               "encoder_tail": ldm.vae.encoder.mid_block, "decoder": ldm.vae.decoder, "unet": ldm.unet,
+               "text_encoder": ldm.text_encoder}
+    for name, module in modules.items():
+        module.register_forward_pre_hook(lambda _, args, name=name: seen.setdefault(name, []).append(len(args[0])))
+    return seen
+
+
+def test_every_call_stays_within_max_batch_and_gives_the_one_call_result(bert_folder: Path) -> None:
+    """A max_batch of 3 rows splits every VAE/UNet/text-encoder call (10 images; 2 UNet rows per image under
+    guidance), and the results equal those of the default model, which takes each batch in one call."""
+    whole = LatentDiffusion.from_pretrained(bert_folder, device="cpu")
+    chunked = LatentDiffusion.from_pretrained(bert_folder, device="cpu", max_batch=3)
+    assert whole.max_batch == 4096  # 4,194,304 px / (32 px)²: the embedded LDM's 32 px calls are never split
+    seen = record_batches(chunked)
+    x, t = images(10), torch.arange(10) * 90 + 50
+    prompts = [f"a photo of the {w}" for w in ("dog", "cat", "house", "sketch", "painting")] * 2
+    z = whole.encode(x)
+    embeds = whole.encode_prompts(prompts)
+    calls = {
+        "encode": lambda m: m.encode(x),
+        "encode (sample)": lambda m: m.encode(x, sample=True, generator=torch.Generator().manual_seed(0)),
+        "encode_features": lambda m: m.encode_features(x),
+        "latents_from_features": lambda m: m.latents_from_features(whole.encode_features(x)),
+        "decode": lambda m: m.decode(z),
+        "predict_noise": lambda m: m.predict_noise(z, t, embeds),
+        "predict_noise (guided)": lambda m: m.predict_noise(z, t, embeds, guidance_scale=2.0),
+        "encode_prompts": lambda m: m.encode_prompts(prompts, cache=False),
+        "img2img (guided)": lambda m: m.img2img(x, prompts, strength=0.5, num_inference_steps=4, guidance_scale=2.0),
+    }  # fmt: skip
+    for name, call in calls.items():
+        torch.testing.assert_close(call(chunked), call(whole), rtol=1e-5, atol=1e-5, msg=name)
+    assert set(seen) == {"encoder", "encoder_head", "encoder_tail", "decoder", "unet", "text_encoder"}
+    assert all(0 < n <= 3 for sizes in seen.values() for n in sizes), seen
+    assert seen["decoder"][:4] == [3, 3, 3, 1] and 2 in seen["unet"]  # guided: one image (2 rows) per UNet call
+    # Gradients through a split encode are those of one call.
+    grads = []
+    for model in (whole, chunked):
+        xg = x.clone().requires_grad_()
+        model.encode(xg).square().sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+
+
+def test_max_batch_must_be_positive(bert_folder: Path) -> None:
+    with pytest.raises(UserError, match="max_batch"):
+        LatentDiffusion.from_pretrained(bert_folder, device="cpu", max_batch=0)

@@ -148,6 +148,69 @@ def test_full_gradient_matches_finite_differences(ldm_folder: Path, reference: s
     assert torch.autograd.gradcheck(loss_of, (logits,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def loss_through_the_encoder_graph(ld: LatentDistillation, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                   generator: torch.Generator) -> torch.Tensor:
+    """L_LD as it was computed before the JVP: z = E(c·x₀) with the VAE encoder's autograd graph kept."""
+    ldm = ld.ldm
+    c = logits.softmax(1).gather(1, y[:, None]).squeeze(1)
+    z = ldm.encode(c.view(-1, 1, 1, 1) * to_ldm_images(x, ldm.image_size))
+    t = torch.randint(ld.t_range[0], ld.t_range[1] + 1, (len(z),), generator=generator)
+    noise = torch.randn(z.shape, generator=generator)
+    w, n = ld.weights(t), z.numel()
+    if ld.settings.grad == "full":
+        eps_hat = ldm.predict_noise(ldm.add_noise(z, noise, t), t, ld.prompt_embeds[y])
+        return 0.5 * (w * (eps_hat - noise).pow(2)).sum() / n
+    with torch.no_grad():
+        g = w * (ldm.predict_noise(ldm.add_noise(z, noise, t), t, ld.prompt_embeds[y]) - noise)
+    return ((z - z.detach()) * g).sum() / n + 0.5 * g.pow(2).sum() / n
+
+
+class Saved:
+    """A tensor autograd saved for the backward pass, counted while the graph holds it."""
+
+    live = peak = 0
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.bytes = tensor, tensor.numel() * tensor.element_size()
+        Saved.live += self.bytes
+        Saved.peak = max(Saved.peak, Saved.live)
+
+    def __del__(self) -> None:
+        Saved.live -= self.bytes
+
+
+def saved_tensor_bytes(fn):
+    """(fn(), peak bytes of saved tensors while fn ran, bytes still saved when it returned)."""
+    Saved.live = Saved.peak = 0
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        out = fn()
+    return out, Saved.peak, Saved.live
+
+
+@pytest.mark.parametrize("grad", ["sds", "full"])
+def test_forward_mode_encode_gives_the_graph_gradient_and_saves_little(ldm: LatentDiffusion, grad: str) -> None:
+    """The classifier's parameter gradient of L_LD by the JVP through the encoder equals the one by backpropagating
+    through the encoder's graph, while autograd keeps a fraction of the bytes for the backward pass (the encoder's
+    activations are never saved; what the step's backward pass meets is ∂z/∂c: "full" backpropagates through the
+    UNet inside the call)."""
+    x, y = batch(4)
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(PROMPTS)))
+    ld = LatentDistillation(ldm, PROMPTS, ld_settings(grad=grad))
+    grads, peak, held = [], [], []
+    for compute in (lambda logits: ld(logits, x, y, torch.Generator().manual_seed(5)).loss,
+                    lambda logits: loss_through_the_encoder_graph(ld, logits, x, y, torch.Generator().manual_seed(5))):
+        logits = classifier(x)
+        loss, peak_bytes, held_bytes = saved_tensor_bytes(lambda: compute(logits))
+        grads.append(torch.autograd.grad(loss, list(classifier.parameters())))
+        peak.append(peak_bytes)
+        held.append(held_bytes)
+    for jvp, graph in zip(*grads):
+        torch.testing.assert_close(jvp, graph, rtol=1e-4, atol=1e-6 * graph.abs().max().item())
+    assert grads[0][0].abs().max() > 0
+    assert held[0] < held[1] / 20 and peak[0] < (peak[1] / 20 if grad == "sds" else peak[1]), (peak, held)
+
+
 def test_confidence_darkens_the_image_fed_to_the_vae(ldm: LatentDiffusion, monkeypatch) -> None:
     seen = {}
     encode = ldm.encode
@@ -380,6 +443,24 @@ def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, l
     aug.refresh()  # refresh 1 moves on by N styles: candidate j of image p uses style (p + j + 2) mod 3
     assert calls[0] == [f"{PROMPTS[labels[p]]}, style {(p + 2) % 3}" for p in range(4)]
     assert torch.equal(pool.labels, torch.tensor(labels))
+
+
+def test_refresh_works_in_parts_of_max_batch_images_with_the_same_pool(tmp_path: Path, ldm_folder: Path) -> None:
+    """A refresh transforms a shard in parts of at most max_batch images, so no VAE/UNet call (nor the N decoded
+    candidates it holds per image) grows with the shard; the refreshed pool is the one a whole-shard refresh makes."""
+    pools, largest = [], []
+    for max_batch in (None, 2):
+        model = LatentDiffusion.from_pretrained(ldm_folder, device="cpu", max_batch=max_batch)
+        rows: list[int] = []
+        for module in (model.vae.encoder.conv_in, model.vae.decoder, model.unet):
+            module.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+        pool = SyntheticPool.create(tmp_path / f"pool-{max_batch}", subset_chunks([tensor_dataset(7)], 1.0, seed=0))
+        settings = aug_settings(candidates=3, steps=4, refresh_from="pool")  # deep-feature selection, guided
+        OnlineAugmentation(model, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0).refresh()
+        pools.append(pool.read(torch.arange(7))[0])
+        largest.append(max(rows))
+    assert largest[1] <= 2 < largest[0]
+    assert (pools[0].int() - pools[1].int()).abs().max() <= 1  # equal up to float rounding at the uint8 step
 
 
 def test_pool_sampling_is_seeded(tmp_path: Path) -> None:

@@ -24,11 +24,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def load_ldm(model: str, device: str | torch.device = "auto") -> "LatentDiffusion":
+def load_ldm(model: str, device: str | torch.device = "auto", max_batch: int | None = None) -> "LatentDiffusion":
     """'embedded' = the shipped tiny LDM (materialised in the cache folder, `utils.cache_dir()`); otherwise a diffusers
-    folder or hub id."""
+    folder or hub id. `max_batch`: rows per VAE/UNet call (None: the model's default, `LatentDiffusion`)."""
     from domainfusion.ldm.embedded import embedded_ldm_path
     from domainfusion.ldm.latent_diffusion import LatentDiffusion
 
     path = embedded_ldm_path() if model == "embedded" else model
-    return LatentDiffusion.from_pretrained(path, device=device)
+    return LatentDiffusion.from_pretrained(path, device=device, max_batch=max_batch)

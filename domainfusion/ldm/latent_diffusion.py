@@ -6,6 +6,12 @@ provides exactly these for any Stable Diffusion 1.x/2.x folder in diffusers form
 which has the same layout (model_index.json + vae/ unet/ text_encoder/ tokenizer/ scheduler/) with a BERT text
 encoder instead of CLIP. The component classes come from model_index.json, so neither model is special-cased.
 
+Memory is bounded per call, not per caller: every VAE, UNet and text-encoder call sees at most `max_batch` rows
+(images, or UNet rows: an image under classifier-free guidance is two), whatever batch a caller passes (a pool shard
+of 1,024 images, a CDGA chunk, a probe batch); larger batches are processed in chunks with results equal to one call.
+Attention runs through diffusers' default `AttnProcessor2_0`, i.e. PyTorch's scaled_dot_product_attention (flash or
+memory-efficient kernels on a GPU), in the UNet and in the VAE's middle block.
+
 What it must not do: train or fine-tune anything (every module is frozen; the paper's point is one shared, frozen
 LDM), or reimplement diffusers' sampling loops (img2img and text-to-image run diffusers' own pipelines, composed from
 these same components).
@@ -23,6 +29,7 @@ import diffusers
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
+from diffusers.utils.torch_utils import randn_tensor
 
 from domainfusion.errors import UserError
 
@@ -38,6 +45,10 @@ FILE_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml
 STYLE_VOCABULARY_FILE = "style_vocabulary.json"
 # A model_index.json key that marks a folder of randomly initialised weights (ldm/sd_shaped.py): loading it warns.
 RANDOM_WEIGHTS_KEY = "_random_weights"
+# The default `max_batch` in pixels per call: 16 images at 512 px (Stable Diffusion 1.x: a VAE decode of 16 images
+# peaks at a few GB in fp16), 7 at 768, 64 at 256, and 4,096 at the embedded LDM's 32 px, more than any call of a
+# default-hparams run makes (a 1,024-image pool shard × 4 candidates), so its runs are unchanged.
+DEFAULT_BATCH_PIXELS = 16 * 512 * 512
 
 
 class LatentDiffusion:
@@ -46,10 +57,13 @@ class LatentDiffusion:
     `scheduler` is the training (noising) schedule, always a `DDPMScheduler` built from the model's scheduler config,
     the way diffusers' own training scripts do; sampling uses DDIM schedulers built from the same config.
     Latents are "scaled" latents (posterior × `scaling_factor`), the space the UNet was trained in.
+    `max_batch` bounds the rows of every VAE/UNet/text-encoder call (default: `DEFAULT_BATCH_PIXELS` worth of images
+    at the model's resolution).
     """
 
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler, device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None, style_vocabulary: list[str] | None = None) -> None:
+                 dtype: torch.dtype | None = None, style_vocabulary: list[str] | None = None,
+                 max_batch: int | None = None) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if vae.config.latent_channels != 4:
@@ -71,6 +85,9 @@ class LatentDiffusion:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(unet.config.sample_size) * self.vae_scale_factor
+        if max_batch is not None and max_batch < 1:
+            raise UserError(f"max_batch must be at least 1 (images per VAE/UNet call), got {max_batch}")
+        self.max_batch = max_batch or max(1, DEFAULT_BATCH_PIXELS // self.image_size ** 2)
         self.latent_channels = int(vae.config.latent_channels)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -81,7 +98,7 @@ class LatentDiffusion:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "auto",
-                        dtype: torch.dtype | None = None) -> "LatentDiffusion":
+                        dtype: torch.dtype | None = None, max_batch: int | None = None) -> "LatentDiffusion":
         """Load a diffusers-format LDM from a local folder or a Hugging Face Hub id.
 
         Each component is loaded by the class model_index.json names (CLIPTextModel for Stable Diffusion, BertModel
@@ -114,7 +131,7 @@ class LatentDiffusion:
         if index.get(RANDOM_WEIGHTS_KEY):
             warnings.warn(f"{source}: {index[RANDOM_WEIGHTS_KEY]}", stacklevel=2)
         components = {name: _load_component(source, name, index[name]) for name in COMPONENTS}
-        return cls(**components, device=device, dtype=dtype, style_vocabulary=vocabulary)
+        return cls(**components, device=device, dtype=dtype, style_vocabulary=vocabulary, max_batch=max_batch)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers folder (safetensors) that both `from_pretrained` and diffusers' pipelines can read."""
@@ -130,6 +147,19 @@ class LatentDiffusion:
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if self.style_vocabulary is not None:
             (path / STYLE_VOCABULARY_FILE).write_text(json.dumps(self.style_vocabulary, indent=0) + "\n")
+
+    # ------------------------------------------------------------------ memory budget
+
+    def batch_limit(self, rows_per_item: int = 1) -> int:
+        """Items per call such that a call sees at most `max_batch` rows (an item may take several: 2 under
+        classifier-free guidance)."""
+        return max(1, self.max_batch // rows_per_item)
+
+    def chunks(self, n: int, rows_per_item: int = 1, start: int = 0) -> list[slice]:
+        """Consecutive slices covering start … start + n − 1, each at most `batch_limit(rows_per_item)` long: how
+        every call here, and callers that hold per-image intermediates (online augmentation, CDGA), split a batch."""
+        step, stop = self.batch_limit(rows_per_item), start + n
+        return [slice(a, min(a + step, stop)) for a in range(start, stop, step)]
 
     # ------------------------------------------------------------------ VAE
 
@@ -155,14 +185,18 @@ class LatentDiffusion:
                ) -> torch.Tensor:
         """Images in [0, 1] → scaled latents (posterior mean, or a posterior sample), in `self.dtype`.
 
-        Keeps the autograd graph when `images` require grad: latent distillation backpropagates into the classifier
-        through this call (the VAE's own parameters stay frozen).
+        Keeps the autograd graph when `images` require grad, and forward-mode tangents of dual `images` (latent
+        distillation's JVP); the VAE's own parameters stay frozen. A posterior sample draws its noise for the whole
+        batch at once, as diffusers' `sample` does, so chunking does not change it.
         """
         self.check_images(images)
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
             x = images.to(self.device, self.dtype) * 2 - 1
-            posterior = self.vae.encode(x).latent_dist
-            z = posterior.sample(generator) if sample else posterior.mean
+            posteriors = [self.vae.encode(x[rows]).latent_dist for rows in self.chunks(len(x))]
+            z = torch.cat([p.mean for p in posteriors])
+            if sample:
+                noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = z + torch.cat([p.std for p in posteriors]) * noise
             return z * self.scaling_factor
 
     @torch.no_grad()
@@ -172,26 +206,35 @@ class LatentDiffusion:
         96 on the embedded LDM, against the latent's 4). `latents_from_features` finishes the encoder."""
         self.check_images(images)
         encoder = self.vae.encoder
-        h = encoder.conv_in(images.to(self.device, self.dtype) * 2 - 1)
-        for block in encoder.down_blocks:
-            h = block(h)
-        return h
+        x = images.to(self.device, self.dtype) * 2 - 1
+        features = []
+        for rows in self.chunks(len(x)):
+            h = encoder.conv_in(x[rows])
+            for block in encoder.down_blocks:
+                h = block(h)
+            features.append(h)
+        return torch.cat(features)
 
     @torch.no_grad()
     def latents_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """The rest of `encode` from `encode_features`' map: middle block, output head, posterior mean, scaled.
         `latents_from_features(encode_features(x))` is `encode(x)`."""
         encoder = self.vae.encoder
-        moments = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(features.to(self.dtype)))))
-        if self.vae.quant_conv is not None:
-            moments = self.vae.quant_conv(moments)
-        return moments.chunk(2, dim=1)[0] * self.scaling_factor
+        means = []
+        for rows in self.chunks(len(features)):
+            h = features[rows].to(self.dtype)
+            moments = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(h))))
+            if self.vae.quant_conv is not None:
+                moments = self.vae.quant_conv(moments)
+            means.append(moments.chunk(2, dim=1)[0])
+        return torch.cat(means) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → float32 images in [0, 1]."""
-        x = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        x = torch.cat([self.vae.decode(z[rows]).sample.float() for rows in self.chunks(len(z))])
+        return ((x + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ text
 
@@ -210,9 +253,10 @@ class LatentDiffusion:
         if new:
             tokens = self.tokenizer(new, padding="max_length", truncation=True, return_tensors="pt",
                                     max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS))
-            mask = tokens.attention_mask.to(self.device)
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
             use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-            hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
+            hidden = torch.cat([self.text_encoder(ids[rows], attention_mask=mask[rows] if use_mask else None)[0]
+                                for rows in self.chunks(len(ids))])
             encoded = {p: h[None].to(self.dtype) for p, h in zip(new, hidden)}
             if not cache:
                 return torch.cat([encoded.get(p, self._prompt_cache.get(p)) for p in prompts])
@@ -237,14 +281,20 @@ class LatentDiffusion:
             z = noisy_latents.to(self.device, self.dtype)
             t = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(z.shape[0])
             cond = prompt_embeds.to(self.device, self.dtype)
-            if guidance_scale > 1:
+            guided = guidance_scale > 1
+            if guided:
                 uncond = self.encode_prompts([""]) if uncond_embeds is None else uncond_embeds
-                embeds = torch.cat([uncond.to(self.device, self.dtype).expand_as(cond), cond])
-                out_uncond, out_cond = self.unet(torch.cat([z, z]), torch.cat([t, t]), embeds).sample.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            else:
-                out = self.unet(z, t, cond).sample
-            return self._as_epsilon(out, z, t)
+                uncond = uncond.to(self.device, self.dtype).expand_as(cond)
+            outs = []
+            for rows in self.chunks(len(z), rows_per_item=2 if guided else 1):
+                if guided:
+                    zr, tr = z[rows], t[rows]
+                    embeds = torch.cat([uncond[rows], cond[rows]])
+                    out_uncond, out_cond = self.unet(torch.cat([zr, zr]), torch.cat([tr, tr]), embeds).sample.chunk(2)
+                    outs.append(out_uncond + guidance_scale * (out_cond - out_uncond))
+                else:
+                    outs.append(self.unet(z[rows], t[rows], cond[rows]).sample)
+            return self._as_epsilon(torch.cat(outs), z, t)
 
     def _as_epsilon(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Convert the UNet output to ε according to the scheduler's `prediction_type`."""
@@ -270,7 +320,8 @@ class LatentDiffusion:
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
         converges to `decode(encode(images))`. As in diffusers, only int(num_inference_steps · strength) steps run;
         when that is 0 the result is exactly `decode(encode(images))`. Image i uses a generator seeded `seed + i`
-        (or `seed[i]` for a list of seeds), so results do not depend on `batch_size`. Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
+        (or `seed[i]` for a list of seeds), so results do not depend on `batch_size` (capped so that a UNet call
+        stays within `max_batch` rows). Conditioning is one prompt per image, or `prompt_embeds` (B, L, D)
         for prompts no string spells (CDGA's interpolations between domain descriptions). `output="latents"` returns
         the scaled latents instead of [0, 1] images, and `latents` (already encoded, instead of `images`) lets a
         caller that needs the source latents anyway encode each image once (online augmentation works in latent
@@ -292,6 +343,7 @@ class LatentDiffusion:
             raise UserError(f"img2img needs one seed per image, got {len(seed)} seeds for {n} images")
         if images is not None:
             self.check_images(images)
+        batch_size = min(batch_size, self.batch_limit(2 if guidance_scale > 1 else 1))
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
         out = []
         for start in range(0, n, batch_size):
@@ -310,6 +362,7 @@ class LatentDiffusion:
         """Text-to-image with diffusers' `StableDiffusionPipeline` (DDIM): images in [0, 1], image i seeded seed + i."""
         if not prompts:
             raise UserError("sample needs a non-empty list of prompts")
+        batch_size = min(batch_size, self.batch_limit(2 if guidance_scale > 1 else 1))
         pipe = self._pipeline(StableDiffusionPipeline)
         out = []
         for start in range(0, len(prompts), batch_size):

@@ -6,7 +6,8 @@ Two targets (`ld_target`), both one loss per image on a sub-batch, scale-free (m
 **"confidence"** (the paper's form). For a source image x₀ in [0, 1] with label y, step by step:
 1. Pseudo generation: c = softmax(f_θ(x₀))_y, the confidence in the *true* class; x(θ) = c · x₀ (a low-confidence
    image is dark and low-contrast).
-2. Gradient distillation: z = E(x(θ)) (VAE posterior mean, graph kept), t ~ U{t_min·T, …, t_max·T}, ε ~ N(0, I),
+2. Gradient distillation: z = E(x(θ)) (VAE posterior mean, differentiable in c by one forward-mode JVP, see
+   `encode_linearised`: no encoder graph is kept), t ~ U{t_min·T, …, t_max·T}, ε ~ N(0, I),
    z_t = √ᾱ_t z + √(1−ᾱ_t) ε, ε̂ = ε_φ(z_t; prompt(y), t) from the frozen UNet (class prompt embedding cached).
 3. The loss, built from ε̂ − r, reaches θ only through c. The reference r is the drawn noise ε (method.md; default
    `ld_reference="noise"`) or the UNet's unconditional prediction ε̂_∅ ("uncond": classifier score distillation,
@@ -15,9 +16,13 @@ Two targets (`ld_target`), both one loss per image on a sub-batch, scale-free (m
    - "sds" (default, as DreamFusion): the UNet runs without grad, g = w(t)(ε̂ − r), L = ½ mean_i (z_i − sg(z_i − g_i))²
      over the B·n latent elements, so ∂L/∂z_i = g_i / (B·n) exactly, with no UNet backward pass;
    - "full" (ablation): L = ½ mean_i w(t)((ε̂_i − ε_i)² − (ε̂_∅,i − ε_i)²), the second term only for "uncond"
-     (there L estimates −log p(y | z) as a diffusion classifier does), backpropagated through the UNet and the VAE.
+     (there L estimates −log p(y | z) as a diffusion classifier does); ∂L/∂z by a backward pass through the UNet
+     of the un-normalised sum (per-element gradients w(ε̂ − ε), O(1)), divided by B·n in fp32 afterwards: a fixed
+     loss scale that keeps an fp16 UNet's backward out of fp16's subnormal range (the mean's per-element
+     gradients at 64×64×4 latents are ~1e-6), with no GradScaler since no LDM parameter is trained.
    w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
    Through x(θ) = c·x₀ the gradient reaches the logits through one scalar per image: parallel to cross-entropy's.
+   Both forms end as L = value + Σ_i (z_i − sg(z_i))·∂L/∂z_i, so the step's backward pass only meets ∂z/∂c.
 
 **"posterior"** (beyond the paper; docs/method.md). The LDM as a zero-shot classifier (Li et al., ICCV 2023), its
 posterior distilled into f_θ. For each image x (source or pool) with logits f_θ(x):
@@ -39,6 +44,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..ldm.adapt import to_ldm_images
 from ..ldm.probe import denoising_errors
@@ -81,7 +88,7 @@ class LDSettings:
 class LDOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the classifier's logits
     confidence: torch.Tensor  # (B,) softmax probability of the true class
-    latents: torch.Tensor  # (B, 4, h, w) z (graph kept for "confidence": tests check ∂L/∂z)
+    latents: torch.Tensor  # (B, 4, h, w) z (differentiable for "confidence": tests check ∂L/∂z)
     timesteps: torch.Tensor  # (B,) t ("confidence") or (D,) the shared draws ("posterior")
     unet_evals: int  # UNet rows evaluated (an image under one prompt at one t)
     posterior: torch.Tensor | None = None  # (B, K') the LDM's posterior q over each image's candidate classes
@@ -121,9 +128,8 @@ class LatentDistillation:
         ldm = self.ldm
         # 1. Pseudo generation: darken each image by the classifier's confidence in its true label.
         confidence = logits.softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
-        pseudo = confidence.view(-1, 1, 1, 1) * to_ldm_images(images, ldm.image_size)
-        # 2. Gradient distillation: encode with graph, noise to a random t, let the frozen UNet predict the noise.
-        z = ldm.encode(pseudo)
+        # 2. Gradient distillation: encode (differentiable in c), noise to a random t, the frozen UNet predicts it.
+        z = encode_linearised(ldm, confidence, to_ldm_images(images.detach(), ldm.image_size))
         z = z.float() if z.dtype == torch.float16 else z  # fp16 models: the loss in fp32; fp64 (tests) kept
         t = torch.randint(self.t_range[0], self.t_range[1] + 1, (len(z),), generator=generator)
         noise = torch.randn(z.shape, generator=generator).to(z)
@@ -131,18 +137,22 @@ class LatentDistillation:
         embeds = self.prompt_embeds[labels.to(self.prompt_embeds.device)]
         w = self.weights(t).to(z)
         n = z.numel()  # B · elements per latent: every sum below is a mean over them (scale-free)
-        # 3. The loss from ε̂ − r, reaching θ through c only.
+        # 3. The loss from ε̂ − r as B·n · value and g = B·n · ∂L/∂z, reaching θ through c only.
         if self.settings.grad == "sds":
             with torch.no_grad():
                 eps_hat, reference = self._predict(ldm.add_noise(z.detach(), noise, t), t, embeds, noise)
             g = w * (eps_hat - reference)
-            # = ½ mean (z − sg(z − g))² in value and gradient, written so that ∂L/∂z is g / n without round-off.
-            loss = ((z - z.detach()) * g).sum() / n + 0.5 * g.pow(2).sum() / n
+            value = 0.5 * g.pow(2).sum()  # = ½ Σ (z − sg(z − g))²
         else:
-            eps_hat, reference = self._predict(ldm.add_noise(z, noise, t), t, embeds, noise)
-            loss = 0.5 * (w * (eps_hat - noise).pow(2)).sum() / n
-            if self.uncond_embed is not None:
-                loss = loss - 0.5 * (w * (reference - noise).pow(2)).sum() / n
+            with torch.enable_grad():
+                z_leaf = z.detach().requires_grad_()
+                eps_hat, reference = self._predict(ldm.add_noise(z_leaf, noise, t), t, embeds, noise)
+                value = 0.5 * (w * (eps_hat - noise).pow(2)).sum()
+                if self.uncond_embed is not None:
+                    value = value - 0.5 * (w * (reference - noise).pow(2)).sum()
+                (g,) = torch.autograd.grad(value, z_leaf)
+        # Written so that ∂L/∂z is g / n without round-off.
+        loss = ((z - z.detach()) * g).sum() / n + value.detach() / n
         evals = len(z) * (1 if self.uncond_embed is None else 2)
         return LDOutput(loss, confidence, z, t, evals)
 
@@ -182,3 +192,20 @@ class LatentDistillation:
                                       self.settings.guidance).to(noise)
         eps_hat, eps_uncond = both.chunk(2)
         return eps_hat, eps_uncond
+
+
+def encode_linearised(ldm: LatentDiffusion, scale: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """E(c·x) for per-image scalars c (B,) and images x in [0, 1], differentiable in c without the encoder's graph.
+
+    One forward-mode pass of a dual input (tangent x) gives E(c·x) and ∂E(c·x)/∂c = J_E(c·x)·x together; the result
+    E(c·x) + (c − sg(c))·∂E/∂c has E(c·x)'s value and the gradient w.r.t. c that backpropagating through the encoder
+    gives, but autograd saves only ∂E/∂c (the latent's size) instead of every encoder activation (~2.5 GB per image
+    for SD's VAE at 512 px in fp16), at the cost of one forward pass carrying tangents. Attention uses the math SDPA
+    kernel, the one with forward-mode derivatives; nothing is saved, so its attention matrix is transient.
+    """
+    pseudo = scale.detach().view(-1, 1, 1, 1) * images
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+        dual = forward_ad.make_dual(pseudo, images.to(pseudo.dtype).expand_as(pseudo).contiguous())
+        z, dz_dc = forward_ad.unpack_dual(ldm.encode(dual))
+    dtype = torch.promote_types(scale.dtype, z.dtype)  # an fp16 LDM's latents join fp32 logits in fp32
+    return z.to(dtype) + (scale - scale.detach()).view(-1, 1, 1, 1).to(dtype) * dz_dc.to(dtype)

@@ -175,13 +175,18 @@ class OnlineAugmentation:
                 rows = distributed.shard_rows(len(images))  # this rank's block (all of it for one process)
 
                 def refreshed() -> Chunk:
-                    first = start + rows.start
-                    out = self.transform(images[rows].float() / 255, labels[rows], first,
-                                         seed + first * self.settings.candidates, k,
-                                         None if picks is None else picks[:, rows])
-                    if start == 0 and rows.start == 0 and self.grid_dir is not None:
-                        self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
-                    return to_uint8(from_ldm_images(out.results, self.input_shape)), labels[rows], sources[rows]
+                    # In parts of at most the LDM's max_batch images: a transform holds N decoded candidates (and
+                    # their feature maps) per image, so its memory follows the part, never the shard.
+                    results = []
+                    for part in self.ldm.chunks(rows.stop - rows.start, start=rows.start):
+                        first = start + part.start
+                        out = self.transform(images[part].float() / 255, labels[part], first,
+                                             seed + first * self.settings.candidates, k,
+                                             None if picks is None else picks[:, part])
+                        if first == 0 and self.grid_dir is not None:
+                            self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
+                        results.append(to_uint8(from_ldm_images(out.results, self.input_shape)))
+                    return torch.cat(results), labels[rows], sources[rows]
 
                 yield from distributed.gather_chunk(rows, refreshed)
                 start += len(images)
