@@ -140,23 +140,6 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return {k: s / world_size() for k, s in zip(keys, sums)}
 
 
-def local_hparams(hp: dict, world: int | None = None) -> dict:
-    """The hparams one of `world` ranks (default: this run's) trains with: the per-step batch sizes split evenly
-    across ranks, so that the global batch (what `batch_size` and `ld_batch_size` mean in results) is the
-    single-process one. A sweep passes `world` to refuse, before launching, batches its jobs could not split."""
-    w = world_size() if world is None else world
-    if w == 1:
-        return hp
-    local = dict(hp)
-    for key in ("batch_size", "ld_batch_size"):
-        if key in hp:
-            if hp[key] % w:
-                raise UserError(f"{key} {hp[key]} is not divisible by the {w} processes; choose a multiple of {w} "
-                                f"(--hparams '{{\"{key}\": ...}}') or another number of processes")
-            local[key] = hp[key] // w
-    return local
-
-
 def shard_rows(n: int) -> slice:
     """This rank's contiguous block of n rows (blocks in rank order, sizes differ by at most one)."""
     w, r = world_size(), rank()

@@ -2,7 +2,8 @@
 
 Every hyperparameter is registered once as (name, default, random-search sampler, valid range). The random draw
 for a name is seeded from `seed_hash(seed, name)`, so adding an hparam never changes the draws of the others, and
-`random_hparams(alg, dataset, seed)` is reproducible forever. Values for ERM and the shared keys are DomainBed's.
+`random_hparams(alg, dataset, seed)` is reproducible forever. Values for ERM and the shared keys are DomainBed's; which
+of DomainBed's blocks a dataset gets is declared on its class (`SMALL_IMAGES`, `BATCH_SEARCH_MAX_LOG2`, data/base.py).
 Algorithm-specific blocks are added in `_algorithm_hparams` below, keyed by algorithm name.
 """
 
@@ -15,10 +16,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import distributed
+from .data import dataset_traits
 from .errors import UserError
 from .utils import seed_hash
 
-SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST", "DigitsDG")
+# The hparams that size one training step's batch. Results report them as the single-process (global) batch;
+# data-parallel training splits each evenly over its ranks (`local_hparams`).
+PER_STEP_BATCHES = ("batch_size", "ld_batch_size")
 
 
 @dataclass(frozen=True)
@@ -65,24 +70,21 @@ def specs(algorithm: str, dataset: str) -> dict[str, HParam]:
         assert name not in registered, f"hparam {name} registered twice"
         registered[name] = HParam(name, default, sample, low, high, None if choices is None else tuple(choices))
 
-    small = dataset in SMALL_IMAGES
+    data = dataset_traits(dataset)
     # Shared by every algorithm (DomainBed values).
     hparam("data_augmentation", True, lambda r: True, choices=(True, False))
     hparam("resnet18", False, lambda r: False, choices=(True, False))
     hparam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])), 0.0, 1.0)
     hparam("class_balanced", False, lambda r: False, choices=(True, False))
     hparam("nonlinear_classifier", False, lambda r: bool(r.choice([False, False])), choices=(True, False))
-    if small:
+    if data.SMALL_IMAGES:
         hparam("lr", 1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)), 1e-8, 1.0)
         hparam("weight_decay", 0.0, lambda r: 0.0, 0.0, 1.0)
         hparam("batch_size", 64, lambda r: int(2 ** r.uniform(3, 9)), 1, 4096)
     else:
         hparam("lr", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)), 1e-8, 1.0)
         hparam("weight_decay", 0.0, lambda r: float(10 ** r.uniform(-6, -2)), 0.0, 1.0)
-        if dataset == "DomainNet":
-            hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5)), 1, 4096)
-        else:
-            hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), 1, 4096)
+        hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, data.BATCH_SEARCH_MAX_LOG2)), 1, 4096)
     _algorithm_hparams(algorithm, dataset, hparam)
     return registered
 
@@ -191,3 +193,20 @@ def resolve_hparams(
         for key, value in overrides.items():
             hp[key] = registry[key].check(value)
     return hp
+
+
+def local_hparams(hp: dict, world: int | None = None) -> dict:
+    """The hparams one of `world` ranks (default: this run's) trains with: each of `PER_STEP_BATCHES` split evenly
+    across ranks, so that the global batch (what they mean in results) is the single-process one. A sweep passes
+    `world` to refuse, before launching, batches its jobs could not split."""
+    w = distributed.world_size() if world is None else world
+    if w == 1:
+        return hp
+    local = dict(hp)
+    for key in PER_STEP_BATCHES:
+        if key in hp:
+            if hp[key] % w:
+                raise UserError(f"{key} {hp[key]} is not divisible by the {w} processes; choose a multiple of {w} "
+                                f"(--hparams '{{\"{key}\": ...}}') or another number of processes")
+            local[key] = hp[key] // w
+    return local

@@ -23,7 +23,6 @@ from .algorithms import algorithm_class
 from .checkpoint import CHECKPOINT
 from .config_fields import ResultFree, result_free_fields
 from .data import dataset_class
-from .distributed import local_hparams
 from .errors import UserError
 from .train import TrainArgs
 from .utils import retired, seed_hash
@@ -252,7 +251,7 @@ def check_nproc(jobs: Sequence[Job], nproc: int, resume: bool) -> None:
         hp = hparams_registry.resolve_hparams(a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"],
                                               a.get("hparams"))
         try:
-            local_hparams(hp, nproc)
+            hparams_registry.local_hparams(hp, nproc)
         except UserError as e:
             raise UserError(f"--nproc-per-job {nproc}: job {job.name}: {e}") from None
     if resume:

@@ -190,7 +190,7 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
               algorithm_cls: type, device: torch.device) -> list[dict[str, Any]]:
     """`train` in its locked output folder."""
     out = output.path
-    local_hp = distributed.local_hparams(hp)  # this rank's share of the per-step batches
+    local_hp = hparams_registry.local_hparams(hp)  # this rank's share of the per-step batches
     world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if resume_state is not None and resume_state.get("world_size", 1) != world_size:
         raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from domainfusion import distributed
+from domainfusion import hparams as registry
 from domainfusion.checkpoint import read_state, restore_checkpoint, rng_state, write_checkpoint
 from domainfusion.errors import UserError
 from resume_checks import keeps_lines, kept_lines
@@ -140,8 +141,8 @@ def sgd_steps(out: Path) -> None:
             algorithm.optimizer.step()
     if distributed.world_size() > 1:
         with pytest.raises(UserError, match="batch_size 7 is not divisible by the 2 processes"):
-            distributed.local_hparams({"batch_size": 7})
-        assert distributed.local_hparams({"batch_size": 8, "ld_batch_size": 4, "lr": 0.1}) == {
+            registry.local_hparams({"batch_size": 7})
+        assert registry.local_hparams({"batch_size": 8, "ld_batch_size": 4, "lr": 0.1}) == {
             "batch_size": 4, "ld_batch_size": 2, "lr": 0.1}
     torch.save({"state": algorithm.net.state_dict(), "draw": torch.rand(2, generator=algorithm.gen)},
                out / f"rank{distributed.rank()}.pt")

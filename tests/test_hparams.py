@@ -61,3 +61,20 @@ def test_resolve_uses_defaults_for_seed_zero_and_validates_overrides():
         registry.resolve_hparams("ERM", "PACS", 0, 0, '{"lr": NaN}')
     with pytest.raises(UserError, match="not valid JSON"):
         registry.resolve_hparams("ERM", "PACS", 0, 0, "{lr: 1}")
+
+
+def test_dataset_blocks_come_from_the_dataset_class():
+    """Size class and batch search are read off the registered class; an unregistered (DomainBed) name gets the
+    base class's ResNet block, as DomainBed gives its other datasets."""
+    assert registry.default_hparams("ERM", "DigitsDG") == registry.default_hparams("ERM", "RotatedMNIST")
+    assert registry.default_hparams("ERM", "SVIRO") == registry.default_hparams("ERM", "PACS")
+    for seed in range(20):
+        r = np.random.RandomState(seed_hash(seed, "batch_size"))
+        assert registry.random_hparams("ERM", "DomainNet", seed)["batch_size"] == int(2 ** r.uniform(3, 5))
+
+
+def test_per_step_batches_are_registered_hparams():
+    names = set(registry.specs("DomainFusion", "PACS"))
+    assert set(registry.PER_STEP_BATCHES) <= names
+    split = registry.local_hparams({"batch_size": 8, "ld_batch_size": 4, "lr": 0.1}, world=2)
+    assert split == {"batch_size": 4, "ld_batch_size": 2, "lr": 0.1}

@@ -1,13 +1,15 @@
 """The multi-domain dataset contract shared by every dataset (DomainBed's `MultipleDomainDataset`).
 
 A dataset is a list of per-environment torch datasets yielding `(x, y)` with x a float tensor in [0, 1]
-(normalisation lives in the networks, so the diffusion layer can always see real pixels), plus metadata.
+(normalisation lives in the networks, so the diffusion layer can always see real pixels), plus metadata. What the
+rest of the package knows about a dataset (its hparams' size class, how an LDM is prompted for it) is declared on its
+class, read there without building it (`data.dataset_traits`), so a new dataset is one file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch.utils.data
 
@@ -22,6 +24,14 @@ class MultipleDomainDataset:
     N_WORKERS: int = 2
     ENVIRONMENTS: Sequence[str] = ()
     INPUT_SHAPE: tuple[int, int, int] = (3, 224, 224)
+    # Read off the class without building it (`data.dataset_traits`). hparams.py: DomainBed's small-image block or
+    # its ResNet block. ldm/adapt.py: the LDM prompts ("{cls}" = a class name, "{description}" = a domain's look).
+    SMALL_IMAGES: bool = False  # lr 1e-3, batch 64 searched over 2**U(3, 9), no weight decay: MNIST-sized images
+    BATCH_SEARCH_MAX_LOG2: float = 5.5  # the ResNet block's batch search, 2**U(3, this) (DomainBed: 5 for DomainNet)
+    PROMPT_TEMPLATE: str = "a photo of a {cls}"  # a class
+    DOMAIN_PROMPT_TEMPLATE: str = "{description} of a {cls}"  # a class in one domain's look (CDGA moves between them)
+    DOMAIN_DESCRIPTIONS: Mapping[str, str] = {}  # environment name -> its look (also kept out of the style vocabulary)
+    UNDESCRIBED_DOMAIN: str = "a {domain} image"  # the look of an environment not in DOMAIN_DESCRIPTIONS, by its name
 
     def __init__(self) -> None:
         self.datasets: list[torch.utils.data.Dataset] = []
@@ -36,6 +46,15 @@ class MultipleDomainDataset:
 
     def __len__(self) -> int:
         return len(self.datasets)
+
+
+class DigitDataset(MultipleDomainDataset):
+    """The ten digits, prompted in the embedded LDM's caption wording ('a photo of the digit 3, printed'), so its text
+    conditioning knows every word; an environment without a description is named as it is ('..., 15')."""
+
+    PROMPT_TEMPLATE = "a photo of the digit {cls}"
+    DOMAIN_PROMPT_TEMPLATE = PROMPT_TEMPLATE + ", {description}"
+    UNDESCRIBED_DOMAIN = "{domain}"
 
 
 def existing_data_dir(root: str | Path, holds: str) -> Path:

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from .base import MultipleDomainDataset, existing_data_dir
+from .base import DigitDataset, existing_data_dir
 from ..utils import save_npz_atomic
 from .resources import load_mnist_splits
 
@@ -224,11 +224,15 @@ def build_digits_dg(cache_dir: str | Path) -> dict[str, tuple[np.ndarray, np.nda
     return domains
 
 
-class DigitsDG(MultipleDomainDataset):
+class DigitsDG(DigitDataset):
     """DigitsDG-offline (see the module docstring): leave-one-domain-out over four digit styles."""
 
     ENVIRONMENTS = ENVIRONMENTS
     INPUT_SHAPE = (3, SIZE, SIZE)
+    SMALL_IMAGES = True
+    # In the embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
+    DOMAIN_DESCRIPTIONS = {"mnist": "handwritten white on black", "mnist_m": "handwritten inverted on a photo",
+                           "syn": "printed", "optdigits": "low-res handwritten white on black"}
     N_STEPS = 5001
     CHECKPOINT_FREQ = 100
 

@@ -272,6 +272,8 @@ class ImageFolderDataset(MultipleEnvironmentImageFolder):
 class PACS(MultipleEnvironmentImageFolder):
     ENVIRONMENTS = ("A", "C", "P", "S")
     SUBDIR = "PACS"
+    DOMAIN_DESCRIPTIONS = {"art_painting": "an art painting", "cartoon": "a cartoon", "photo": "a photo",
+                           "sketch": "a sketch"}
 
 
 class VLCS(MultipleEnvironmentImageFolder):
@@ -282,6 +284,8 @@ class VLCS(MultipleEnvironmentImageFolder):
 class OfficeHome(MultipleEnvironmentImageFolder):
     ENVIRONMENTS = ("A", "C", "P", "R")
     SUBDIR = "office_home"
+    DOMAIN_DESCRIPTIONS = {"Art": "an artistic image", "Clipart": "a clipart image", "Product": "a product photo",
+                           "Real World": "a photo", "Real_World": "a photo"}
 
 
 class TerraIncognita(MultipleEnvironmentImageFolder):
@@ -293,3 +297,6 @@ class DomainNet(MultipleEnvironmentImageFolder):
     ENVIRONMENTS = ("clip", "info", "paint", "quick", "real", "sketch")
     SUBDIR = "domain_net"
     CHECKPOINT_FREQ = 1000
+    BATCH_SEARCH_MAX_LOG2 = 5.0
+    DOMAIN_DESCRIPTIONS = {"clipart": "a clipart image", "infograph": "an infographic", "painting": "a painting",
+                           "quickdraw": "a quick drawing", "real": "a photo", "sketch": "a sketch"}

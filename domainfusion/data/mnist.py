@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms import InterpolationMode
 
 from ..errors import UserError
-from .base import MultipleDomainDataset, existing_data_dir
+from .base import DigitDataset, existing_data_dir
 from .resources import load_mnist_splits
 
 
@@ -40,7 +40,9 @@ def load_all_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-class MultipleEnvironmentMNIST(MultipleDomainDataset):
+class MultipleEnvironmentMNIST(DigitDataset):
+    SMALL_IMAGES = True
+
     def __init__(
         self,
         root: str | Path,

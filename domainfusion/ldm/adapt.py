@@ -1,5 +1,8 @@
 """Where a DG dataset meets an LDM: class prompts, and images moved between the classifier's space and the LDM's.
 
+The prompts' wording is declared on each dataset class (`data/base.py`); a name the registry does not know gets the
+generic wording.
+
 A classifier sees (B, C, H, W) images in [0, 1] with the dataset's channels (1 for RotatedMNIST, 2 for ColoredMNIST,
 3 otherwise) and size; an LDM sees RGB at its own resolution. Both maps are linear in the pixels (channel copy or
 selection, bilinear resize), so latent distillation's c·x commutes with them and gradients flow through unchanged.
@@ -10,15 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data import dataset_traits
 from ..errors import UserError
 from ..images import from_rgb, to_rgb
 
-DIGIT_DATASETS = ("DigitsDG", "RotatedMNIST", "ColoredMNIST")
-
 
 def default_prompt_template(dataset: str) -> str:
-    """The class prompt of a dataset: the embedded LDM's caption prefix for digits, SD's usual wording otherwise."""
-    return "a photo of the digit {cls}" if dataset in DIGIT_DATASETS else "a photo of a {cls}"
+    """The class prompt of a dataset ("{cls}" placeholder): the embedded LDM's caption prefix for digits, SD's usual
+    wording otherwise."""
+    return dataset_traits(dataset).PROMPT_TEMPLATE
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -56,26 +59,12 @@ def check_resolution(ldm_size: int, input_shape: tuple[int, int, int], ldm_name:
         )
 
 
-# How each known domain is described to an LDM (CDGA's prompts move between these). Digit descriptions use the
-# embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
-DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
-    "DigitsDG": {"mnist": "handwritten white on black", "mnist_m": "handwritten inverted on a photo",
-                 "syn": "printed", "optdigits": "low-res handwritten white on black"},
-    "PACS": {"art_painting": "an art painting", "cartoon": "a cartoon", "photo": "a photo", "sketch": "a sketch"},
-    "OfficeHome": {"Art": "an artistic image", "Clipart": "a clipart image", "Product": "a product photo",
-                   "Real World": "a photo", "Real_World": "a photo"},
-    "DomainNet": {"clipart": "a clipart image", "infograph": "an infographic", "painting": "a painting",
-                  "quickdraw": "a quick drawing", "real": "a photo", "sketch": "a sketch"},
-}
-
-
 def domain_prompt(dataset: str, domain: str, cls: str) -> str:
     """A prompt naming both the class and the domain's look, e.g. 'a sketch of a dog' or, for digits,
-    'a photo of the digit 3, handwritten inverted on a photo'; unknown domains are described by their folder name."""
-    known = DOMAIN_DESCRIPTIONS.get(dataset, {})
-    if dataset in DIGIT_DATASETS:
-        return f"{default_prompt_template(dataset).format(cls=cls)}, {known.get(domain, domain)}"
-    return f"{known.get(domain, f'a {domain} image')} of a {cls}"
+    'a photo of the digit 3, handwritten inverted on a photo'; undescribed domains are described by their name."""
+    traits = dataset_traits(dataset)
+    description = traits.DOMAIN_DESCRIPTIONS.get(domain, traits.UNDESCRIBED_DOMAIN.format(domain=domain))
+    return traits.DOMAIN_PROMPT_TEMPLATE.format(cls=cls, description=description)
 
 
 # Common looks for models that ship no style vocabulary (Stable Diffusion): renditions as in ImageNet-R and
@@ -92,7 +81,7 @@ def style_vocabulary(dataset: str, domains: list[str], model_vocabulary: list[st
     """The style phrases online augmentation may prompt with: the model's own vocabulary (or `GENERIC_STYLES`) minus
     any phrase that is the name or the description of one of the dataset's domains, held out or not, so the list
     never names the held-out domain and does not depend on which domain is held out."""
-    known = DOMAIN_DESCRIPTIONS.get(dataset, {})
+    known = dataset_traits(dataset).DOMAIN_DESCRIPTIONS
     taken = {d.lower() for d in domains} | {known.get(d, "").lower() for d in domains}
     kept = [s for s in (model_vocabulary or GENERIC_STYLES) if s.lower() not in taken]
     if not kept:
