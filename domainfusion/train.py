@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import distributed
@@ -27,6 +28,7 @@ from .algorithms import RunContext, algorithm_class
 from .checkpoint import read_state, restore_checkpoint, restore_pool, rng_state, write_checkpoint
 from .config_fields import ResultFree, changed_fields, result_free
 from .data import get_dataset
+from .data.base import MultipleDomainDataset
 from .data.loaders import InfiniteDataLoader, class_balanced_weights, eval_loader, holdout_split
 from .errors import UserError
 from .output_dir import RUN_FILES, OutputDir
@@ -196,69 +198,21 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
         raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "
                         f"{resume_state.get('world_size', 1)}; launch the same number of processes")
     seed_everything(args.seed)
-
-    if not main:
-        distributed.barrier()  # rank 0 builds and caches the data first; the others then read the cache
-    dataset = get_dataset(
-        args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size,
-        args.skip_bad_images,
-    )
-    if main:
-        if resume_state is None:  # the inputs are valid: make room for the new run, keeping the old one's files
-            output.set_aside()
-        distributed.barrier()
-    if dataset.skipped_images and main:
-        atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
-        print(f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
-              file=sys.stderr)
-    in_splits, out_splits = [], []
-    for env_i, env in enumerate(dataset):
-        out_split, in_split = holdout_split(env, env_i, args.holdout_fraction, args.trial_seed,
-                                            dataset.environments[env_i])
-        in_splits.append(in_split)
-        out_splits.append(out_split)
-
-    if args.num_workers is not None:
-        num_workers = args.num_workers
-    else:
-        num_workers = 0 if hasattr(dataset[0], "tensors") else dataset.N_WORKERS
-    train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
+    dataset = _open_dataset(args, hp, output, fresh=resume_state is None)
     start_step = 0 if resume_state is None else resume_state["step"] + 1
-    # Every rank draws the single-process batch from the same seeded stream and keeps its block of rows: the global
-    # batch is exactly the one a single process would train on.
-    train_loaders = [
-        InfiniteDataLoader(
-            in_splits[i],
-            class_balanced_weights(in_splits[i]) if hp["class_balanced"] else None,
-            hp["batch_size"],
-            num_workers,
-            generator=torch.Generator().manual_seed(seed_hash(args.seed, "train_loader", i)),
-            skip_batches=start_step,
-            rows=distributed.shard_rows(hp["batch_size"]),
-        )
-        for i in train_envs
-    ]
-    # Model selection never reads the training envs' in-split accuracies; skipping them (--no-eval-train-in)
-    # cuts evaluation cost by half or more on CPU, and every selection method gives the same answer.
-    eval_splits = [(f"env{i}_in", s) for i, s in enumerate(in_splits) if args.eval_train_in or i in args.test_envs]
-    eval_splits += [(f"env{i}_out", s) for i, s in enumerate(out_splits)]
-    eval_names = [name for name, _ in eval_splits]
-    eval_loaders = [eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers)
-                    for _, s in eval_splits]
+    loaders = build_loaders(args, hp, dataset, start_step)
 
-    context = RunContext(
-        dataset=args.dataset, output_dir=out, train_splits=[in_splits[i] for i in train_envs],
-        train_env_names=[dataset.environments[i] for i in train_envs], env_names=list(dataset.environments),
-        class_names=list(dataset.class_names),
-        steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
-        seed=args.seed, ldm_model=args.ldm, data_dir=args.data_dir, prompt_template=args.prompt_template,
-        device=device, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
+    context = RunContext.for_data(
+        loaders.train_splits, dataset.class_names, [dataset.environments[i] for i in loaders.train_envs],
+        output_dir=out, batch_size=hp["batch_size"], dataset=args.dataset, env_names=dataset.environments,
+        ldm_model=args.ldm, seed=args.seed, device=device, prompt_template=args.prompt_template,
+        data_dir=args.data_dir, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
     )
     if resume_state is not None and main:
         restore_pool(out, resume_state)
     distributed.barrier()
     algorithm = algorithm_cls(
-        dataset.input_shape, dataset.num_classes, len(train_envs), local_hp, pretrained=args.pretrained,
+        dataset.input_shape, dataset.num_classes, len(loaders.train_envs), local_hp, pretrained=args.pretrained,
         context=context,
     ).to(device)
     records: list[dict[str, Any]] = []
@@ -269,13 +223,12 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
 
     n_steps = args.steps or dataset.N_STEPS
     checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
-    steps_per_epoch = min(len(s) for s in in_splits) / hp["batch_size"]  # DomainBed's definition of `epoch`
     writer = _tensorboard_writer(out, start_step) if args.tensorboard and main else None
     if main:
         atomic_write_text(out / "args.json", json.dumps({"args": dataclasses.asdict(args), "hparams": hp}, indent=2))
 
     checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
-    batches = zip(*train_loaders)
+    batches = zip(*loaders.train)
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not (args.progress and main), file=sys.stderr)
     for step in bar:
         step_start = time.time()
@@ -295,21 +248,7 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
             checkpoint_vals[key].append(val)
 
         if step % checkpoint_freq == 0 or step == n_steps - 1:
-            record: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
-            # per-rank means → global-batch means (ranks hold equal shares of every batch)
-            record.update(distributed.mean_across_ranks(
-                {key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()}, device))
-            for name, loader in zip(eval_names, eval_loaders):
-                record[name + "_acc"] = accuracy(algorithm, loader, device)
-            record.update(algorithm.checkpoint_stats())
-            record["mem_gb"] = peak_memory_gb(device)
-            if args.skip_bad_images:
-                record["skipped_images"] = len(dataset.skipped_images)
-            record["environments"] = dataset.environments
-            if world_size > 1:
-                record["world_size"] = world_size
-            record.update({"hparams": hp, "args": dataclasses.asdict(args)})
-            record = distributed.broadcast_object(record)  # rank 0's run-level stats (generation time) everywhere
+            record = checkpoint_record(step, checkpoint_vals, algorithm, loaders, dataset, args, hp, device)
             records.append(record)
             rngs = distributed.gather_object(rng_state(algorithm))  # every rank's, on rank 0
             if main:
@@ -332,6 +271,114 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
         atomic_write_text(out / "done", "done")
     distributed.barrier()  # every rank returns once the run is complete on disk
     return records
+
+
+def _open_dataset(args: TrainArgs, hp: dict, output: OutputDir, fresh: bool) -> MultipleDomainDataset:
+    """The run's dataset, built and cached by rank 0 before the other ranks read the cache. Once it has loaded (the
+    inputs are valid) a `fresh` run makes room in the folder, keeping the previous run's files aside, and the
+    unreadable images it skipped are listed there."""
+    out, main = output.path, distributed.is_main()
+    if not main:
+        distributed.barrier()
+    dataset = get_dataset(
+        args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size,
+        args.skip_bad_images,
+    )
+    if main:
+        if fresh:
+            output.set_aside()
+        distributed.barrier()
+    if dataset.skipped_images and main:
+        atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
+        print(f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
+              file=sys.stderr)
+    return dataset
+
+
+@dataclass
+class RunLoaders:
+    """A run's splits and loaders (`build_loaders`).
+
+    Two "steps per epoch" are in play and differ on purpose: `RunContext.steps_per_epoch` (steps per pass over the
+    average source in-split) is the unit of DomainFusion's augmentation period, while `domainbed_steps_per_epoch`
+    (steps per pass over the smallest in-split, held-out ones included) is DomainBed's `epoch` in results.jsonl,
+    kept as DomainBed computes it so records compare with DomainBed's.
+    """
+
+    train_envs: list[int]
+    in_splits: list[Dataset]  # every environment's, held-out ones included
+    train: list[InfiniteDataLoader]  # one per training environment, in `train_envs` order
+    eval: list[tuple[str, DataLoader]]  # ("env{i}_in" or "env{i}_out", its loader)
+    domainbed_steps_per_epoch: float
+
+    @property
+    def train_splits(self) -> list[Dataset]:
+        return [self.in_splits[i] for i in self.train_envs]
+
+
+def build_loaders(args: TrainArgs, hp: dict, dataset: MultipleDomainDataset, start_step: int) -> RunLoaders:
+    """DomainBed's seeded in/out split of every environment, an infinite loader per training environment that
+    continues at `start_step` (a resumed run draws the batches the interrupted one would have), and the evaluation
+    loaders, each rank holding its share of their batches."""
+    in_splits, out_splits = [], []
+    for env_i, env in enumerate(dataset):
+        out_split, in_split = holdout_split(env, env_i, args.holdout_fraction, args.trial_seed,
+                                            dataset.environments[env_i])
+        in_splits.append(in_split)
+        out_splits.append(out_split)
+
+    if args.num_workers is not None:
+        num_workers = args.num_workers
+    else:
+        num_workers = 0 if hasattr(dataset[0], "tensors") else dataset.N_WORKERS
+    train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
+    # Every rank draws the single-process batch from the same seeded stream and keeps its block of rows: the global
+    # batch is exactly the one a single process would train on.
+    train_loaders = [
+        InfiniteDataLoader(
+            in_splits[i],
+            class_balanced_weights(in_splits[i]) if hp["class_balanced"] else None,
+            hp["batch_size"],
+            num_workers,
+            generator=torch.Generator().manual_seed(seed_hash(args.seed, "train_loader", i)),
+            skip_batches=start_step,
+            rows=distributed.shard_rows(hp["batch_size"]),
+        )
+        for i in train_envs
+    ]
+    # Model selection never reads the training envs' in-split accuracies; skipping them (--no-eval-train-in)
+    # cuts evaluation cost by half or more on CPU, and every selection method gives the same answer.
+    eval_splits = [(f"env{i}_in", s) for i, s in enumerate(in_splits) if args.eval_train_in or i in args.test_envs]
+    eval_splits += [(f"env{i}_out", s) for i, s in enumerate(out_splits)]
+    eval_loaders = [(name, eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers))
+                    for name, s in eval_splits]
+    return RunLoaders(train_envs, in_splits, train_loaders, eval_loaders,
+                      domainbed_steps_per_epoch=min(len(s) for s in in_splits) / hp["batch_size"])
+
+
+def checkpoint_record(step: int, checkpoint_vals: dict[str, list[float]], algorithm: torch.nn.Module,
+                      loaders: RunLoaders, dataset: MultipleDomainDataset, args: TrainArgs, hp: dict,
+                      device: torch.device) -> dict[str, Any]:
+    """The results.jsonl line of the checkpoint at `step`, with DomainBed's keys: epoch, the training stats averaged
+    since the previous checkpoint, every evaluated split's accuracy, the algorithm's own stats, peak memory, and the
+    run's args and hparams. Every rank calls it (the means and accuracies are reduced over ranks) and gets rank 0's
+    record."""
+    record: dict[str, Any] = {"step": step, "epoch": step / loaders.domainbed_steps_per_epoch}
+    # per-rank means → global-batch means (ranks hold equal shares of every batch)
+    record.update(distributed.mean_across_ranks(
+        {key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()}, device))
+    for name, loader in loaders.eval:
+        record[name + "_acc"] = accuracy(algorithm, loader, device)
+    record.update(algorithm.checkpoint_stats())
+    record["mem_gb"] = peak_memory_gb(device)
+    if args.skip_bad_images:
+        record["skipped_images"] = len(dataset.skipped_images)
+    record["environments"] = dataset.environments
+    world_size = distributed.world_size()
+    if world_size > 1:
+        record["world_size"] = world_size
+    record.update({"hparams": hp, "args": dataclasses.asdict(args)})
+    return distributed.broadcast_object(record)  # rank 0's run-level stats (generation time) everywhere
 
 
 def _write_checkpoint(out: Path, record: dict[str, Any], step: int, algorithm: torch.nn.Module,
