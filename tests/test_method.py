@@ -16,6 +16,7 @@ from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
 from domainfusion.method.latent_distillation import LatentDistillation, LDSettings
+from domainfusion.data.image_folder import ImageFolderDataset
 from domainfusion.data.pool import SyntheticPool, subset_chunks
 from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation
 from tiny_ldm import save_tiny_ldm
@@ -368,6 +369,30 @@ def test_pool_subset_is_seeded_and_traceable(tmp_path: Path, monkeypatch) -> Non
     for i, src in enumerate(sources.tolist()):
         x, y = sets[0][src] if src < 10 else sets[1][src - 10]
         assert torch.equal(images[i], (x * 255).round().to(torch.uint8)) and labels[i] == y
+
+
+def test_images_for_the_ldm_are_reproducible_under_random_augmentation(tiny_folder: Path, monkeypatch) -> None:
+    """An image folder with DomainBed's training augmentation (random crop, flip, colour jitter, greyscale): two
+    passes of `subset_chunks` give identical pixels, whatever the global RNG holds and with or without loader
+    workers, and leave the global RNG as they found it; the augmentation is really applied (≠ the plain images)."""
+    monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 8)
+
+    def envs(augment: bool) -> list:
+        return ImageFolderDataset(tiny_folder, [], {"data_augmentation": augment}, image_size=16).datasets
+
+    def pixels(datasets: list, num_workers: int = 0, global_seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        chunks = list(subset_chunks(datasets, 0.5, seed=3, num_workers=num_workers))
+        assert torch.equal(torch.get_rng_state(), state)  # the run's global RNG stream is left alone
+        assert [len(images) for images, _, _ in chunks] == [8, 8, 2]  # 18 of 36 images, SHARD_SIZE = 8
+        return torch.cat([images for images, _, _ in chunks])
+
+    augmented = envs(True)
+    first = pixels(augmented)
+    assert torch.equal(pixels(augmented, global_seed=1), first)
+    assert torch.equal(pixels(augmented, num_workers=2), first)
+    assert not torch.equal(pixels(envs(False)), first)
 
 
 def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Path, ldm: LatentDiffusion,

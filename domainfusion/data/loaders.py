@@ -106,7 +106,7 @@ class InfiniteDataLoader:
             for _ in batch_sampler:  # a whole pass, as _Forever consumes it, draws exactly one batch's randomness
                 pass
         self._loader = DataLoader(
-            _Seeded(dataset), num_workers=num_workers,
+            SeededItems(dataset), num_workers=num_workers,
             batch_sampler=_Forever(batch_sampler, rows, generator.initial_seed(), skip_batches),
             persistent_workers=num_workers > 0,
         )
@@ -135,10 +135,11 @@ class _Forever:
                 number += 1
 
 
-class _Seeded(Dataset):
+class SeededItems(Dataset):
     """`dataset[i]` with torch's global RNG seeded for that item (and restored after): random transforms
     (torchvision's draw from it) then depend on the item's seed only, not on the process that loads it or on
-    what else drew from the RNG before (a worker's earlier images, the training step in the main process)."""
+    what else drew from the RNG before (a worker's earlier images, the training step in the main process). Training
+    loaders and the images handed to an LDM (`pool.subset_chunks`) read through it."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset

@@ -17,11 +17,12 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .. import distributed
 from ..images import to_uint8
-from ..utils import atomic_write_text, publish_dir
+from ..utils import atomic_write_text, publish_dir, seed_hash
+from .loaders import SeededItems
 
 SHARD_SIZE = 1024
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images (B, C, H, W), labels (B,), source ids (B,)
@@ -174,20 +175,39 @@ def _flush(folder: Path, names: list[str], pending: list[Chunk], n: int) -> list
     return [(images[n:], labels[n:], sources[n:])] if n < len(images) else []
 
 
-def subset_chunks(datasets: list[Dataset], fraction: float, seed: int) -> Iterator[Chunk]:
-    """A seeded random `fraction` (at least one image) of the concatenated datasets, read chunk by chunk."""
-    sizes = [len(d) for d in datasets]
-    total = sum(sizes)
+def subset_chunks(datasets: list[Dataset], fraction: float, seed: int, num_workers: int = 0) -> Iterator[Chunk]:
+    """A seeded random `fraction` (at least one image) of the concatenated datasets, read chunk by chunk by
+    `num_workers` loader processes (0: this one), in order.
+
+    These are the images handed to an LDM (the pool's first generation, CDGA's and DSI's inputs). Each is read with
+    torch's RNG seeded by (seed, its index) (`SeededItems`), so a dataset's random training augmentation (DomainBed's
+    crops, flips and colour jitter on image folders) draws the same on every run and in every worker, and never
+    from the global RNG: the generated images, and so a whole generative run, are a function of the run's seed.
+    """
+    total = sum(len(d) for d in datasets)
     k = max(1, round(fraction * total))
     chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-    offsets = torch.tensor([0] + sizes).cumsum(0)
-    for part in chosen.split(SHARD_SIZE):
-        images, labels = [], []
-        for i in part.tolist():
-            d = int(torch.searchsorted(offsets, i, right=True)) - 1
-            x, y = datasets[d][i - int(offsets[d])]
-            images.append(to_uint8(x))
-            labels.append(int(y))
-        yield torch.stack(images), torch.tensor(labels), part.clone()
+    parts = chosen.split(SHARD_SIZE)
+    batches = ([(i, seed_hash(seed, i)) for i in part.tolist()] for part in parts)  # lazily: DomainNet has 586k
+    # A generator of its own: even creating the loader's iterator would otherwise draw from the global RNG.
+    loader = DataLoader(SeededItems(_Uint8Images(ConcatDataset(datasets))), batch_sampler=batches,
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    for part, (images, labels) in zip(parts, loader):
+        yield images, labels, part.clone()
+
+
+class _Uint8Images(Dataset):
+    """(uint8 image, int label) items: the pool's format, converted where the image is read (a worker ships a
+    quarter of a float image's bytes)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.dataset[index]
+        return to_uint8(x), int(y)
 
 
