@@ -66,10 +66,12 @@ def build(name: str, ctx: RunContext, **overrides) -> PerDomainLDMs:
     return algorithm_class(name)((3, 32, 32), 2, len(ctx.train_splits), hp, context=ctx)
 
 
-def test_one_finetune_per_source_from_the_shared_weights_which_stay_untouched(tmp_path, sd_folder, monkeypatch):
-    ctx = context(tmp_path, sd_folder)
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, sd_folder) -> SimpleNamespace:
+    """One DSI construction, watched: the stage each fine-tune starts with its weights, the data each one gets."""
+    ctx = context(tmp_path_factory.mktemp("dsi"), sd_folder)
     shared = ctx.ldm()
-    disk_before, unet_before, vae_before = folder_hash(sd_folder), state_hash(shared.unet), state_hash(shared.vae)
+    before = SimpleNamespace(disk=folder_hash(sd_folder), unet=state_hash(shared.unet), vae=state_hash(shared.vae))
     starts, datasets = [], []
     run_stage, train_ldm = training._run_stage, training.train_ldm
 
@@ -77,40 +79,64 @@ def test_one_finetune_per_source_from_the_shared_weights_which_stay_untouched(tm
         starts.append((stage, {k: v.clone() for k, v in trained.state_dict().items()}))
         return run_stage(stage, out, config, total, peak_lr, modules, trained, *args, **kwargs)
 
-    monkeypatch.setattr(training, "_run_stage", spy_stage)
-    monkeypatch.setattr(training, "train_ldm", lambda config, data=None: datasets.append(data) or train_ldm(config, data))
-    alg = build("DSI", ctx)
-    # Exactly one model per source domain, each trained on its own domain's images only, UNet only, from the shared
-    # weights at its first step.
-    assert [p.parent.name for p in alg.model_dirs] == list(DOMAINS[:3]) and len(set(alg.model_dirs)) == 3
-    assert [s for s, _ in starts] == ["unet"] * 3
-    assert all(torch.equal(state[k], v) for _, state in starts for k, v in shared.unet.state_dict().items())
-    for split, data in zip(ctx.train_splits, datasets):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "_run_stage", spy_stage)
+        mp.setattr(training, "train_ldm", lambda config, data=None: datasets.append(data) or train_ldm(config, data))
+        alg = build("DSI", ctx)
+    return SimpleNamespace(ctx=ctx, shared=shared, before=before, starts=starts, datasets=datasets, alg=alg)
+
+
+def test_one_unet_finetune_per_source_starting_from_the_shared_weights(finetuned):
+    f = finetuned
+    assert [p.parent.name for p in f.alg.model_dirs] == list(DOMAINS[:3]) and len(set(f.alg.model_dirs)) == 3
+    assert [s for s, _ in f.starts] == ["unet"] * 3
+    assert all(torch.equal(state[k], v) for _, state in f.starts for k, v in f.shared.unet.state_dict().items())
+
+
+def test_each_finetune_sees_only_its_own_domains_images(finetuned):
+    assert len(finetuned.datasets) == 3
+    for split, data in zip(finetuned.ctx.train_splits, finetuned.datasets):
         assert torch.equal(data.images, (split.tensors[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
-    for folder, model in zip(alg.model_dirs, alg.models()):
+
+
+def test_a_source_model_is_its_finetuned_unet_around_the_shared_vae_and_text_encoder(finetuned):
+    f = finetuned
+    for folder, model in zip(f.alg.model_dirs, f.alg.models()):
         tuned = LatentDiffusion.from_pretrained(folder, device="cpu")
-        assert state_hash(tuned.vae) == vae_before and state_hash(tuned.unet) != unet_before
-        # Loaded, a source model is its fine-tuned UNet around the shared LDM's VAE and text encoder (not copies).
+        assert state_hash(tuned.vae) == f.before.vae and state_hash(tuned.unet) != f.before.unet
         assert state_hash(model.unet) == state_hash(tuned.unet)
-        assert model.vae is shared.vae and model.text_encoder is shared.text_encoder
-        assert model.vae.encoder.conv_in.weight.data_ptr() == shared.vae.encoder.conv_in.weight.data_ptr()
-    assert (folder_hash(sd_folder), state_hash(shared.unet), state_hash(shared.vae)) == (disk_before, unet_before,
-                                                                                        vae_before)
-    # Every source image translated into each of the 2 other source styles, labels and provenance kept.
+        assert model.vae is f.shared.vae and model.text_encoder is f.shared.text_encoder
+        assert model.vae.encoder.conv_in.weight.data_ptr() == f.shared.vae.encoder.conv_in.weight.data_ptr()
+
+
+def test_the_shared_model_stays_untouched(finetuned, sd_folder):
+    f = finetuned
+    assert (folder_hash(sd_folder), state_hash(f.shared.unet), state_hash(f.shared.vae)) == (
+        f.before.disk, f.before.unet, f.before.vae)
+
+
+def test_every_source_image_is_translated_into_each_other_source_style(finetuned):
+    alg = finetuned.alg
     stats = alg.checkpoint_stats()
     assert len(alg.pool) == stats["generated_images"] == (6 + 5 + 4) * 2
     assert stats["ldm_finetuned_models"] == 3 and stats["ldm_finetune_s"] > 0 and stats["generation_s"] > 0
-    labels = torch.cat([s.tensors[1] for s in ctx.train_splits])
+    labels = torch.cat([s.tensors[1] for s in finetuned.ctx.train_splits])
     for _, y, sources in alg.pool.shards():
         assert torch.equal(y, labels[sources])
     assert torch.bincount(torch.cat([s for _, _, s in alg.pool.shards()])).tolist() == [2] * 15
-    # Resume reuses the fine-tuned models (no optimisation step runs) and their recorded fine-tuning time.
-    starts.clear()
-    again = build("DSI", context(tmp_path, sd_folder, resume=True))
-    assert starts == [] and again.model_dirs == alg.model_dirs and again.finetune_s == alg.finetune_s
-    # Other settings: that domain's model is fine-tuned again, from scratch.
-    build("DSI", context(tmp_path, sd_folder), dsi_finetune_lr=1e-3)
-    assert len(starts) == 3
+
+
+def test_resume_reuses_the_finetunes_and_other_settings_redo_them(finetuned, sd_folder, monkeypatch):
+    starts = []
+    run_stage = training._run_stage
+    monkeypatch.setattr(training, "_run_stage",
+                        lambda stage, *a, **kw: starts.append(stage) or run_stage(stage, *a, **kw))
+    out = finetuned.ctx.output_dir
+    again = build("DSI", context(out, sd_folder, resume=True))
+    assert starts == [] and again.model_dirs == finetuned.alg.model_dirs
+    assert again.finetune_s == finetuned.alg.finetune_s
+    build("DSI", context(out, sd_folder), dsi_finetune_lr=1e-3)  # last: it replaces the fixture's fine-tunes
+    assert starts == ["unet"] * 3
 
 
 def test_run_finetunes_only_on_source_in_splits(tmp_path, sd_folder, monkeypatch):
