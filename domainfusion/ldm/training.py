@@ -56,9 +56,9 @@ from .latent_diffusion import LatentDiffusion
 from .train_config import LDMTrainConfig
 from .training_data import TrainingData, load_training_data
 
-# The embedded LDM's recipe (v2), sized for <= 90 min on this project's 2-core CPU with nothing else running (stage
-# times: docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU job: OpenMP spin-waiting then makes each step
-# many times slower.
+# The embedded LDM's recipe (v2), sized to train on a 2-core CPU with nothing else running (its stage times are in
+# docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU
+# job: OpenMP spin-waiting then makes each step many times slower.
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(data="corpus", corpus_size=100_000, vae_steps=4000, vae_batch_size=32, vae_precision="bf16",
                      unet_steps=6000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
