@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from domainfusion.ldm.latent_diffusion import LatentDiffusion
+    from .latent_diffusion import LatentDiffusion
 
 __all__ = ["LatentDiffusion", "load_ldm"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "LatentDiffusion":
-        from domainfusion.ldm.latent_diffusion import LatentDiffusion
+        from .latent_diffusion import LatentDiffusion
 
         return LatentDiffusion
     raise AttributeError(name)
@@ -27,8 +27,8 @@ def __getattr__(name: str) -> Any:
 def load_ldm(model: str, device: str | torch.device = "auto", max_batch: int | None = None) -> "LatentDiffusion":
     """'embedded' = the shipped tiny LDM (materialised in the cache folder, `utils.cache_dir()`); otherwise a diffusers
     folder or hub id. `max_batch`: rows per VAE/UNet call (None: the model's default, `LatentDiffusion`)."""
-    from domainfusion.ldm.embedded import embedded_ldm_path
-    from domainfusion.ldm.latent_diffusion import LatentDiffusion
+    from .embedded import embedded_ldm_path
+    from .latent_diffusion import LatentDiffusion
 
     path = embedded_ldm_path() if model == "embedded" else model
     return LatentDiffusion.from_pretrained(path, device=device, max_batch=max_batch)

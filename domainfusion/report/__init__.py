@@ -1,9 +1,9 @@
 """Sweep reporting with DomainBed's exact semantics: load results, select models, print tables, plot curves."""
 
-from domainfusion.report.costs import cost_table, run_costs
-from domainfusion.report.plots import plot_accuracy_vs_step
-from domainfusion.report.records import RecordGroup, group_records, load_records, split_incomparable
-from domainfusion.report.selection import (
+from .costs import cost_table, run_costs
+from .plots import plot_accuracy_vs_step
+from .records import RecordGroup, group_records, load_records, split_incomparable
+from .selection import (
     SELECTION_METHODS,
     IIDAccuracySelection,
     LeaveOneOutSelection,
@@ -11,7 +11,7 @@ from domainfusion.report.selection import (
     RunAcc,
     SelectionMethod,
 )
-from domainfusion.report.tables import latex_document, per_trial_rows, results_table
+from .tables import latex_document, per_trial_rows, results_table
 
 __all__ = [
     "SELECTION_METHODS",

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record, row_name
+from .records import Record, row_name
 
 
 def run_costs(records: Sequence[Record]) -> dict[str, list[dict[str, float]]]:

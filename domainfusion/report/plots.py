@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from domainfusion.errors import UserError
-from domainfusion.report.records import Record, num_envs, row_name, split_incomparable
+from ..errors import UserError
+from .records import Record, num_envs, row_name, split_incomparable
 
 
 def plot_accuracy_vs_step(

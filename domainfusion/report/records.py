@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from domainfusion.errors import UserError
+from ..errors import UserError
 
 Record = dict[str, Any]
 
@@ -138,7 +138,7 @@ def split_incomparable(records: Iterable[Record]) -> list[Record]:
 def _data_folder(dataset: str, data_dir: str | None) -> str | None:
     """The folder a folder dataset's images came from (normalised, so 'data/x/' and 'data/x' agree); None for
     datasets whose content does not depend on the folder."""
-    from domainfusion.data import DATASETS  # lazily: it imports torch, which the report itself does not need
+    from ..data import DATASETS  # lazily: it imports torch, which the report itself does not need
 
     packaged = not DATASETS.get(dataset, "image_folder:").startswith("image_folder:")
     return None if packaged or not data_dir else os.path.normpath(data_dir)

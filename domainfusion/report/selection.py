@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record, num_envs
+from .records import Record, num_envs
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from domainfusion.report.records import Record, group_records, num_envs, row_name, split_incomparable
-from domainfusion.report.selection import SelectionMethod
+from .records import Record, group_records, num_envs, row_name, split_incomparable
+from .selection import SelectionMethod
 
 
 @dataclass(frozen=True)
