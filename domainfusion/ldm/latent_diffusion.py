@@ -8,7 +8,8 @@ encoder instead of CLIP. The component classes come from model_index.json, so ne
 
 Memory is bounded per call, not per caller: every VAE, UNet and text-encoder call sees at most `max_batch` rows
 (images, or UNet rows: an image under classifier-free guidance is two), whatever batch a caller passes (a pool shard
-of 1,024 images, a CDGA chunk, a probe batch); larger batches are processed in chunks with results equal to one call.
+of 1,024 images, a CDGA chunk, a probe batch); larger batches are processed in chunks, with the results of one call
+up to float rounding.
 Attention runs through diffusers' default `AttnProcessor2_0`, i.e. PyTorch's scaled_dot_product_attention (flash or
 memory-efficient kernels on a GPU), in the UNet and in the VAE's middle block.
 
@@ -150,15 +151,15 @@ class LatentDiffusion:
 
     # ------------------------------------------------------------------ memory budget
 
-    def batch_limit(self, rows_per_item: int = 1) -> int:
-        """Items per call such that a call sees at most `max_batch` rows (an item may take several: 2 under
+    def batch_limit(self, guidance_scale: float = 1.0) -> int:
+        """Images per call such that a call sees at most `max_batch` rows (two per image for the UNet under
         classifier-free guidance)."""
-        return max(1, self.max_batch // rows_per_item)
+        return max(1, self.max_batch // (2 if guidance_scale > 1 else 1))
 
-    def chunks(self, n: int, rows_per_item: int = 1, start: int = 0) -> list[slice]:
-        """Consecutive slices covering start … start + n − 1, each at most `batch_limit(rows_per_item)` long: how
+    def chunks(self, n: int, start: int = 0, guidance_scale: float = 1.0) -> list[slice]:
+        """Consecutive slices covering start … start + n − 1, each at most `batch_limit(guidance_scale)` long: how
         every call here, and callers that hold per-image intermediates (online augmentation, CDGA), split a batch."""
-        step, stop = self.batch_limit(rows_per_item), start + n
+        step, stop = self.batch_limit(guidance_scale), start + n
         return [slice(a, min(a + step, stop)) for a in range(start, stop, step)]
 
     # ------------------------------------------------------------------ VAE
@@ -286,14 +287,14 @@ class LatentDiffusion:
                 uncond = self.encode_prompts([""]) if uncond_embeds is None else uncond_embeds
                 uncond = uncond.to(self.device, self.dtype).expand_as(cond)
             outs = []
-            for rows in self.chunks(len(z), rows_per_item=2 if guided else 1):
+            for rows in self.chunks(len(z), guidance_scale=guidance_scale):
+                zr, tr, cr = z[rows], t[rows], cond[rows]
                 if guided:
-                    zr, tr = z[rows], t[rows]
-                    embeds = torch.cat([uncond[rows], cond[rows]])
-                    out_uncond, out_cond = self.unet(torch.cat([zr, zr]), torch.cat([tr, tr]), embeds).sample.chunk(2)
+                    out_uncond, out_cond = self.unet(torch.cat([zr, zr]), torch.cat([tr, tr]),
+                                                     torch.cat([uncond[rows], cr])).sample.chunk(2)
                     outs.append(out_uncond + guidance_scale * (out_cond - out_uncond))
                 else:
-                    outs.append(self.unet(z[rows], t[rows], cond[rows]).sample)
+                    outs.append(self.unet(zr, tr, cr).sample)
             return self._as_epsilon(torch.cat(outs), z, t)
 
     def _as_epsilon(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -343,7 +344,7 @@ class LatentDiffusion:
             raise UserError(f"img2img needs one seed per image, got {len(seed)} seeds for {n} images")
         if images is not None:
             self.check_images(images)
-        batch_size = min(batch_size, self.batch_limit(2 if guidance_scale > 1 else 1))
+        batch_size = min(batch_size, self.batch_limit(guidance_scale))
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline)
         out = []
         for start in range(0, n, batch_size):
@@ -362,7 +363,7 @@ class LatentDiffusion:
         """Text-to-image with diffusers' `StableDiffusionPipeline` (DDIM): images in [0, 1], image i seeded seed + i."""
         if not prompts:
             raise UserError("sample needs a non-empty list of prompts")
-        batch_size = min(batch_size, self.batch_limit(2 if guidance_scale > 1 else 1))
+        batch_size = min(batch_size, self.batch_limit(guidance_scale))
         pipe = self._pipeline(StableDiffusionPipeline)
         out = []
         for start in range(0, len(prompts), batch_size):

@@ -199,8 +199,8 @@ def encode_linearised(ldm: LatentDiffusion, scale: torch.Tensor, images: torch.T
 
     One forward-mode pass of a dual input (tangent x) gives E(c·x) and ∂E(c·x)/∂c = J_E(c·x)·x together; the result
     E(c·x) + (c − sg(c))·∂E/∂c has E(c·x)'s value and the gradient w.r.t. c that backpropagating through the encoder
-    gives, but autograd saves only ∂E/∂c (the latent's size) instead of every encoder activation (~2.5 GB per image
-    for SD's VAE at 512 px in fp16), at the cost of one forward pass carrying tangents. Attention uses the math SDPA
+    gives, but autograd saves only ∂E/∂c (the latent's size) instead of every encoder activation (issue 19 estimates
+    ~2.5 GB per image for SD's VAE at 512 px in fp16), at the cost of one forward pass carrying tangents. Attention uses the math SDPA
     kernel, the one with forward-mode derivatives; nothing is saved, so its attention matrix is transient.
     """
     pseudo = scale.detach().view(-1, 1, 1, 1) * images
