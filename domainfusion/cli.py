@@ -37,9 +37,10 @@ def _parse_envs(text: str) -> list[int]:
         raise UserError(f"--test-envs takes environment indices like '0' or '0 1', got {text!r}") from None
 
 
-def _check_count(value: int, flag: str, what: str) -> None:
-    """Refuse a count below 1 before any model loads: 0 would crash deep inside diffusers or torch instead."""
-    if value < 1:
+def _check_count(value: int | None, flag: str, what: str) -> None:
+    """Refuse a count below 1 before any model loads: 0 would crash deep inside diffusers or torch instead (None: the
+    flag was not given)."""
+    if value is not None and value < 1:
         raise UserError(f"{flag} is the number of {what}: give 1 or more, got {value}")
 
 
@@ -86,6 +87,11 @@ def _check_env(env: int, environments: list[str] | tuple[str, ...], dataset: str
         raise UserError(f"--env {env} is out of range for {dataset}; valid environments: {valid}")
 
 
+LDM_MAX_BATCH_HELP = ("Images per VAE/UNet call (default: the LDM's, by its resolution: 16 at 512 px); lower it "
+                      "when generation or latent distillation runs out of GPU memory. Results change by float "
+                      "rounding only.")
+
+
 @app.command()
 def train(
     dataset: str = typer.Option("DigitsDG", help="Dataset name (see `domainfusion datasets list`)."),
@@ -113,6 +119,7 @@ def train(
     dsi_mode: Optional[str] = typer.Option(None, help="With --algorithm DSI: 'train-time' (translate the sources, the "
                                            "default) or 'test-time' (translate test images; = --algorithm DSI_TestTime)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
+    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --output-dir."),
@@ -137,7 +144,7 @@ def train(
         steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
         allow_missing_classes=allow_missing_classes, image_size=image_size, skip_bad_images=skip_bad_images,
         eval_train_in=eval_train_in, pretrained=pretrained, ldm=ldm, prompt_template=prompt_template,
-        num_workers=num_workers, device=device,
+        num_workers=num_workers, ldm_max_batch=ldm_max_batch, device=device,
         skip_model_save=skip_model_save, overwrite=overwrite, resume=resume, tensorboard=tensorboard, progress=progress,
     )
     records = run_train(args)
@@ -199,6 +206,7 @@ def sweep_command(
     skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP + " Every job."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
+    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
     ldm: str = typer.Option("embedded", help=LDM_HELP + " Every job."),
     prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
@@ -219,7 +227,8 @@ def sweep_command(
         hparams=hparams,
         extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
                "skip_bad_images": skip_bad_images,
-               "eval_train_in": eval_train_in, "num_workers": num_workers, "pretrained": pretrained,
+               "eval_train_in": eval_train_in, "num_workers": num_workers, "ldm_max_batch": ldm_max_batch,
+               "pretrained": pretrained,
                "ldm": ldm, "prompt_template": prompt_template, "device": device, "variant": variant},
     )
     run = get_launcher(launcher, {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job,
@@ -409,6 +418,7 @@ def ldm_sample(
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
     seed: int = typer.Option(0, help="Seed of the first column."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
     from .ldm import load_ldm
@@ -417,7 +427,8 @@ def ldm_sample(
     _check_count(n_seeds, "--n-seeds", "samples per prompt")
     _check_count(steps, "--steps", "DDIM steps")
     _check_out_file(out, "--out", image=True)
-    ldm = load_ldm(model, device)
+    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
+    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
     path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
 
@@ -438,6 +449,7 @@ def ldm_img2img(
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """Image-to-image grid: rows = dataset images, columns = input then one output per strength."""
     import torch
@@ -460,7 +472,8 @@ def ldm_img2img(
     _check_out_file(out, "--out", image=True)
     if dataset_class(dataset).ENVIRONMENTS:  # known without loading anything; image folders only once scanned
         _check_env(env, dataset_class(dataset).ENVIRONMENTS, dataset)
-    ldm = load_ldm(model, device)
+    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
+    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     _check_env(env, ds.environments, dataset)
@@ -497,6 +510,7 @@ def ldm_probe(
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """What the LDM knows about each domain: its zero-shot accuracy as a diffusion classifier (lowest denoising
     error over the class prompts), per domain, before any GPU hours go into DomainFusion."""
@@ -515,7 +529,8 @@ def ldm_probe(
     config = ProbeConfig(draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after,
                          batch_size=batch_size, seed=seed)
     compared = selected_accuracies(str(compare_run), compare_algorithm) if compare_run else {}
-    ldm = load_ldm(model, device)
+    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
+    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)

@@ -66,6 +66,7 @@ class TrainArgs:
     ldm: str = "embedded"
     prompt_template: str | None = None
     num_workers: int | None = result_free(ResultFree.PLACEMENT, default=None)
+    ldm_max_batch: int | None = result_free(ResultFree.PLACEMENT, default=None)  # splits LDM calls: float rounding only
     device: str = result_free(ResultFree.PLACEMENT, default="auto")
     skip_model_save: bool = False
     overwrite: bool = result_free(ResultFree.INVOCATION, default=False)
@@ -157,7 +158,7 @@ def check_args(args: TrainArgs) -> None:
         raise UserError(f"--num-workers must be 0 (load in the main process) or more, got {args.num_workers}")
     if not 0.0 < args.holdout_fraction < 1.0:
         raise UserError(f"--holdout-fraction must be strictly between 0 and 1, got {args.holdout_fraction}")
-    for name in ("steps", "checkpoint_freq"):
+    for name in ("steps", "checkpoint_freq", "ldm_max_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -207,6 +208,7 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
         output_dir=out, batch_size=hp["batch_size"], dataset=args.dataset, env_names=dataset.environments,
         ldm_model=args.ldm, seed=args.seed, device=device, prompt_template=args.prompt_template,
         data_dir=args.data_dir, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
+        ldm_max_batch=args.ldm_max_batch, num_workers=loaders.num_workers,
     )
     if resume_state is not None and main:
         restore_pool(out, resume_state)
@@ -310,6 +312,7 @@ class RunLoaders:
     train: list[InfiniteDataLoader]  # one per training environment, in `train_envs` order
     eval: list[tuple[str, DataLoader]]  # ("env{i}_in" or "env{i}_out", its loader)
     domainbed_steps_per_epoch: float
+    num_workers: int  # loader processes per loader (--num-workers, else the dataset's)
 
     @property
     def train_splits(self) -> list[Dataset]:
@@ -353,7 +356,7 @@ def build_loaders(args: TrainArgs, hp: dict, dataset: MultipleDomainDataset, sta
     eval_loaders = [(name, eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers))
                     for name, s in eval_splits]
     return RunLoaders(train_envs, in_splits, train_loaders, eval_loaders,
-                      domainbed_steps_per_epoch=min(len(s) for s in in_splits) / hp["batch_size"])
+                      domainbed_steps_per_epoch=min(len(s) for s in in_splits) / hp["batch_size"], num_workers=num_workers)
 
 
 def checkpoint_record(step: int, checkpoint_vals: dict[str, list[float]], algorithm: torch.nn.Module,

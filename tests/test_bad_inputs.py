@@ -273,6 +273,7 @@ def test_a_pool_path_outside_the_run_is_refused(tiny_folder: Path, finished: Pat
     ({"image_size": 0}, "--image-size must be at least 8"),
     ({"image_size": -8}, "--image-size must be at least 8"),
     ({"num_workers": -1}, "--num-workers must be 0"),
+    ({"ldm_max_batch": 0}, "--ldm-max-batch must be at least 1, got 0"),
     ({"device": "gpu"}, "--device gpu is not a device"),
     ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
 ])

@@ -81,6 +81,15 @@ def test_for_data_derives_epoch_unit_and_input_shape(tmp_path):
         RunContext.for_data(splits, ["a"], ["d0"], output_dir=tmp_path, batch_size=4)
     with pytest.raises(UserError, match=r"\['d1'\] are not in env_names"):
         RunContext.for_data(splits, ["a"], ["d0", "d1"], output_dir=tmp_path, batch_size=4, env_names=["d0", "d2"])
+    with pytest.raises(UserError, match="ldm_max_batch must be at least 1, got 0"):
+        RunContext.for_data(splits, ["a", "b"], ["d0", "d1"], output_dir=tmp_path, batch_size=4, ldm_max_batch=0)
+
+
+def test_the_ldm_memory_budget_reaches_the_model(ldm_folder, tmp_path):
+    splits = [TensorDataset(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))]
+    budgets = [RunContext.for_data(splits, ["a", "b"], ["d0"], output_dir=tmp_path, batch_size=4,
+                                   ldm_model=str(ldm_folder), ldm_max_batch=n).ldm().max_batch for n in (None, 3)]
+    assert budgets[1] == 3 and budgets[0] > 3  # None: the model's own default for its resolution
 
 
 def test_domainbed_wrapper_with_domainbed_constructor_and_normalised_inputs(ldm_folder, tmp_path):

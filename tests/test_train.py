@@ -126,3 +126,26 @@ def test_tensorboard_scalars_are_written(tiny_folder: Path, tmp_path: Path):
     acc.Reload()
     assert {"loss", "env0_in_acc", "env2_out_acc", "step_time"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("env0_in_acc")] == [0, 2]
+
+
+def test_loader_workers_and_the_ldm_budget_reach_the_generators_context(tiny_folder: Path, tmp_path: Path,
+                                                                        monkeypatch):
+    from domainfusion.algorithms import RunContext
+
+    seen = {}
+    build = RunContext.for_data.__func__
+
+    def spy(cls, *args, **kwargs):
+        context = build(cls, *args, **kwargs)
+        seen.update(ldm_max_batch=context.ldm_max_batch, num_workers=context.num_workers)
+        return context
+
+    monkeypatch.setattr(RunContext, "for_data", classmethod(spy))
+    train(_args(tiny_folder, tmp_path / "run", steps=1, checkpoint_freq=1, ldm_max_batch=5, num_workers=0))
+    assert seen == {"ldm_max_batch": 5, "num_workers": 0}
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder), "--steps", "1",
+                                 "--image-size", "16", "--num-workers", "0", "--ldm-max-batch", "7", "--no-progress",
+                                 "--output-dir", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert seen == {"ldm_max_batch": 7, "num_workers": 0}

@@ -42,6 +42,8 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     resume: bool = False  # reopen on-disk state (synthetic pools) restored from the checkpoint instead of rebuilding
     input_shape: tuple[int, int, int] | None = None  # the dataset's (C, H, W); checked against the LDM's resolution
+    ldm_max_batch: int | None = None  # rows per VAE/UNet call (None: the LDM's default for its resolution)
+    num_workers: int = 0  # loader processes reading the images handed to the LDM
     _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
 
     @classmethod
@@ -50,7 +52,7 @@ class RunContext:
         output_dir: str | Path, batch_size: int, dataset: str = "ImageFolder", env_names: Sequence[str] | None = None,
         ldm_model: str = "embedded", seed: int = 0, device: str | torch.device = "cpu",
         prompt_template: str | None = None, data_dir: str = "data", resume: bool = False,
-        input_shape: tuple[int, int, int] | None = None,
+        input_shape: tuple[int, int, int] | None = None, ldm_max_batch: int | None = None, num_workers: int = 0,
     ) -> "RunContext":
         """The one way to build a context, for `train` and for anyone training with their own loaders.
 
@@ -60,7 +62,7 @@ class RunContext:
         wording for the DigitsDG/MNIST family, descriptions of the folder names of PACS, OfficeHome and DomainNet;
         any other name gets "a photo of a {cls}" and describes a domain by its name). `env_names` (default: the
         sources) lists every domain, held out too, so that none of their names reaches a prompt. `input_shape`
-        defaults to the first image's.
+        defaults to the first image's. `ldm_max_batch` bounds every LDM call's batch (GPU memory, `docs/sd_scale.md`).
         """
         env_names = list(train_env_names if env_names is None else env_names)
         if not train_splits or len(train_splits) != len(train_env_names):
@@ -74,12 +76,15 @@ class RunContext:
             raise UserError("class_names is empty: the class prompts are built from them")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if ldm_max_batch is not None and ldm_max_batch < 1:
+            raise UserError(f"ldm_max_batch must be at least 1, got {ldm_max_batch}")
         return cls(
             dataset=dataset, output_dir=Path(output_dir), train_splits=list(train_splits),
             train_env_names=list(train_env_names), env_names=env_names, class_names=list(class_names),
             steps_per_epoch=sum(len(s) for s in train_splits) / (batch_size * len(train_splits)), seed=seed,
             ldm_model=ldm_model, data_dir=data_dir, prompt_template=prompt_template, device=torch.device(device),
-            resume=resume, input_shape=tuple(input_shape or train_splits[0][0][0].shape),
+            resume=resume, input_shape=tuple(input_shape or train_splits[0][0][0].shape), ldm_max_batch=ldm_max_batch,
+            num_workers=num_workers,
         )
 
     def ldm(self) -> "LatentDiffusion":
@@ -87,7 +92,7 @@ class RunContext:
             from ..ldm import load_ldm
             from ..ldm.adapt import check_resolution
 
-            ldm = load_ldm(self.ldm_model, self.device)
+            ldm = load_ldm(self.ldm_model, self.device, max_batch=self.ldm_max_batch)
             if self.input_shape is not None:
                 check_resolution(ldm.image_size, self.input_shape, self.ldm_model)
             self._ldm = ldm

@@ -44,7 +44,7 @@ class CDGA(PoolERM):
         n_source = sum(len(d) for d in ctx.train_splits)
         generator = torch.Generator().manual_seed(seed_hash(ctx.seed, "cdga"))
         seed = seed_hash(ctx.seed, "cdga_img2img")
-        for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed):
+        for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed, ctx.num_workers):
             rows = distributed.shard_rows(len(labels))  # this rank's block (all of it for one process)
             block = images_u8[rows]
             parts = ldm.chunks(len(block))

@@ -40,7 +40,8 @@ class DomainFusion(PoolERM):
             settings = AugSettings.from_hparams(hparams, self.SELECTION)
 
             def initial() -> Iterable[Chunk]:
-                return subset_chunks(context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool"))
+                return subset_chunks(context.train_splits, settings.pool_fraction, seed_hash(context.seed, "pool"),
+                                     context.num_workers)
 
             self.pool = self.open_or_create_pool("pool", initial)
             # refresh_from=source: a frozen copy of the pool's real images, which every refresh edits afresh.
