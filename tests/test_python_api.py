@@ -50,7 +50,8 @@ def test_readme_example_trains_domainfusion_with_own_loaders(ldm_folder, tmp_pat
     monkeypatch.setattr(domainfusion.data, "get_dataset", lambda name, data_dir, test_envs, hparams: real_get_dataset(
         "ImageFolder", root, test_envs, hparams, image_size=32))
     monkeypatch.setattr(domainfusion, "default_hparams", lambda *a: {**real_defaults(*a), **FAST})
-    monkeypatch.setattr(domainfusion.ldm, "load_ldm", lambda name, device: real_load_ldm(str(ldm_folder), device))
+    monkeypatch.setattr(domainfusion.ldm, "load_ldm", lambda name, device, max_batch=None: real_load_ldm(
+        str(ldm_folder), device, max_batch=max_batch))
     monkeypatch.chdir(tmp_path)
     code = readme_example()
     assert code.count("range(8)") == 1
