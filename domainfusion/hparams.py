@@ -147,6 +147,10 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         hparam("dsi_finetune_lr", 1e-4, lambda r: float(10 ** r.uniform(-5, -3)), 1e-8, 1.0)
         hparam("dsi_finetune_batch_size", 32, lambda r: int(r.choice([16, 32, 64])), 1, 4096)
         hparam("dsi_finetune_vae_steps", 0, lambda r: 0, 0, 10**6)
+        # Memory of a full-size (Stable Diffusion) UNet fine-tune on a GPU, not searched: the UNet stage's autocast
+        # precision (fp16 with loss scaling) and gradient checkpointing; fp32 without it is the CPU recipe.
+        hparam("dsi_finetune_precision", "fp32", lambda r: "fp32", choices=("fp32", "bf16", "fp16"))
+        hparam("dsi_finetune_gradient_checkpointing", False, lambda r: False, choices=(True, False))
         # DSI (train-time): share of source images translated into every other source style (1 = all, as DSI).
         hparam("dsi_translate_fraction", 1.0, lambda r: 1.0, 1e-6, 1.0)
         # DSI_TestTime: SDEdit strength of the translation toward each source domain (modest: keep the content).

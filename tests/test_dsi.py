@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from domainfusion import hparams as registry
-from domainfusion.algorithms import RunContext, algorithm_class
+from domainfusion.algorithms import RunContext, algorithm_class, dsi
 from domainfusion.algorithms.dsi import PerDomainLDMs
 from domainfusion.cli import app
 from domainfusion.data import get_dataset
@@ -52,13 +53,14 @@ def folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), resume: bool = False) -> RunContext:
+def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), resume: bool = False,
+            **fields) -> RunContext:
     g = torch.Generator().manual_seed(0)
     splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
               for k in n]  # fmt: skip
     return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits, train_env_names=list(DOMAINS[: len(n)]),
                       env_names=list(DOMAINS), class_names=["dog", "horse"], steps_per_epoch=2.0, seed=0,
-                      ldm_model=str(ldm_folder), resume=resume)  # fmt: skip
+                      ldm_model=str(ldm_folder), resume=resume, **fields)  # fmt: skip
 
 
 def build(name: str, ctx: RunContext, **overrides) -> PerDomainLDMs:
@@ -285,3 +287,41 @@ def test_finished_wall_s_reads_folders_from_before_it_was_recorded(tmp_path):
     assert training.finished_wall_s(tmp_path) == 20.0
     (tmp_path / "summary.json").write_text(json.dumps({"wall_s_this_invocation": 12.5}))  # an older fine-tune
     assert training.finished_wall_s(tmp_path) == 12.5
+
+
+def test_translation_works_in_parts_of_max_batch_images_read_by_the_runs_workers(finetuned, tmp_path, sd_folder,
+                                                                                  monkeypatch):
+    """A chunk's images are resized, encoded and translated at most `max_batch` at a time, by source models with the
+    shared LDM's `max_batch`; the pool is the whole-chunk run's up to float rounding."""
+    resized, translated, workers, limits = [], [], [], []
+    to_ldm_images, img2img, subset_chunks = dsi.to_ldm_images, LatentDiffusion.img2img, dsi.subset_chunks
+    monkeypatch.setattr(dsi, "to_ldm_images", lambda x, size: resized.append(len(x)) or to_ldm_images(x, size))
+    monkeypatch.setattr(LatentDiffusion, "img2img", lambda self, *args, **kw: (
+        translated.append(len(kw["latents"])) or limits.append(self.max_batch) or img2img(self, *args, **kw)))
+    monkeypatch.setattr(dsi, "subset_chunks", lambda *args: workers.append(args[3]) or subset_chunks(*args))
+    pools = []
+    for fields in ({}, {"ldm_max_batch": 2, "num_workers": 1}):
+        resized.clear(), translated.clear(), limits.clear()
+        out = tmp_path / str(len(pools))
+        shutil.copytree(finetuned.ctx.output_dir / dsi.FOLDER, out / dsi.FOLDER)  # the fine-tunes are reused
+        pool = build("DSI", context(out, sd_folder, **fields)).pool
+        pools.append(torch.cat([images for images, _, _ in pool.shards()]))
+    assert max(resized) == max(translated) == 2 and set(limits) == {2} and workers == [0, 1]
+    assert sum(resized) == 6 + 5 + 4 and sum(translated) == (6 + 5 + 4) * 2
+    assert pools[0].shape == pools[1].shape and (pools[0].int() - pools[1].int()).abs().max() <= 1
+
+
+def test_finetuning_data_is_read_through_seeded_augmentation(tmp_path):
+    """PACS in-splits are randomly augmented; the fine-tuning data is the same on every read for a seed, and reading
+    it leaves the global RNG alone."""
+    make_image_folder(tmp_path / "data" / "PACS", {d: ["dog", "horse"] for d in DOMAINS}, per_class=4, size=16)
+    ds = get_dataset("PACS", str(tmp_path / "data"), [3], {"data_augmentation": True}, image_size=16)
+    split = holdout_split(ds[0], 0, 0.2, 0)[1]
+
+    def read(seed: int) -> torch.Tensor:
+        return dataset_training_data([split], [DOMAINS[0]], ds.class_names, "a {cls}", 32, seed=seed).images
+
+    state = torch.random.get_rng_state()
+    first = read(5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first, read(5)) and not torch.equal(first, read(6))  # seeded, and augmentation is on

@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
@@ -28,7 +31,8 @@ from domainfusion.ldm.embedded import (EMBEDDED_WEIGHTS_DIR, MAX_PROMPT_TOKENS, 
                                        text_encoder_path, weight_bytes)
 from domainfusion.ldm.grids import GAP, LABEL_WIDTH, img2img_grid, sample_grid
 from domainfusion.ldm.latent_diffusion import LatentDiffusion
-from domainfusion.ldm.training import LDMTrainConfig, train_ldm
+from domainfusion.ldm.training import LDMTrainConfig, train_ldm, unet_loss
+from tiny_ldm import tiny_vae_unet
 
 TINY = {
     "vae": {"block_out_channels": (8, 16, 16), "norm_num_groups": 8},
@@ -363,3 +367,113 @@ def test_bf16_vae_stage_trains_differently_and_unknown_precisions_are_refused(tr
     assert not all(torch.equal(fp32[k], bf16[k]) for k in fp32)  # autocast was on: same seed, other arithmetic
     with pytest.raises(UserError, match="precision"):
         train_ldm(_config(tmp_path / "bad", mnist_root, vae_precision="fp16"))
+
+
+def _finetune(trained, out: Path, root: Path, **changes) -> dict[str, torch.Tensor]:
+    """4 UNet steps from the tiny trained model (its VAE kept); the saved (EMA) UNet weights."""
+    folder = train_ldm(_config(out, root, init_from=str(changes.pop("init_from", trained[1])), vae_steps=0,
+                               unet_steps=4, checkpoint_every=2, **changes))
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_unet_stage_precisions_train_and_checkpointing_changes_nothing(trained, mnist_root, tmp_path, monkeypatch):
+    """bf16 and fp16 (loss-scaled) UNet stages train (finite losses, moved weights) with other arithmetic than fp32;
+    gradient checkpointing, switched on for the trained UNet, gives the fp32 run's weights exactly (on a CPU)."""
+    enabled = []
+    enable = UNet2DConditionModel.enable_gradient_checkpointing
+    monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
+                        lambda self: enabled.append(self) or enable(self))
+    settings = {"fp32": {}, "bf16": {"unet_precision": "bf16"}, "fp16": {"unet_precision": "fp16"},
+                "checkpointed": {"unet_gradient_checkpointing": True}}
+    weights = {name: _finetune(trained, tmp_path / name, mnist_root, **changes) for name, changes in settings.items()}
+    initial = load_file(trained[1] / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    for name, w in weights.items():
+        losses = _losses(tmp_path / name, "unet")
+        assert len(losses) == 4 and all(math.isfinite(x) for x in losses), name
+        assert not same(w, initial), name
+    assert not same(weights["bf16"], weights["fp32"]) and not same(weights["fp16"], weights["fp32"])
+    assert same(weights["checkpointed"], weights["fp32"]) and len(enabled) == 1
+    scaler = json.loads((tmp_path / "fp16" / "checkpoints" / "unet-0000004" / "state.json").read_text())["grad_scaler"]
+    assert scaler["scale"] > 0  # saved with the checkpoint, so a resumed fp16 run continues with the same scale
+    with pytest.raises(UserError, match="unet_precision"):
+        train_ldm(_config(tmp_path / "bad", mnist_root, unet_precision="fp8"))
+    assert not (tmp_path / "bad").exists()  # refused before the run's folder is written
+
+
+def _unet_batch() -> tuple[UNet2DConditionModel, torch.Tensor, torch.Tensor]:
+    _, unet = tiny_vae_unet()
+    z0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(2))
+    return unet, z0, embeds
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    unet, z0, embeds = _unet_batch()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    resnet_calls = []
+    resnet = unet.down_blocks[1].resnets[0]
+    forward = resnet.forward
+    resnet.forward = lambda *args, **kwargs: resnet_calls.append(1) or forward(*args, **kwargs)
+
+    def first_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet.zero_grad()
+        resnet_calls.clear()
+        loss = unet_loss(unet, scheduler, z0, embeds, torch.Generator().manual_seed(3), 5.0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in unet.parameters()]
+
+    loss, grads = first_step()
+    assert len(resnet_calls) == 1
+    unet.enable_gradient_checkpointing()
+    loss_ckpt, grads_ckpt = first_step()
+    assert len(resnet_calls) == 2  # the block's forward ran again in the backward pass: activations were not kept
+    assert torch.allclose(loss, loss_ckpt) and all(torch.allclose(a, b) for a, b in zip(grads, grads_ckpt))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_unet_loss_targets_the_schedulers_prediction_type(kind):
+    """By hand, with the same draws: the target is ε, v = √ᾱ·ε − √(1 − ᾱ)·z₀ (diffusers' get_velocity) or z₀, and
+    Min-SNR-γ divides min(snr, γ) by snr, snr + 1 or 1. The epsilon case is the loss as it always was."""
+    unet, z0, embeds = _unet_batch()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+    with torch.no_grad():
+        losses = {gamma: unet_loss(unet, scheduler, z0, embeds, torch.Generator().manual_seed(3), gamma)
+                  for gamma in (None, 5.0)}
+        g = torch.Generator().manual_seed(3)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, embeds).sample
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * z0
+    assert torch.allclose(velocity, scheduler.get_velocity(z0, noise, t), atol=1e-6)
+    target = {"epsilon": noise, "v_prediction": velocity, "sample": z0}[kind]
+    mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    snr = (a / (1 - a)).flatten()
+    weight = snr.clamp(max=5.0) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones(4)}[kind]
+    assert losses[None].item() == pytest.approx(mse.mean().item(), rel=1e-5)
+    assert losses[5.0].item() == pytest.approx((mse * weight).mean().item(), rel=1e-5)
+
+
+def test_a_v_prediction_model_is_fine_tuned_on_the_velocity(trained, mnist_root, tmp_path, monkeypatch):
+    """The trainer reads the prediction type from the model it fine-tunes (SD 2.x at 768 px predicts v) and keeps it;
+    a prediction type it has no target for is refused before training."""
+    folder = tmp_path / "v_model"
+    shutil.copytree(trained[1], folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    calls = []
+    velocity = DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *args: calls.append(1) or velocity(self, *args))
+    _finetune(trained, tmp_path / "ft", mnist_root, init_from=folder)
+    assert len(calls) == 4  # one target per step
+    saved = json.loads((tmp_path / "ft" / "ldm" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    config_path.write_text(json.dumps({**config, "prediction_type": "flow"}))
+    with pytest.raises(UserError, match="prediction_type 'flow'"):
+        _finetune(trained, tmp_path / "bad", mnist_root, init_from=folder)
+    assert not (tmp_path / "bad").exists()

@@ -8,7 +8,9 @@ trainer's default) also teaches it an unconditional "an image of my domain". The
 OUTPUT_DIR/dsi_ldm/<domain>/ldm (diffusers, safetensors) and reused whenever a run with the same settings and data
 finds them (a resumed run, or a restart killed before its first checkpoint); the shared LDM is only read. As the
 default fine-tune changes only the UNet, the loaded source models are one UNet each around the shared LDM's VAE,
-text encoder and scheduler: N models cost N UNets, not N LDMs (a fine-tuned VAE is loaded per model).
+text encoder and scheduler: N models cost N UNets, not N LDMs (a fine-tuned VAE is loaded per model). For Stable
+Diffusion on a GPU, `dsi_finetune_precision` and `dsi_finetune_gradient_checkpointing` bound a fine-tune's memory,
+and translations run in parts of the LDM's `max_batch` images (docs/sd_scale.md).
 
 - `DSI` (train-time, the issue's reading): every source image (a seeded `dsi_translate_fraction` of them) is
   translated into each *other* source domain's style by that domain's model (SDEdit img2img with its class prompt,
@@ -44,6 +46,11 @@ if TYPE_CHECKING:
 FOLDER = "dsi_ldm"
 
 
+def _unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1], from uint8 (the pool's chunks) or float."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
 class PerDomainLDMs(PoolERM):
     """What both DSI readings share: one LDM fine-tuned (or reused) per source domain when built, loaded on use."""
 
@@ -73,12 +80,15 @@ class PerDomainLDMs(PoolERM):
             output_dir=str(out), data_dir=ctx.data_dir, init_from=ctx.ldm_model, vae_steps=hp["dsi_finetune_vae_steps"],
             vae_lr=hp["dsi_finetune_lr"], vae_batch_size=hp["dsi_finetune_batch_size"], unet_steps=steps,
             unet_lr=hp["dsi_finetune_lr"], unet_batch_size=hp["dsi_finetune_batch_size"],
+            unet_precision=hp["dsi_finetune_precision"],
+            unet_gradient_checkpointing=hp["dsi_finetune_gradient_checkpointing"],
             warmup_steps=max(1, steps // 10), seed=seed_hash(ctx.seed, "dsi_finetune", d), log_every=max(1, steps // 10),
             checkpoint_every=max(1, steps // 4), sample_every=0, sample_seeds=2, sample_steps=10,
             device=str(ctx.device), progress=False,
         )  # fmt: skip
         template = ctx.prompt_template or default_prompt_template(ctx.dataset)
-        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, ctx.ldm().image_size)
+        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, ctx.ldm().image_size,
+                                     seed=config.seed, num_workers=ctx.num_workers)
         trained = train_or_reuse(config, data)
         self.finetune_s.append(trained.wall_s)
         return trained.folder
@@ -93,23 +103,44 @@ class PerDomainLDMs(PoolERM):
             if self.shares_vae:
                 self._models = [LatentDiffusion(shared.vae, type(shared.unet).from_pretrained(p, subfolder="unet"),
                                                 shared.text_encoder, shared.tokenizer, shared.scheduler,
-                                                device=shared.device, dtype=shared.dtype) for p in self.model_dirs]
-            else:
-                self._models = [LatentDiffusion.from_pretrained(p, device=shared.device, dtype=shared.dtype)
+                                                device=shared.device, dtype=shared.dtype, max_batch=shared.max_batch)
                                 for p in self.model_dirs]
+            else:
+                self._models = [LatentDiffusion.from_pretrained(p, device=shared.device, dtype=shared.dtype,
+                                                                max_batch=shared.max_batch) for p in self.model_dirs]
         return self._models
 
     def checkpoint_stats(self) -> dict[str, float]:
         return {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
                 "ldm_finetune_s": sum(self.finetune_s)}
 
+    def parts(self, n: int) -> list[slice]:
+        """n images in parts of at most `max_batch` (every source model has the shared LDM's): only one part at a
+        time exists at the LDM's resolution (a 1,024-image chunk at 512 px is 3.2 GB in fp32)."""
+        return self.context.ldm().chunks(n)
+
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x's VAE latents for each source model, one VAE pass when they share the VAE."""
+        """The VAE latents of x (float in [0, 1], or uint8) for each source model, one VAE pass when they share the
+        VAE; x is converted and resized part by part, only the latents are kept."""
         models = self.models()
-        encoded = [m.encode(to_ldm_images(x.to(m.device, torch.float32), m.image_size))
-                   for m in (models[:1] if self.shares_vae else models)]
+        parts = self.parts(len(x))
+
+        def encode(m: LatentDiffusion) -> torch.Tensor:
+            return torch.cat([m.encode(to_ldm_images(_unit_float(x[part]).to(m.device), m.image_size))
+                              for part in parts])
+
+        encoded = [encode(m) for m in (models[:1] if self.shares_vae else models)]
         return encoded * len(models) if self.shares_vae else encoded
+
+    def translate(self, ldm: LatentDiffusion, latents: torch.Tensor, prompts: list[str], strength: float,
+                  guidance_scale: float, seed: int) -> torch.Tensor:
+        """uint8 images of the dataset's shape: img2img from `latents` by `ldm`, in `parts` (image i is seeded
+        seed + i, as in one call, so the parts give one call's images)."""
+        return torch.cat([to_uint8(from_ldm_images(ldm.img2img(
+            None, prompts[part], latents=latents[part], strength=strength,
+            num_inference_steps=self.hparams["img2img_steps"], guidance_scale=guidance_scale, seed=seed + part.start),
+            self.input_shape)) for part in self.parts(len(latents))])
 
 
 @register("DSI")
@@ -131,18 +162,16 @@ class DSI(PerDomainLDMs):
         prompts = ctx.class_prompts()
         seed = seed_hash(ctx.seed, "dsi_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, hp["dsi_translate_fraction"],
-                                                        seed_hash(ctx.seed, "dsi_subset")):
+                                                        seed_hash(ctx.seed, "dsi_subset"), ctx.num_workers):
             domains = domain_of(ctx.train_splits, sources)
-            latents = self.latents(images_u8.float().div(255))
+            latents = self.latents(images_u8)
             for target, (ldm, z) in enumerate(zip(self.models(), latents)):
                 keep = domains != target
                 if not keep.any():
                     continue
-                out = ldm.img2img(None, [prompts[int(y)] for y in labels[keep]], latents=z[keep],
-                                  strength=hp["img2img_strength"],
-                                  num_inference_steps=hp["img2img_steps"], guidance_scale=hp["img2img_guidance"],
-                                  seed=seed + target * total + int(sources[0]))  # fmt: skip
-                yield to_uint8(from_ldm_images(out, self.input_shape)), labels[keep], sources[keep]
+                out = self.translate(ldm, z[keep], [prompts[int(y)] for y in labels[keep]], hp["img2img_strength"],
+                                     hp["img2img_guidance"], seed + target * total + int(sources[0]))
+                yield out, labels[keep], sources[keep]
 
 
 @register("DSI_TestTime")
@@ -180,9 +209,5 @@ class DSITestTime(PerDomainLDMs):
 
     def _translate(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """(sources, B, C, H, W) uint8: x through each source model (empty prompt, no guidance)."""
-        out = []
-        for ldm, z in zip(self.models(), self.latents(x)):
-            y = ldm.img2img(None, [""] * len(x), latents=z, strength=self.hparams["dsi_test_strength"],
-                            num_inference_steps=self.hparams["img2img_steps"], guidance_scale=1.0, seed=seed)
-            out.append(to_uint8(from_ldm_images(y, self.input_shape)))
-        return torch.stack(out)
+        return torch.stack([self.translate(ldm, z, [""] * len(x), self.hparams["dsi_test_strength"], 1.0, seed)
+                            for ldm, z in zip(self.models(), self.latents(x))])

@@ -47,7 +47,10 @@ class LDMTrainConfig:
     # Fraction of captions replaced by their class prompt alone (the corpus's caption prefix): the bare class prompt,
     # which latent distillation and the knowledge probe use, then means "this class in any style".
     style_dropout: float = 0.0
-    unet_precision: str = "fp32"
+    unet_precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast, fp16 with loss scaling; weights stay fp32)
+    # Recompute the UNet's block activations in the backward pass instead of keeping them: memory for a full-size
+    # UNet, at about one more forward pass per step; the same gradients (float rounding aside).
+    unet_gradient_checkpointing: bool = result_free(ResultFree.PLACEMENT, default=False)
     snr_gamma: float | None = 5.0
     seed: int = 0
     log_every: int = 50

@@ -6,10 +6,13 @@ Three resumable stages, each on a CPU budget (the embedded preset must finish in
    + Stable Diffusion's tiny KL weight; then `scaling_factor` = 1 / std of the training latents, as SD did.
 2. Latent cache: every training image is encoded once (posterior mean and std), so the UNet stage never runs the
    VAE; a fresh posterior sample is still drawn per step from the cached mean and std.
-3. UNet: epsilon-prediction MSE with Min-SNR-gamma weighting (faster convergence per step, which is what a CPU budget
-   needs), AdamW with warmup + cosine LR, an EMA copy of the weights (the one that is saved and sampled), and
-   caption dropout to the empty prompt so classifier-free guidance works, and optionally style dropout to the bare
-   class prompt (so that prompt means the class in any style, as latent distillation and the probe use it).
+3. UNet: MSE against the scheduler's own prediction target (ε; v for v-prediction models such as SD 2.x at 768 px;
+   x₀ for "sample") with Min-SNR-gamma weighting (faster convergence per step, which is what a CPU budget needs), AdamW
+   with warmup + cosine LR, an EMA copy of the weights (the one that is saved and sampled), and caption dropout to
+   the empty prompt so classifier-free guidance works, and optionally style dropout to the bare class prompt (so that
+   prompt means the class in any style, as latent distillation and the probe use it). For a full-size UNet on a GPU
+   (DSI's fine-tunes of Stable Diffusion): bf16 or fp16 autocast (`unet_precision`; fp16 with dynamic loss scaling,
+   as its gradients are trained on) and gradient checkpointing (`unet_gradient_checkpointing`).
 
 Every random draw of step k comes from a generator seeded by (seed, stage, k) and batches from per-epoch seeded
 permutations, so a run killed and resumed from its last checkpoint ends bit-identical (on CPU) to one that never
@@ -64,7 +67,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      unet_steps=6000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
                      sample_every=1000),
 }
+# Mixed precision per stage: autocast, the weights and optimiser stay fp32. fp16 (with loss scaling) is offered for
+# the UNet stage only, the one fine-tuned at full size (DSI); the VAE stage keeps the embedded recipe's choices.
 PRECISIONS = ("fp32", "bf16")
+UNET_PRECISIONS = (*PRECISIONS, "fp16")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a diffusers scheduler says the UNet predicts
 
 
 def _to_model_range(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -131,18 +138,33 @@ def encode_latents(vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int 
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
+def prediction_type(scheduler: DDPMScheduler) -> str:
+    """The scheduler's `prediction_type`: the model was trained to predict it, so a fine-tune must keep it."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"cannot train a UNet with prediction_type {kind!r}; known: {', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
 def unet_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z0: torch.Tensor, embeds: torch.Tensor,
               generator: torch.Generator, snr_gamma: float | None) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniform timesteps, Min-SNR-gamma weighted (Hang et al. 2023) when gamma is set."""
+    """MSE against the scheduler's prediction target at uniform timesteps: ε, v = √ᾱ·ε − √(1 − ᾱ)·z₀, or z₀;
+    Min-SNR-gamma weighted (Hang et al. 2023) when gamma is set, min(snr, γ) divided by snr, snr + 1 or 1
+    respectively (each target's error is that multiple of the z₀ error, so all three weight timesteps alike)."""
+    kind = prediction_type(scheduler)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
     pred = unet(scheduler.add_noise(z0, noise, t), t, embeds).sample
-    mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    if kind == "v_prediction":
+        target = scheduler.get_velocity(z0, noise, t)
+    else:
+        target = noise if kind == "epsilon" else z0
+    mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return mse.mean()
     a = scheduler.alphas_cumprod.to(z0.device)[t]
     snr = a / (1 - a)
-    return (mse * snr.clamp(max=snr_gamma) / snr).mean()
+    return (mse * snr.clamp(max=snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[kind]).mean()
 
 
 @torch.no_grad()
@@ -175,14 +197,16 @@ def latest_checkpoint(out: Path, stage: str) -> tuple[int, Path] | None:
 
 
 def _write_checkpoint(out: Path, stage: str, step: int, modules: dict[str, torch.nn.Module],
-                      optimizer: torch.optim.Optimizer, keep: int) -> Path:
-    """Write weights (safetensors), optimizer state and the step atomically; keep only the newest `keep`."""
+                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, keep: int) -> Path:
+    """Write weights (safetensors), optimizer state, the step and the fp16 loss scale atomically; keep only the
+    newest `keep`."""
 
     def build(tmp: Path) -> None:
         for name, module in modules.items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step}))
+        state = {"stage": stage, "step": step, **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+        (tmp / "state.json").write_text(json.dumps(state))
 
     path = publish_dir(build, _checkpoint_dir(out, stage, step))
     for old in sorted((out / "checkpoints").glob(f"{stage}-[0-9]*[0-9]"))[:-keep]:
@@ -190,10 +214,13 @@ def _write_checkpoint(out: Path, stage: str, step: int, modules: dict[str, torch
     return path
 
 
-def _load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+def _load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler) -> None:
     for name, module in modules.items():
         module.load_state_dict(load_file(path / f"{name}.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scaler.is_enabled():
+        scaler.load_state_dict(json.loads((path / "state.json").read_text())["grad_scaler"])
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -218,14 +245,17 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
                loss_fn: Callable[[int, torch.Generator], torch.Tensor],
                after_step: Callable[[int], None] = lambda step: None,
                after_checkpoint: Callable[[], None] = lambda: None) -> float:
-    """The optimisation loop shared by both stages; resumes from the stage's last checkpoint. Returns s/step."""
+    """The optimisation loop shared by both stages; resumes from the stage's last checkpoint. Returns s/step.
+    Under fp16 the loss is scaled dynamically (fp16 gradients underflow), and unscaled before clipping."""
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=config.weight_decay)
+    precision = {"vae": config.vae_precision, "unet": config.unet_precision}[stage]
+    scaler = torch.amp.GradScaler(params[0].device.type, enabled=precision == "fp16")
     start = 0
     found = latest_checkpoint(out, stage)
     if found is not None:
         start, path = found
-        _load_checkpoint(path, modules, optimizer)
+        _load_checkpoint(path, modules, optimizer, scaler)
     _forget_log_after(out, stage, start)
     window: list[float] = []
     t0 = time.perf_counter()
@@ -237,9 +267,11 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
             group["lr"] = lr
         loss = loss_fn(step, step_generator(config.seed, stage, step))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed (the scale is then lowered)
+        scaler.update()
         after_step(step)
         window.append(loss.item())
         done = step + 1
@@ -248,7 +280,7 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
             bar.set_postfix(loss=f"{np.mean(window):.4f}")
             window = []
         if done % config.checkpoint_every == 0 or done == total:
-            _write_checkpoint(out, stage, done, modules, optimizer, config.keep_checkpoints)
+            _write_checkpoint(out, stage, done, modules, optimizer, scaler, config.keep_checkpoints)
             after_checkpoint()
     return (time.perf_counter() - t0) / max(1, total - start)
 
@@ -323,17 +355,19 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     time of all invocations (see `WallClock`)."""
     if data is not None:
         config = _custom_data_config(config, data)
+    _check_precisions(config)
     out = Path(config.output_dir)
     final = out / "ldm"
     _check_resumable(out, config)
     if (final / "model_index.json").is_file():
         return final
     clock = WallClock(out / "wall_s.json")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     vae, unet, text_encoder, tokenizer, scheduler = _initial_models(config, device)
+    prediction_type(scheduler)  # refused before the run's folder is written
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     data = data if data is not None else load_training_data(config, resolution)
     summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
@@ -418,6 +452,8 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
     latents = load_file(cache)
     mean, std = latents["mean"].to(device), latents["std"].to(device)
     unet.to(device).requires_grad_(True).train()
+    if config.unet_gradient_checkpointing:  # only the trained copy: the EMA copy never runs with grad
+        unet.enable_gradient_checkpointing()
     captions = sorted(set(data.captions))
     embeds = torch.cat([ldm.encode_prompts(captions[i : i + 256], cache=False) for i in range(0, len(captions), 256)])
     index_of = {c: i for i, c in enumerate(captions)}
@@ -455,11 +491,17 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
                                             after_checkpoint)
 
 
+def _check_precisions(config: LDMTrainConfig) -> None:
+    """Refuse an unknown stage precision before the run's folder is written."""
+    for name, known in (("vae_precision", PRECISIONS), ("unet_precision", UNET_PRECISIONS)):
+        if getattr(config, name) not in known:
+            raise UserError(f"unknown {name} {getattr(config, name)!r}; expected one of {', '.join(known)}")
+
+
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for a training stage: "fp32" (off) or "bf16" (autocast; weights stay fp32)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """Mixed precision for a training stage: "fp32" (off), "bf16" or "fp16" (autocast; weights stay fp32)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 
 def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:

@@ -3,7 +3,8 @@ captions, grid prompts and VAE check images, prepared before the trainer (`train
 
 Images are kept as uint8 (N, H, W, 3) at the model's resolution, the compact form the trainer batches from and
 fingerprints; any torch dataset can be turned into training data (`dataset_training_data`), which is how DSI
-fine-tunes on a run's in-splits.
+fine-tunes on a run's in-splits (read once, each image with torch's RNG seeded by (seed, its index), so random
+training augmentation draws the same on every run).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import json
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from ..data.loaders import SeededItems
 from ..errors import UserError
 from ..images import to_uint8
+from ..utils import seed_hash
 from .adapt import default_prompt_template, to_ldm_images
 from .corpus import build_corpus, digit_prompt, split_corpus
 from .train_config import LDMTrainConfig
@@ -71,7 +74,7 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
               for i in envs]  # fmt: skip
     template = config.caption_template or default_prompt_template(config.data)
     return dataset_training_data(splits, [dataset.environments[i] for i in envs], dataset.class_names, template,
-                                 resolution, config.max_images)
+                                 resolution, config.max_images, config.seed)
 
 
 def _env_index(environments: list[str], env: int | str) -> int:
@@ -84,12 +87,22 @@ def _env_index(environments: list[str], env: int | str) -> int:
 
 
 def dataset_training_data(splits: list[Dataset], domains: list[str], class_names: list[str], template: str,
-                          resolution: int, max_images: int | None = None) -> TrainingData:
+                          resolution: int, max_images: int | None = None, seed: int = 0,
+                          num_workers: int = 0) -> TrainingData:
     """Any torch datasets of (image in [0, 1], label) as LDM training data; caption = `template` with {cls} and
-    optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read."""
+    optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read.
+
+    Image i (of the concatenated splits) is read with torch's RNG seeded by (seed, i) (`SeededItems`, as
+    `pool.subset_chunks`), by `num_workers` loader processes with a generator of their own: a split's random training
+    augmentation (DomainBed's on image folders) draws the same on every run, and the global RNG is not touched."""
     images, captions = [], []
+    offset = 0
     for split, domain in zip(splits, domains):
-        for x, y in torch.utils.data.DataLoader(split, batch_size=256, shuffle=False):
+        items = [(i, seed_hash(seed, offset + i)) for i in range(len(split))]
+        offset += len(split)
+        loader = DataLoader(SeededItems(split), batch_size=256, sampler=items, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(seed))
+        for x, y in loader:
             images.append(to_uint8(to_ldm_images(x, resolution), channels_last=True))
             captions += [template.format(cls=class_names[int(c)], domain=domain) for c in y]
     stacked = torch.cat(images)[:max_images]
