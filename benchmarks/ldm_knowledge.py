@@ -26,7 +26,8 @@ from domainfusion.data import get_dataset
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import default_prompt_template
 from domainfusion.ldm.embedded import WEIGHT_COMPONENTS, embedded_ldm_path
-from domainfusion.ldm.probe import ProbeConfig, probe_dataset, selected_accuracies
+from domainfusion.ldm.probe import ProbeConfig, probe_dataset
+from domainfusion.report.tables import selected_accuracies
 
 # Context length of the embedded weights before the v2 LDM (their tokenizer padded prompts to 16 tokens).
 V1_CONTEXT = 16

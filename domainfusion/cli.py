@@ -7,12 +7,15 @@ import shlex
 import string
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .ldm import LatentDiffusion
 
 app = typer.Typer(help="Diffusion-powered domain generalization with DomainBed-exact evaluation.", no_args_is_help=True)
 datasets_app = typer.Typer(help="List datasets and look at them.", no_args_is_help=True)
@@ -87,9 +90,17 @@ def _check_env(env: int, environments: list[str] | tuple[str, ...], dataset: str
         raise UserError(f"--env {env} is out of range for {dataset}; valid environments: {valid}")
 
 
-LDM_MAX_BATCH_HELP = ("Images per VAE/UNet call (default: the LDM's, by its resolution: 16 at 512 px); lower it "
-                      "when generation or latent distillation runs out of GPU memory. Results change by float "
-                      "rounding only.")
+LDM_MAX_BATCH_HELP = ("Rows per VAE/UNet call: images, 2 per image under classifier-free guidance (default: the "
+                      "LDM's, by its resolution: 16 at 512 px); lower it when generation or latent distillation runs "
+                      "out of GPU memory. Results change by float rounding only.")
+
+
+def _load_ldm(model: str, device: str, ldm_max_batch: int | None) -> LatentDiffusion:
+    """The LDM of an `ldm` command, its batch limit checked before any weights load."""
+    from .ldm import load_ldm
+
+    _check_count(ldm_max_batch, "--ldm-max-batch", "rows per LDM call")
+    return load_ldm(model, device, max_batch=ldm_max_batch)
 
 
 @app.command()
@@ -118,7 +129,7 @@ def train(
     prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
     dsi_mode: Optional[str] = typer.Option(None, help="With --algorithm DSI: 'train-time' (translate the sources, the "
                                            "default) or 'test-time' (translate test images; = --algorithm DSI_TestTime)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers (default: 0 for in-memory data)."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers, also for the images handed to the LDM (default: 0 for in-memory data)."),
     ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
@@ -205,7 +216,7 @@ def sweep_command(
     image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
     skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP + " Every job."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job (training data and LDM inputs)."),
     ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
     ldm: str = typer.Option("embedded", help=LDM_HELP + " Every job."),
@@ -219,6 +230,7 @@ def sweep_command(
 
     normalize_command(command)
     _check_template(prompt_template, "--prompt-template")
+    _check_count(ldm_max_batch, "--ldm-max-batch", "rows per LDM call")
     jobs = make_jobs(
         _split_names(datasets), _split_names(algorithms) if algorithms else list(ALGORITHMS),
         n_hparams_from=n_hparams_from, n_hparams=n_hparams, n_trials=n_trials, data_dir=data_dir,
@@ -366,7 +378,8 @@ def ldm_train(
     import dataclasses
 
     from .ldm.embedded import export_embedded_weights, write_provenance
-    from .ldm.training import PRESETS, LDMTrainConfig, train_ldm
+    from .ldm.train_config import LDMTrainConfig
+    from .ldm.training import PRESETS, train_ldm
 
     fields = {f.name for f in dataclasses.fields(LDMTrainConfig)}
     values: dict = {}
@@ -421,14 +434,12 @@ def ldm_sample(
     ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
-    from .ldm import load_ldm
     from .ldm.grids import sample_grid
 
     _check_count(n_seeds, "--n-seeds", "samples per prompt")
     _check_count(steps, "--steps", "DDIM steps")
     _check_out_file(out, "--out", image=True)
-    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
-    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
+    ldm = _load_ldm(model, device, ldm_max_batch)
     path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     console.print(f"wrote {path}")
 
@@ -456,7 +467,6 @@ def ldm_img2img(
 
     from . import hparams as registry
     from .data import dataset_class, get_dataset
-    from .ldm import load_ldm
     from .ldm.adapt import default_prompt_template, to_ldm_images
     from .ldm.grids import img2img_grid
 
@@ -472,8 +482,7 @@ def ldm_img2img(
     _check_out_file(out, "--out", image=True)
     if dataset_class(dataset).ENVIRONMENTS:  # known without loading anything; image folders only once scanned
         _check_env(env, dataset_class(dataset).ENVIRONMENTS, dataset)
-    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
-    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
+    ldm = _load_ldm(model, device, ldm_max_batch)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     _check_env(env, ds.environments, dataset)
@@ -520,17 +529,16 @@ def ldm_probe(
 
     from . import hparams as registry
     from .data import get_dataset
-    from .ldm import load_ldm
     from .ldm.adapt import default_prompt_template
-    from .ldm.probe import ProbeConfig, probe_dataset, selected_accuracies
+    from .ldm.probe import ProbeConfig, probe_dataset
+    from .report.tables import selected_accuracies
 
     _check_template(prompt_template, "--prompt-template")
     _check_out_file(json_out, "--json-out")
     config = ProbeConfig(draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after,
                          batch_size=batch_size, seed=seed)
     compared = selected_accuracies(str(compare_run), compare_algorithm) if compare_run else {}
-    _check_count(ldm_max_batch, "--ldm-max-batch", "images per LDM call")
-    ldm = load_ldm(model, device, max_batch=ldm_max_batch)
+    ldm = _load_ldm(model, device, ldm_max_batch)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
     ds = get_dataset(dataset, data_dir, [], hp, allow_missing_classes, image_size=ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)

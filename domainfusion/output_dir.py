@@ -40,12 +40,12 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock: IO[str] | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders acquire made, deepest first
 
     def acquire(self) -> None:
         """Create the folder, check it is writable, take its lock and undo what a killed process left half done."""
         try:
-            self._created = not self.path.exists()
+            self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / LOCK, "a+")
         except OSError as e:
@@ -74,8 +74,12 @@ class OutputDir:
         if self._lock is None:
             return
         if self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
-            (self.path / LOCK).unlink()
-            self.path.rmdir()
+            try:
+                (self.path / LOCK).unlink()
+                for folder in self._created:
+                    folder.rmdir()
+            except OSError:  # something else appeared meanwhile: it stays, and so does its folder
+                pass
         self._lock.close()
         self._lock = None
 

@@ -308,6 +308,9 @@ def sweep(
     4})`); interrupted ones resume from their last checkpoint, unless `delete_incomplete` removes them first so they
     start over. Each job trains as `nproc_per_job` data-parallel processes.
     """
+    if launcher is not None and not callable(launcher):
+        raise TypeError(f"launcher must be a Launcher, e.g. launchers.get_launcher({launcher!r}, options), got "
+                        f"{type(launcher).__name__}")
     command = normalize_command(command)
     if command == "launch" and launcher is None:
         raise TypeError("sweep('launch', ...) needs a launcher: launchers.get_launcher(name, options)")

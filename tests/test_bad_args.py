@@ -248,3 +248,10 @@ def test_hparams_overrides_are_rows_of_their_own() -> None:
     table = results_table(records, OracleSelection(), env_names={"ImageFolder": envs})
     assert '| ERM {"batch_size": 8, "lr": 0.01} | 80.0 ± 0.0 | X | X   |' in table
     assert "| ERM                               | 60.0 ± 0.0 | X | X   |" in table
+
+
+@pytest.mark.parametrize("command", [["ldm", "sample", "a photo"], ["ldm", "img2img"], ["ldm", "probe"],
+                                     ["sweep", "launch", "--launcher", "dummy"]])
+def test_ldm_max_batch_below_one_is_refused_before_anything_loads(tmp_path: Path, command: list[str]) -> None:
+    refused([*command, "--ldm-max-batch", "0", "--model" if command[0] == "ldm" else "--ldm", str(tmp_path / "none")],
+            r"^--ldm-max-batch is the number of rows per LDM call: give 1 or more, got 0$")

@@ -146,7 +146,7 @@ def test_a_run_refused_on_its_inputs_leaves_no_new_folder(tiny_folder: Path, tmp
     (tiny_folder / "d1" / "cat" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="broken.png"):
         train(_args(tiny_folder, tmp_path / "new" / "run"))
-    assert not (tmp_path / "new" / "run").exists()
+    assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()
     with pytest.raises(UserError, match="broken.png"):
         train(_args(tiny_folder, tmp_path / "kept"))

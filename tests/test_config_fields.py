@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from domainfusion.config_fields import ResultFree, changed_fields, result_free, result_free_fields
-from domainfusion.ldm.training import LDMTrainConfig
+from domainfusion.ldm.train_config import LDMTrainConfig
 from domainfusion.sweep import EXTRA_FIELDS, PLACEMENT_FIELDS, make_jobs
 from domainfusion.train import TrainArgs
 
@@ -29,7 +29,7 @@ def test_declared_kinds():
     assert result_free_fields(Config, ResultFree.INVOCATION) == ("progress",)
     assert set(result_free_fields(TrainArgs)) == {"resume", "progress", "device", "num_workers", "ldm_max_batch",
                                                   "overwrite", "tensorboard", "output_dir"}
-    assert set(result_free_fields(LDMTrainConfig)) == {"resume", "progress", "device"}
+    assert set(result_free_fields(LDMTrainConfig)) == {"resume", "progress", "device", "unet_gradient_checkpointing"}
     assert set(PLACEMENT_FIELDS) == {"output_dir", "device", "num_workers", "ldm_max_batch"}  # out of folder names
     assert not {"resume", "progress", "overwrite"} & set(EXTRA_FIELDS)  # set by the sweep's job command
 

@@ -149,6 +149,26 @@ def test_full_gradient_matches_finite_differences(ldm_folder: Path, reference: s
     assert torch.autograd.gradcheck(loss_of, (logits,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reference", ["noise", "uncond"])
+def test_full_gradient_in_parts_of_max_batch_equals_one_call(ldm_folder: Path, reference: str) -> None:
+    ldm64 = LatentDiffusion.from_pretrained(ldm_folder, device="cpu", dtype=torch.float64)
+    ld = LatentDistillation(ldm64, PROMPTS, ld_settings(grad="full", reference=reference))
+    x, y = batch(3)
+    results = []
+    for max_batch in (64, 2):
+        ldm64.max_batch, rows = max_batch, []
+        hook = ldm64.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+        logits = torch.randn(3, len(PROMPTS), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        logits.requires_grad_()
+        out = ld(logits, x.double(), y, torch.Generator().manual_seed(3))
+        out.loss.backward()
+        hook.remove()
+        calls = 1 if max_batch == 64 else {"noise": 2, "uncond": 3}[reference]  # 2 + 1 images, or 1 image (2 rows)
+        assert max(rows) <= max_batch and len(rows) == calls
+        results.append((out.loss.detach(), logits.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
 def loss_through_the_encoder_graph(ld: LatentDistillation, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                                    generator: torch.Generator) -> torch.Tensor:
     """L_LD as it was computed before the JVP: z = E(c·x₀) with the VAE encoder's autograd graph kept."""

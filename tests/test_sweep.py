@@ -310,3 +310,9 @@ def test_incomplete_jobs_resume_only_with_the_processes_that_checkpointed_them(t
     assert sweep("launch", jobs, DUMMY, skip_confirmation=True, delete_incomplete=True, nproc_per_job=2) == 0
     assert "after deleting 3 incomplete" in capsys.readouterr().out
     assert [j.state for j in jobs] == [NOT_LAUNCHED] * 4
+
+
+def test_a_launcher_name_is_not_a_launcher(tmp_path):
+    jobs = make_jobs(["RotatedMNIST"], ["ERM"], n_hparams=1, n_trials=1, data_dir="d", output_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"launchers.get_launcher\('local', options\)"):
+        sweep("launch", jobs, "local")

@@ -31,14 +31,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-import domainfusion
 
 from ..errors import UserError
 from ..utils import cache_dir, machine_description, publish_dir
 from .corpus import STYLE_VOCABULARY
 from .latent_diffusion import STYLE_VOCABULARY_FILE
 
-EMBEDDED_WEIGHTS_DIR = Path(domainfusion.__file__).parent / "ldm" / "weights"
+EMBEDDED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_COMPONENTS = ("vae", "unet", "scheduler")
 MAX_PROMPT_TOKENS = 32
 MAX_WEIGHT_BYTES = 25_000_000  # VAE + UNet as shipped (fp16): what the package may carry
@@ -168,7 +167,7 @@ def write_provenance(run_dir: str | Path, command: str, weights_dir: str | Path 
     import torch
 
     run_dir, weights_dir = Path(run_dir), Path(weights_dir)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(domainfusion.__file__).parent, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     summary = json.loads((run_dir / "summary.json").read_text())

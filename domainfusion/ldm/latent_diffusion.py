@@ -32,7 +32,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDi
                        StableDiffusionPipeline)
 from diffusers.utils.torch_utils import randn_tensor
 
-from domainfusion.errors import UserError
+from ..errors import UserError
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 MAX_PROMPT_TOKENS = 77  # CLIP's context length; longer tokenizer limits only waste UNet cross-attention work

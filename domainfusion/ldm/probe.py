@@ -13,16 +13,12 @@ al. found best), the noise is seeded.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..report.records import load_records
-from ..report.selection import IIDAccuracySelection
-from ..report.tables import trial_results
 from .adapt import to_ldm_images
 from .latent_diffusion import LatentDiffusion
 
@@ -153,22 +149,3 @@ def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], image
         results.append(DomainKnowledge(name, len(pick), hit.mean().item(), per_class, calls,
                                        time.perf_counter() - start))
     return results
-
-
-def selected_accuracies(run_dir: str, algorithm: str | None = None) -> dict[int, float]:
-    """{held-out env index: test accuracy} of the runs in `run_dir` under training-domain validation, averaged over
-    trial seeds (DomainBed's selection); `algorithm` picks one when the folder holds several."""
-    results = trial_results(load_records(run_dir), IIDAccuracySelection())
-    algorithms = sorted({r.algorithm for r in results})
-    if not results:
-        raise UserError(f"{run_dir} holds no finished run records to compare with")
-    if algorithm is None and len(algorithms) > 1:
-        raise UserError(f"{run_dir} holds runs of {', '.join(algorithms)}: name one with --compare-algorithm")
-    chosen = algorithm or algorithms[0]
-    if chosen not in algorithms:
-        raise UserError(f"{run_dir} holds no {chosen} runs (it has {', '.join(algorithms)})")
-    accs: dict[int, list[float]] = defaultdict(list)
-    for r in results:
-        if r.algorithm == chosen:
-            accs[r.test_env].append(r.test_acc)
-    return {env: sum(v) / len(v) for env, v in accs.items()}

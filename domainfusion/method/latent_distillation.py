@@ -144,13 +144,21 @@ class LatentDistillation:
             g = w * (eps_hat - reference)
             value = 0.5 * g.pow(2).sum()  # = ½ Σ (z − sg(z − g))²
         else:
-            with torch.enable_grad():
-                z_leaf = z.detach().requires_grad_()
-                eps_hat, reference = self._predict(ldm.add_noise(z_leaf, noise, t), t, embeds, noise)
-                value = 0.5 * (w * (eps_hat - noise).pow(2)).sum()
-                if self.uncond_embed is not None:
-                    value = value - 0.5 * (w * (reference - noise).pow(2)).sum()
-                (g,) = torch.autograd.grad(value, z_leaf)
+            # Differentiated part by part, each part's UNet graph freed before the next: memory follows max_batch,
+            # never ld_batch_size (the loss is a sum over images, so the parts' gradients are the whole's).
+            rows_per_image = 1 if self.uncond_embed is None else 2
+            g, value = torch.empty_like(z), z.new_zeros(())
+            for a in range(0, len(z), step := max(1, ldm.batch_limit(self.settings.guidance) // rows_per_image)):
+                part = slice(a, a + step)
+                with torch.enable_grad():
+                    z_leaf = z[part].detach().requires_grad_()
+                    eps_hat, reference = self._predict(ldm.add_noise(z_leaf, noise[part], t[part]), t[part],
+                                                       embeds[part], noise[part])
+                    part_value = 0.5 * (w[part] * (eps_hat - noise[part]).pow(2)).sum()
+                    if self.uncond_embed is not None:
+                        part_value = part_value - 0.5 * (w[part] * (reference - noise[part]).pow(2)).sum()
+                    (g[part],) = torch.autograd.grad(part_value, z_leaf)
+                value = value + part_value.detach()
         # Written so that ∂L/∂z is g / n without round-off.
         loss = ((z - z.detach()) * g).sum() / n + value.detach() / n
         evals = len(z) * (1 if self.uncond_embed is None else 2)

@@ -6,13 +6,15 @@ table produced here can sit next to the published DomainBed tables.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .records import Record, group_records, num_envs, row_name, split_incomparable
-from .selection import SelectionMethod
+from ..errors import UserError
+from .records import Record, group_records, load_records, num_envs, row_name, split_incomparable
+from .selection import IIDAccuracySelection, SelectionMethod
 
 
 @dataclass(frozen=True)
@@ -172,3 +174,22 @@ def _latex_escape(text: str) -> str:
     for char in "&%$#_":
         text = text.replace(char, "\\" + char)
     return text
+
+
+def selected_accuracies(run_dir: str, algorithm: str | None = None) -> dict[int, float]:
+    """{held-out env index: test accuracy} of the runs in `run_dir` under training-domain validation, averaged over
+    trial seeds (DomainBed's selection); `algorithm` picks one when the folder holds several."""
+    results = trial_results(load_records(run_dir), IIDAccuracySelection())
+    algorithms = sorted({r.algorithm for r in results})
+    if not results:
+        raise UserError(f"{run_dir} holds no finished run records to compare with")
+    if algorithm is None and len(algorithms) > 1:
+        raise UserError(f"{run_dir} holds runs of {', '.join(algorithms)}: name one with --compare-algorithm")
+    chosen = algorithm or algorithms[0]
+    if chosen not in algorithms:
+        raise UserError(f"{run_dir} holds no {chosen} runs (it has {', '.join(algorithms)})")
+    accs: dict[int, list[float]] = defaultdict(list)
+    for r in results:
+        if r.algorithm == chosen:
+            accs[r.test_env].append(r.test_acc)
+    return {env: sum(v) / len(v) for env, v in accs.items()}
