@@ -29,7 +29,8 @@ def test_declared_kinds():
     assert result_free_fields(Config, ResultFree.INVOCATION) == ("progress",)
     assert set(result_free_fields(TrainArgs)) == {"resume", "progress", "device", "num_workers", "ldm_max_batch",
                                                   "overwrite", "tensorboard", "output_dir"}
-    assert set(result_free_fields(LDMTrainConfig)) == {"resume", "progress", "device", "unet_gradient_checkpointing"}
+    assert set(result_free_fields(LDMTrainConfig)) == {"output_dir", "resume", "progress", "device",
+                                                       "unet_gradient_checkpointing"}
     assert set(PLACEMENT_FIELDS) == {"output_dir", "device", "num_workers", "ldm_max_batch"}  # out of folder names
     assert not {"resume", "progress", "overwrite"} & set(EXTRA_FIELDS)  # set by the sweep's job command
 

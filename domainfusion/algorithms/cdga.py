@@ -18,9 +18,8 @@ import torch
 
 from .. import distributed
 from ..data.loaders import domain_of
-from ..ldm.adapt import domain_prompt, from_ldm_images, to_ldm_images
+from ..ldm.adapt import domain_prompt, encode_dataset_images, img2img_dataset_images
 from ..data.pool import Chunk, subset_chunks
-from ..images import to_uint8
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -36,9 +35,9 @@ class CDGA(PoolERM):
         self.pool = self.open_or_create_pool("cdga_pool", lambda: self.generate(variants), n_source * variants)
 
     def generate(self, variants: int) -> Iterator[Chunk]:
-        """K variants of every source image, chunk by chunk (never the whole generated set in RAM), each rank's block
-        in parts of at most the LDM's max_batch images (only the block's latents are kept, to reuse across the K
-        variants: at the LDM's resolution, inputs and outputs exist for one part at a time)."""
+        """K variants of every source image, chunk by chunk (never the whole generated set in RAM); each rank's block
+        is encoded once for the K variants, and only latents and uint8 results are kept (`adapt.encode_dataset_images`,
+        `img2img_dataset_images`: the LDM's resolution exists for one max_batch part at a time)."""
         ctx, hp = self.context, self.hparams
         ldm = ctx.ldm()
         n_source = sum(len(d) for d in ctx.train_splits)
@@ -46,23 +45,18 @@ class CDGA(PoolERM):
         seed = seed_hash(ctx.seed, "cdga_img2img")
         for images_u8, labels, sources in subset_chunks(ctx.train_splits, 1.0, seed, ctx.num_workers):
             rows = distributed.shard_rows(len(labels))  # this rank's block (all of it for one process)
-            block = images_u8[rows]
-            parts = ldm.chunks(len(block))
             domains = domain_of(ctx.train_splits, sources)
-            block_latents = functools.cache(lambda: torch.cat([  # the block is encoded once, whatever K
-                ldm.encode(to_ldm_images(block[part].to(ldm.device).float().div(255), ldm.image_size))
-                for part in parts]))
+            block_latents = functools.cache(lambda: encode_dataset_images(ldm, images_u8[rows]))
             for k in range(variants):
                 embeds = self.interpolated_prompts(labels, domains, generator, rows)
 
                 def variant() -> Chunk:
                     first_seed = seed + k * n_source + int(sources[rows.start])  # image i of the block: + i
-                    out = [to_uint8(from_ldm_images(ldm.img2img(
-                        None, prompt_embeds=embeds[part], latents=block_latents()[part],
+                    out = img2img_dataset_images(
+                        ldm, block_latents(), self.input_shape, prompt_embeds=embeds,
                         strength=hp["img2img_strength"], num_inference_steps=hp["img2img_steps"],
-                        guidance_scale=hp["img2img_guidance"], seed=first_seed + part.start), self.input_shape))
-                        for part in parts]
-                    return torch.cat(out), labels[rows], sources[rows]
+                        guidance_scale=hp["img2img_guidance"], seed=first_seed)
+                    return out, labels[rows], sources[rows]
 
                 yield from distributed.gather_chunk(rows, variant)
 

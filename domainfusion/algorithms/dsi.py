@@ -33,9 +33,8 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..data.loaders import domain_of
-from ..ldm.adapt import default_prompt_template, from_ldm_images, to_ldm_images
+from ..ldm.adapt import default_prompt_template, encode_dataset_images, img2img_dataset_images
 from ..data.pool import Chunk, subset_chunks
-from ..images import to_uint8
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -44,11 +43,6 @@ if TYPE_CHECKING:
     from ..ldm import LatentDiffusion
 
 FOLDER = "dsi_ldm"
-
-
-def _unit_float(x: torch.Tensor) -> torch.Tensor:
-    """Images as float in [0, 1], from uint8 (the pool's chunks) or float."""
-    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
 class PerDomainLDMs(PoolERM):
@@ -114,33 +108,20 @@ class PerDomainLDMs(PoolERM):
         return {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
                 "ldm_finetune_s": sum(self.finetune_s)}
 
-    def parts(self, n: int) -> list[slice]:
-        """n images in parts of at most `max_batch` (every source model has the shared LDM's): only one part at a
-        time exists at the LDM's resolution (a 1,024-image chunk at 512 px is 3.2 GB in fp32)."""
-        return self.context.ldm().chunks(n)
-
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The VAE latents of x (float in [0, 1], or uint8) for each source model, one VAE pass when they share the
-        VAE; x is converted and resized part by part, only the latents are kept."""
+        VAE (`adapt.encode_dataset_images`: only the latents are kept)."""
         models = self.models()
-        parts = self.parts(len(x))
-
-        def encode(m: LatentDiffusion) -> torch.Tensor:
-            return torch.cat([m.encode(to_ldm_images(_unit_float(x[part]).to(m.device), m.image_size))
-                              for part in parts])
-
-        encoded = [encode(m) for m in (models[:1] if self.shares_vae else models)]
+        encoded = [encode_dataset_images(m, x) for m in (models[:1] if self.shares_vae else models)]
         return encoded * len(models) if self.shares_vae else encoded
 
     def translate(self, ldm: LatentDiffusion, latents: torch.Tensor, prompts: list[str], strength: float,
                   guidance_scale: float, seed: int) -> torch.Tensor:
-        """uint8 images of the dataset's shape: img2img from `latents` by `ldm`, in `parts` (image i is seeded
-        seed + i, as in one call, so the parts give one call's images)."""
-        return torch.cat([to_uint8(from_ldm_images(ldm.img2img(
-            None, prompts[part], latents=latents[part], strength=strength,
-            num_inference_steps=self.hparams["img2img_steps"], guidance_scale=guidance_scale, seed=seed + part.start),
-            self.input_shape)) for part in self.parts(len(latents))])
+        """uint8 images of the dataset's shape: img2img from `latents` by `ldm` (image i seeded seed + i)."""
+        return img2img_dataset_images(ldm, latents, self.input_shape, prompts=prompts, strength=strength,
+                                      num_inference_steps=self.hparams["img2img_steps"],
+                                      guidance_scale=guidance_scale, seed=seed)
 
 
 @register("DSI")

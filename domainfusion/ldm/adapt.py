@@ -10,12 +10,17 @@ selection, bilinear resize), so latent distillation's c·x commutes with them an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from ..data import dataset_traits
 from ..errors import UserError
-from ..images import from_rgb, to_rgb
+from ..images import from_rgb, to_rgb, to_uint8
+
+if TYPE_CHECKING:
+    from .latent_diffusion import LatentDiffusion
 
 
 def default_prompt_template(dataset: str) -> str:
@@ -40,6 +45,25 @@ def from_ldm_images(x: torch.Tensor, input_shape: tuple[int, int, int]) -> torch
     """The inverse direction: LDM RGB images -> the dataset's (C, H, W) (grey = channel mean, red/green kept)."""
     channels, height, width = input_shape
     return from_rgb(_resize(x, (height, width)), channels).clamp(0, 1).contiguous()
+
+
+def encode_dataset_images(ldm: LatentDiffusion, images: torch.Tensor) -> torch.Tensor:
+    """The latents of dataset images (uint8, or float in [0, 1]; the dataset's channels and size), converted to the
+    LDM's RGB at its resolution one `max_batch` part at a time: only the latents are kept (a 1,024-image chunk at
+    512 px is 3.2 GB in fp32)."""
+    def ldm_input(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(ldm.device)
+        return to_ldm_images(x.float().div(255) if x.dtype == torch.uint8 else x.float(), ldm.image_size)
+
+    return torch.cat([ldm.encode(ldm_input(images[part])) for part in ldm.chunks(len(images))])
+
+
+def img2img_dataset_images(ldm: LatentDiffusion, latents: torch.Tensor, input_shape: tuple[int, int, int],
+                           **img2img_args) -> torch.Tensor:
+    """uint8 images of the dataset's (C, H, W) by `ldm.img2img` from `latents`, each decoded batch converted as it
+    comes (image i seeded seed + i, as in any img2img call)."""
+    return ldm.img2img(None, latents=latents, convert=lambda x: to_uint8(from_ldm_images(x, input_shape)),
+                       **img2img_args)
 
 
 # The LDM may see images at most this many times smaller than the dataset's: beyond it, distillation and

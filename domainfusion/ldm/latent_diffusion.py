@@ -24,6 +24,7 @@ import importlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -315,7 +316,8 @@ class LatentDiffusion:
     def img2img(self, images: torch.Tensor | None, prompts: list[str] | None = None, strength: float = 0.5,
                 num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | list[int] | None = 0,
                 batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
-                output: str = "images", latents: torch.Tensor | None = None) -> torch.Tensor:
+                output: str = "images", latents: torch.Tensor | None = None,
+                convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt.
 
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
@@ -326,7 +328,8 @@ class LatentDiffusion:
         for prompts no string spells (CDGA's interpolations between domain descriptions). `output="latents"` returns
         the scaled latents instead of [0, 1] images, and `latents` (already encoded, instead of `images`) lets a
         caller that needs the source latents anyway encode each image once (online augmentation works in latent
-        space).
+        space). `convert` maps each batch's decoded images as they come, so a caller that keeps them smaller (uint8 at
+        the dataset's size) never holds the whole set at the LDM's resolution.
         """
         if not 0 <= strength <= 1:
             raise UserError(f"img2img strength must be in [0, 1], got {strength}")
@@ -354,7 +357,7 @@ class LatentDiffusion:
                 embeds = self.encode_prompts(prompts[start:stop]) if prompts is not None else prompt_embeds[start:stop]
                 z = pipe(image=z, strength=strength, num_inference_steps=num_inference_steps,
                          **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed))[0]
-            out.append(z if output == "latents" else self.decode(z))
+            out.append(z if output == "latents" else convert(self.decode(z)) if convert else self.decode(z))
         return torch.cat(out)
 
     @torch.no_grad()

