@@ -51,15 +51,15 @@ def extra_hparams(algorithm: str, dataset: str) -> list[HParam]:
 class _Pixels(Dataset):
     """A normalised dataset seen as [0, 1] pixels."""
 
-    def __init__(self, data: Dataset, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.data, self.mean, self.std = data, mean, std
+    def __init__(self, data: Dataset, pixels: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.data, self.pixels = data, pixels
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         x, y = self.data[index]
-        return x * self.std + self.mean, y
+        return self.pixels(x), y
 
 
 class DomainFusion(nn.Module):
@@ -82,7 +82,7 @@ class DomainFusion(nn.Module):
         mean, std = run.pop("normalization") or ((0.0,) * channels, (1.0,) * channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        run["train_splits"] = [_Pixels(s, self.mean, self.std) for s in run["train_splits"]]
+        run["train_splits"] = [_Pixels(s, self.pixels) for s in run["train_splits"]]
         context = RunContext.for_data(**run, batch_size=hparams["batch_size"], input_shape=tuple(input_shape))
         self.hparams = hparams
         self.algorithm = algorithm_class(self.ALGORITHM)(tuple(input_shape), num_classes, num_domains, hparams,

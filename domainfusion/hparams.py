@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import distributed
 from .data import dataset_traits
 from .errors import UserError
 from .utils import seed_hash
@@ -203,7 +202,11 @@ def local_hparams(hp: dict, world: int | None = None) -> dict:
     """The hparams one of `world` ranks (default: this run's) trains with: each of `PER_STEP_BATCHES` split evenly
     across ranks, so that the global batch (what they mean in results) is the single-process one. A sweep passes
     `world` to refuse, before launching, batches its jobs could not split."""
-    w = distributed.world_size() if world is None else world
+    if world is None:
+        from . import distributed  # lazily: torch is not needed to read or draw hparams
+
+        world = distributed.world_size()
+    w = world
     if w == 1:
         return hp
     local = dict(hp)

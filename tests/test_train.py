@@ -141,11 +141,11 @@ def test_loader_workers_and_the_ldm_budget_reach_the_generators_context(tiny_fol
         return context
 
     monkeypatch.setattr(RunContext, "for_data", classmethod(spy))
-    train(_args(tiny_folder, tmp_path / "run", steps=1, checkpoint_freq=1, ldm_max_batch=5, num_workers=0))
-    assert seen == {"ldm_max_batch": 5, "num_workers": 0}
+    train(_args(tiny_folder, tmp_path / "run", steps=1, checkpoint_freq=1, ldm_max_batch=5, num_workers=1))
+    assert seen == {"ldm_max_batch": 5, "num_workers": 1}
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder), "--steps", "1",
-                                 "--image-size", "16", "--num-workers", "0", "--ldm-max-batch", "7", "--no-progress",
+                                 "--image-size", "16", "--num-workers", "1", "--ldm-max-batch", "7", "--no-progress",
                                  "--output-dir", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
-    assert seen == {"ldm_max_batch": 7, "num_workers": 0}
+    assert seen == {"ldm_max_batch": 7, "num_workers": 1}
