@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=10
 
 # The embedded default end to end, offline, on a CPU: build DigitsDG-offline and look at it, sample the embedded LDM,

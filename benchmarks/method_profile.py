@@ -22,23 +22,28 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, write_report
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.data import get_dataset
 from domainfusion.data.loaders import InfiniteDataLoader, split_dataset
 from domainfusion.utils import seed_everything, seed_hash
 
+from common import REPO, write_report
+
 
 def build(name: str, dataset, in_splits, train_envs, out: Path, hp_overrides: dict):
     hp = {**registry.default_hparams(name, "DigitsDG"), **hp_overrides}
     hp = {k: v for k, v in hp.items() if k in registry.specs(name, "DigitsDG")}
-    context = RunContext(dataset="DigitsDG", output_dir=out, train_splits=[in_splits[i] for i in train_envs],
-                         train_env_names=[dataset.environments[i] for i in train_envs],
-                         env_names=list(dataset.environments),
-                         class_names=list(dataset.class_names),
-                         steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
-                         seed=0)  # fmt: skip
+    context = RunContext(
+        dataset="DigitsDG",
+        output_dir=out,
+        train_splits=[in_splits[i] for i in train_envs],
+        train_env_names=[dataset.environments[i] for i in train_envs],
+        env_names=list(dataset.environments),
+        class_names=list(dataset.class_names),
+        steps_per_epoch=sum(len(in_splits[i]) for i in train_envs) / (hp["batch_size"] * len(train_envs)),
+        seed=0,
+    )
     seed_everything(0)
     return algorithm_class(name)(dataset.input_shape, dataset.num_classes, len(train_envs), hp, context=context), hp
 
@@ -68,9 +73,11 @@ def main() -> None:
     t0 = time.perf_counter()
     df, df_hp = build("DomainFusion", dataset, in_splits, train_envs, tmp / "df", overrides)
     setup_s = time.perf_counter() - t0
-    loaders = [InfiniteDataLoader(in_splits[i], None, hp["batch_size"], 0, torch.Generator().manual_seed(i))
-               for i in train_envs]  # fmt: skip
-    batches = [[next(iter(l)) for l in loaders] for _ in range(4)]
+    loaders = [
+        InfiniteDataLoader(in_splits[i], None, hp["batch_size"], 0, torch.Generator().manual_seed(i))
+        for i in train_envs
+    ]
+    batches = [[next(iter(loader)) for loader in loaders] for _ in range(4)]
     counter = iter(range(10**9))
 
     def step(alg):
@@ -103,21 +110,29 @@ def main() -> None:
     df_total = df_step + refresh_per_step
     extra = df_total - erm_step
     ldm_share = (ld_s + refresh_per_step) / extra
-    rows = [("ERM step", erm_step), ("DomainFusion step (no refresh)", df_step),
-            ("pool refresh, amortised per step", refresh_per_step), ("DomainFusion step, total", df_total),
-            ("extra over ERM", extra), ("  latent distillation (VAE encode + UNet + VAE backward)", ld_s),
-            ("  pool refresh (img2img + VAE encode/decode + shard I/O)", refresh_per_step),
-            ("  synthetic images: pool read (they replace source images)", synthetic_s),
-            ("  rest (not attributed)", extra - ld_s - refresh_per_step - synthetic_s)]
-    body = (f"DigitsDG-offline, held-out env {a.test_env}, default hparams + {a.hparams}: batch {hp['batch_size']} "
-            f"per domain × {len(train_envs)} domains, LD sub-batch {df_hp['ld_batch_size']}, {n_synthetic} of the "
-            f"step's images from the pool, pool {len(df.pool)} images × N={df_hp['aug_candidates']} candidates "
-            f"every {df_hp['aug_every_epochs']} epoch(s) = every {period:.1f} steps; {torch.get_num_threads()} torch "
-            f"threads; means over {a.steps} steps after one warm-up step. One refresh took {refresh_s:.1f} s; "
-            f"building DomainFusion (LDM load + pool copy) {setup_s:.1f} s.\n\n"
-            "| what | seconds per step |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in rows) +
-            f"\n\n**DomainFusion / ERM step time: {df_total / erm_step:.2f}×** (target ≤ 1.5×). "
-            f"**Share of the extra time inside UNet/VAE calls: {100 * ldm_share:.0f}%** (target ≥ 80%).\n")
+    rows = [
+        ("ERM step", erm_step),
+        ("DomainFusion step (no refresh)", df_step),
+        ("pool refresh, amortised per step", refresh_per_step),
+        ("DomainFusion step, total", df_total),
+        ("extra over ERM", extra),
+        ("  latent distillation (VAE encode + UNet + VAE backward)", ld_s),
+        ("  pool refresh (img2img + VAE encode/decode + shard I/O)", refresh_per_step),
+        ("  synthetic images: pool read (they replace source images)", synthetic_s),
+        ("  rest (not attributed)", extra - ld_s - refresh_per_step - synthetic_s),
+    ]
+    body = (
+        f"DigitsDG-offline, held-out env {a.test_env}, default hparams + {a.hparams}: batch {hp['batch_size']} "
+        f"per domain × {len(train_envs)} domains, LD sub-batch {df_hp['ld_batch_size']}, {n_synthetic} of the "
+        f"step's images from the pool, pool {len(df.pool)} images × N={df_hp['aug_candidates']} candidates "
+        f"every {df_hp['aug_every_epochs']} epoch(s) = every {period:.1f} steps; {torch.get_num_threads()} torch "
+        f"threads; means over {a.steps} steps after one warm-up step. One refresh took {refresh_s:.1f} s; "
+        f"building DomainFusion (LDM load + pool copy) {setup_s:.1f} s.\n\n"
+        "| what | seconds per step |\n|---|---|\n"
+        + "\n".join(f"| {k} | {v:.3f} |" for k, v in rows)
+        + f"\n\n**DomainFusion / ERM step time: {df_total / erm_step:.2f}×** (target ≤ 1.5×). "
+        f"**Share of the extra time inside UNet/VAE calls: {100 * ldm_share:.0f}%** (target ≥ 80%).\n"
+    )
     (REPO / "benchmarks" / "reports" / f"{a.name}.json").write_text(json.dumps(dict(rows), indent=2))
     write_report(a.name, shlex.join([sys.executable, *sys.argv]), body)
 

@@ -42,13 +42,14 @@ from pathlib import Path
 
 import torch
 
-from common import write_report
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import to_ldm_images
 from domainfusion.ldm.sd_shaped import sd_shaped_folder
 from domainfusion.method.latent_distillation import encode_linearised
+
+from common import write_report
 
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]  # the last one held out
@@ -103,7 +104,7 @@ class Meter:
 
 
 def _proc_status_kb(field: str) -> int:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith(field + ":"))
     return int(line.split()[1])
 
 
@@ -128,13 +129,17 @@ def run_configuration(cfg: dict) -> dict:
     # Images per source split: the refresh's pool is `pool` of the 3n; CDGA generates from all 3n (n ≥ pool / 3).
     n = -(-cfg["pool"] // 3) if what == "cdga" else max(b, cfg["pool"])
     hp.update({"ld_batch_size": min(cfg["ld_batch"], 3 * b)} if what == "ld" else {})
-    hp.update({"aug_pool_fraction": cfg["pool"] / (3 * n), "aug_candidates": cfg["candidates"]} if what == "refresh"
-              else {})  # fmt: skip
+    hp.update(
+        {"aug_pool_fraction": cfg["pool"] / (3 * n), "aug_candidates": cfg["candidates"]} if what == "refresh" else {}
+    )
     hp.update({"img2img_steps": cfg["img2img_steps"]} if what in ("refresh", "cdga") else {})
-    splits = [torch.utils.data.TensorDataset(torch.rand(n, 3, 224, 224, generator=g), torch.arange(n) % 7)
-              for _ in range(3)]  # fmt: skip
-    minibatches = [(torch.rand(b, 3, 224, 224, generator=g).to(device), torch.randint(7, (b,), generator=g).to(device))
-                   for _ in range(3)]  # fmt: skip
+    splits = [
+        torch.utils.data.TensorDataset(torch.rand(n, 3, 224, 224, generator=g), torch.arange(n) % 7) for _ in range(3)
+    ]
+    minibatches = [
+        (torch.rand(b, 3, 224, 224, generator=g).to(device), torch.randint(7, (b,), generator=g).to(device))
+        for _ in range(3)
+    ]
     out: dict = {"images": 3 * n if what == "cdga" else cfg["pool"]}
     with tempfile.TemporaryDirectory() as tmp:
         context = None
@@ -142,12 +147,24 @@ def run_configuration(cfg: dict) -> dict:
             folder = sd_shaped_folder("sd15", resolution=cfg["resolution"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the random-weights warning: known, this is a speed benchmark
-                ldm = LatentDiffusion.from_pretrained(folder, device=device, dtype=DTYPES[cfg["precision"]],
-                                                      max_batch=cfg["max_batch"])
+                ldm = LatentDiffusion.from_pretrained(
+                    folder, device=device, dtype=DTYPES[cfg["precision"]], max_batch=cfg["max_batch"]
+                )
             out["max_batch"] = ldm.max_batch
-            context = dataclasses.replace(RunContext.for_data(
-                splits, PACS_CLASSES, PACS_DOMAINS[:3], output_dir=tmp, batch_size=b, dataset="PACS",
-                env_names=PACS_DOMAINS, ldm_model=str(folder), device=device), _ldm=ldm)
+            context = dataclasses.replace(
+                RunContext.for_data(
+                    splits,
+                    PACS_CLASSES,
+                    PACS_DOMAINS[:3],
+                    output_dir=tmp,
+                    batch_size=b,
+                    dataset="PACS",
+                    env_names=PACS_DOMAINS,
+                    ldm_model=str(folder),
+                    device=device,
+                ),
+                _ldm=ldm,
+            )
         meter.sync()
         if what == "cdga":  # generation happens while the algorithm is built (the ResNet-50 is built first)
             meter.reset()
@@ -205,8 +222,11 @@ def run_configuration(cfg: dict) -> dict:
 def measure(cfg: dict) -> dict:
     """`cfg` measured in a fresh subprocess, so that its peak memory is its own."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
-    print("+", " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("what", "resolution", "batch", "precision",
-                                                                    "pool")), flush=True)  # fmt: skip
+    print(
+        "+",
+        " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("what", "resolution", "batch", "precision", "pool")),
+        flush=True,
+    )
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         return {**cfg, "error": f"exit code {proc.returncode}"}
@@ -247,30 +267,51 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         px = "—" if r["what"] == "erm" else r["resolution"]
         generates = r["what"] in ("refresh", "cdga")
         b, p = ("—", r.get("images", "—")) if generates else (r["batch"], "—")
-        lines.append(f"| {r['what']} | {px} | {b} | {p} | {r['precision']} | {r.get('max_batch') or '—'} | "
-                     f"{fmt(r.get('seconds'))} {unit[r['what']]} | {fmt(r.get('peak_gb'))} | "
-                     f"{fmt(r.get('resident_gb'))} | {fmt(flops / 1e9 if flops else None)} | {fmt(tflops)} | {note} |")
+        lines.append(
+            f"| {r['what']} | {px} | {b} | {p} | {r['precision']} | {r.get('max_batch') or '—'} | "
+            f"{fmt(r.get('seconds'))} {unit[r['what']]} | {fmt(r.get('peak_gb'))} | "
+            f"{fmt(r.get('resident_gb'))} | {fmt(flops / 1e9 if flops else None)} | {fmt(tflops)} | {note} |"
+        )
     fraction, period = hp["aug_pool_fraction"], hp["aug_every_epochs"]
-    lines += ["", f"Derived, at the registry's DomainFusion defaults: DomainFusion's step = LD step + the refresh "
-              f"amortised ({fraction} · 3B · s per refreshed image / {period} epoch); sweep hours on this device = "
-              f"{SWEEP_RUNS} runs × {SWEEP_STEPS} steps × step time (CDGA's generation before training adds s/image × "
-              "the source images).", "",
-              "| LDM px | B | precision | ERM s/step | DomainFusion s/step | ratio | LD step | refresh/step | "
-              "ERM sweep h | DomainFusion sweep h |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Derived, at the registry's DomainFusion defaults: DomainFusion's step = LD step + the refresh "
+        f"amortised ({fraction} · 3B · s per refreshed image / {period} epoch); sweep hours on this device = "
+        f"{SWEEP_RUNS} runs × {SWEEP_STEPS} steps × step time (CDGA's generation before training adds s/image × "
+        "the source images).",
+        "",
+        "| LDM px | B | precision | ERM s/step | DomainFusion s/step | ratio | LD step | refresh/step | "
+        "ERM sweep h | DomainFusion sweep h |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     measured = [r for r in rows if "seconds" in r]
     for ld in (r for r in measured if r["what"] == "ld"):
-        erm = next((r for r in measured if r["what"] == "erm" and (r["batch"], r["precision"])
-                    == (ld["batch"], ld["precision"])), None)  # fmt: skip
-        refresh = next((r for r in reversed(measured) if r["what"] == "refresh" and (r["resolution"], r["precision"])
-                        == (ld["resolution"], ld["precision"])), None)  # fmt: skip
+        erm = next(
+            (
+                r
+                for r in measured
+                if r["what"] == "erm" and (r["batch"], r["precision"]) == (ld["batch"], ld["precision"])
+            ),
+            None,
+        )
+        refresh = next(
+            (
+                r
+                for r in reversed(measured)
+                if r["what"] == "refresh" and (r["resolution"], r["precision"]) == (ld["resolution"], ld["precision"])
+            ),
+            None,
+        )
         if erm is None or refresh is None:
             continue
         amortised = fraction * 3 * ld["batch"] * refresh["seconds"] / period
         df = ld["seconds"] + amortised
         hours = SWEEP_RUNS * SWEEP_STEPS / 3600
-        lines.append(f"| {ld['resolution']} | {ld['batch']} | {ld['precision']} | {erm['seconds']:.3g} | {df:.3g} | "
-                     f"{df / erm['seconds']:.2f}× | {ld['seconds']:.3g} | {amortised:.3g} | "
-                     f"{hours * erm['seconds']:.0f} | {hours * df:.0f} |")
+        lines.append(
+            f"| {ld['resolution']} | {ld['batch']} | {ld['precision']} | {erm['seconds']:.3g} | {df:.3g} | "
+            f"{df / erm['seconds']:.2f}× | {ld['seconds']:.3g} | {amortised:.3g} | "
+            f"{hours * erm['seconds']:.0f} | {hours * df:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -302,18 +343,35 @@ def main() -> None:
     precisions, measures = a.precision.split(","), a.measure.split(",")
     for resolution in lists["resolution"]:  # built once, before any timing (about 30 s and 2 GB each)
         sd_shaped_folder("sd15", resolution=resolution)
-    common = {"ld_batch": a.ld_batch, "candidates": a.candidates, "img2img_steps": a.img2img_steps,
-              "max_batch": a.max_batch, "steps": a.steps, "warmup": a.warmup, "count_flops": a.count_flops}
+    common = {
+        "ld_batch": a.ld_batch,
+        "candidates": a.candidates,
+        "img2img_steps": a.img2img_steps,
+        "max_batch": a.max_batch,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "count_flops": a.count_flops,
+    }
     configs = []
     for precision in precisions:
-        configs += [{"what": "erm", "resolution": None, "batch": b, "precision": precision, "pool": 0}
-                    for b in lists["batch"] if "erm" in measures]
+        configs += [
+            {"what": "erm", "resolution": None, "batch": b, "precision": precision, "pool": 0}
+            for b in lists["batch"]
+            if "erm" in measures
+        ]
         for resolution in lists["resolution"]:
-            configs += [{"what": "ld", "resolution": resolution, "batch": b, "precision": precision, "pool": 0}
-                        for b in lists["batch"] if "ld" in measures]
+            configs += [
+                {"what": "ld", "resolution": resolution, "batch": b, "precision": precision, "pool": 0}
+                for b in lists["batch"]
+                if "ld" in measures
+            ]
             # A refresh and CDGA's generation do not depend on the classifier's batch.
-            configs += [{"what": what, "resolution": resolution, "batch": 1, "precision": precision, "pool": pool}
-                        for what in ("refresh", "cdga") if what in measures for pool in lists["pool"]]
+            configs += [
+                {"what": what, "resolution": resolution, "batch": 1, "precision": precision, "pool": pool}
+                for what in ("refresh", "cdga")
+                if what in measures
+                for pool in lists["pool"]
+            ]
     start = time.time()
     rows = [measure({**common, **cfg}) for cfg in configs]
     body = report(rows, a) + f"\nWall time of the whole benchmark: {(time.time() - start) / 60:.1f} min.\n"

@@ -27,16 +27,23 @@ import sys
 
 import torch
 
-from common import write_report
 from domainfusion.data import get_dataset
 from domainfusion.ldm import load_ldm
 from domainfusion.ldm.adapt import default_prompt_template, to_ldm_images
 from domainfusion.method import style_content
 
+from common import write_report
+
 # Background colours named in the embedded corpus's captions (`ldm/corpus.py:colour_name` bins), with an RGB value
 # inside each bin, and a contrasting digit colour.
-COLOURS = {"red": (0.86, 0.12, 0.12), "blue": (0.12, 0.12, 0.86), "yellow": (0.9, 0.86, 0.16),
-           "white": (0.94, 0.94, 0.94), "purple": (0.59, 0.16, 0.78), "dark green": (0.08, 0.4, 0.08)}
+COLOURS = {
+    "red": (0.86, 0.12, 0.12),
+    "blue": (0.12, 0.12, 0.86),
+    "yellow": (0.9, 0.86, 0.16),
+    "white": (0.94, 0.94, 0.94),
+    "purple": (0.59, 0.16, 0.78),
+    "dark green": (0.08, 0.4, 0.08),
+}
 DIGIT_ON = {"white": "black", "yellow": "black"}
 TEXTURES = ("white on paper", "inverted on a photo")
 
@@ -79,8 +86,10 @@ def main() -> None:
     for env, name in enumerate(ds.ENVIRONMENTS):
         picks = torch.randperm(len(ds[env]), generator=torch.Generator().manual_seed(env))[: a.images]
         x = torch.stack([ds[env][int(i)][0] for i in picks])
-        sources[name] = (to_ldm_images(x.to(ldm.device), ldm.image_size),
-                         [template.format(cls=ds.class_names[int(ds[env][int(i)][1])]) for i in picks])
+        sources[name] = (
+            to_ldm_images(x.to(ldm.device), ldm.image_size),
+            [template.format(cls=ds.class_names[int(ds[env][int(i)][1])]) for i in picks],
+        )
     domain_styles = {name: style(x.float().cpu()) for name, (x, _) in sources.items()}
 
     rows = []
@@ -89,10 +98,16 @@ def main() -> None:
         others = [(src[:, None] - s[None]).norm(dim=2).mean().item() for n, s in domain_styles.items() if n != name]
         within = (src[:, None] - src[None]).norm(dim=2).sum().item() / (len(src) * (len(src) - 1))
         for strength in strengths:
+
             def candidates(words: str | None, seed: int) -> torch.Tensor:
                 texts = prompts if words is None else [f"{t}, {words}" for t in prompts]
-                return ldm.img2img(x, texts, strength=strength, num_inference_steps=a.steps,
-                                   guidance_scale=a.guidance, seed=seed).float().cpu()
+                return (
+                    ldm.img2img(
+                        x, texts, strength=strength, num_inference_steps=a.steps, guidance_scale=a.guidance, seed=seed
+                    )
+                    .float()
+                    .cpu()
+                )
 
             plain = [candidates(None, 1000 * s) for s in range(a.seeds)]
             worded = {w: candidates(w, 0) for w in phrases}

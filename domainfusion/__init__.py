@@ -15,8 +15,12 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["RunContext", "algorithm_class", "default_hparams", "resolve_hparams"]
-_HOMES = {"RunContext": "algorithms", "algorithm_class": "algorithms", "default_hparams": "hparams",
-          "resolve_hparams": "hparams"}
+_HOMES = {
+    "RunContext": "algorithms",
+    "algorithm_class": "algorithms",
+    "default_hparams": "hparams",
+    "resolve_hparams": "hparams",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,8 +18,9 @@ import json
 import os
 import pickle
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -55,8 +56,10 @@ def rng_state(algorithm: torch.nn.Module) -> RngState:
         tensors.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     tensors.update({f"generator.{k}": g.get_state() for k, g in generators(algorithm).items()})
     py_version, py_keys, py_gauss = random.getstate()
-    scalars = {"python_random": [py_version, list(py_keys), py_gauss],
-               "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    scalars = {
+        "python_random": [py_version, list(py_keys), py_gauss],
+        "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, scalars
 
 
@@ -73,8 +76,9 @@ def set_rng_state(algorithm: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any],
-                     rngs: list[RngState] | None = None) -> Path:
+def write_checkpoint(
+    out: Path, step: int, algorithm: torch.nn.Module, extra: dict[str, Any], rngs: list[RngState] | None = None
+) -> Path:
     """Replace OUTPUT_DIR/checkpoint with the state after training step `step` (0-based, completed).
 
     Under data parallelism rank 0 writes; `rngs` are every rank's `rng_state`s in rank order (default: this
@@ -85,8 +89,9 @@ def write_checkpoint(out: Path, step: int, algorithm: torch.nn.Module, extra: di
         save_module(algorithm, tmp / "model.safetensors")
         torch.save({k: o.state_dict() for k, o in optimizers(algorithm).items()}, tmp / "optimizers.pt")
         for r, (tensors, scalars) in enumerate(rngs or [rng_state(algorithm)]):
-            safetensors.torch.save_file(tensors, str(tmp / f"rng-rank{r}.safetensors"),
-                                        metadata={"scalars": json.dumps(scalars)})
+            safetensors.torch.save_file(
+                tensors, str(tmp / f"rng-rank{r}.safetensors"), metadata={"scalars": json.dumps(scalars)}
+            )
         state = {"step": step, **extra}
         pool = _pool(algorithm)
         if pool is not None:
@@ -127,10 +132,19 @@ def _damage_is_a_user_error(path: Path) -> Iterator[None]:
     """A checkpoint file that a kill, a full disk or a hand cut short: one error naming it, not a traceback."""
     try:
         yield
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError,
-            safetensors.SafetensorError) as e:
-        raise UserError(f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); this run cannot resume from "
-                        "it: rerun without --resume to start over") from None
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        pickle.UnpicklingError,
+        safetensors.SafetensorError,
+    ) as e:
+        raise UserError(
+            f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); this run cannot resume from "
+            "it: rerun without --resume to start over"
+        ) from None
 
 
 def restore_pool(out: Path, state: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import shlex
 import string
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -25,11 +25,18 @@ app.add_typer(ldm_app, name="ldm")
 console = Console(stderr=True)
 
 LDM_HELP = "'embedded' (the shipped tiny LDM), a diffusers Stable Diffusion folder, or a hub id."
-VARIANT_HELP = ("Name this configuration (e.g. 'DomainFusion_posterior' with --hparams '{\"ld_target\": \"posterior\"}'): "
-                "result tables show it as its own row instead of the algorithm's.")
-PROMPT_HELP = "Class prompt with a {cls} placeholder (default: 'a photo of the digit {cls}' for digits, else 'a photo of a {cls}')."
-SKIP_BAD_HELP = ("Leave out images that cannot be read (truncated, corrupt) instead of stopping; they are counted in "
-                 "results.jsonl (skipped_images) and listed in OUTPUT_DIR/skipped_images.txt.")
+VARIANT_HELP = (
+    "Name this configuration (e.g. 'DomainFusion_posterior' with --hparams '{\"ld_target\": \"posterior\"}'): "
+    "result tables show it as its own row instead of the algorithm's."
+)
+PROMPT_HELP = (
+    "Class prompt with a {cls} placeholder (default: 'a photo of the digit {cls}' for digits, "
+    "else 'a photo of a {cls}')."
+)
+SKIP_BAD_HELP = (
+    "Leave out images that cannot be read (truncated, corrupt) instead of stopping; they are counted in "
+    "results.jsonl (skipped_images) and listed in OUTPUT_DIR/skipped_images.txt."
+)
 DATA_DIR_HELP = "Folder holding the datasets (DomainBed layout: DATA_DIR/PACS/<domain>/<class>/...)."
 
 
@@ -47,8 +54,9 @@ def _check_count(value: int | None, flag: str, what: str) -> None:
         raise UserError(f"{flag} is the number of {what}: give 1 or more, got {value}")
 
 
-def _check_template(template: Optional[str], flag: str, placeholders: tuple[str, ...] = ("cls",),
-                    needs_cls: bool = True) -> None:
+def _check_template(
+    template: str | None, flag: str, placeholders: tuple[str, ...] = ("cls",), needs_cls: bool = True
+) -> None:
     """Refuse a prompt template that str.format would fail on (an unknown placeholder is a KeyError once the model
     has loaded, or mid-run) or, for class prompts, one that gives every class the same prompt."""
     if template is None:
@@ -57,18 +65,23 @@ def _check_template(template: Optional[str], flag: str, placeholders: tuple[str,
         fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
         unknown = ", ".join("{" + f + "}" for f in sorted(fields - set(placeholders)))
         if unknown:
-            raise UserError(f"{flag} {template!r} has the unknown placeholder(s) {unknown}; it may use "
-                            f"{' and '.join('{' + p + '}' for p in placeholders)}, e.g. 'a photo of a {{cls}}'")
+            raise UserError(
+                f"{flag} {template!r} has the unknown placeholder(s) {unknown}; it may use "
+                f"{' and '.join('{' + p + '}' for p in placeholders)}, e.g. 'a photo of a {{cls}}'"
+            )
         template.format(**dict.fromkeys(placeholders, ""))  # what parsing lets through: '{cls!x}', '{cls:d}'
     except ValueError as e:
-        raise UserError(f"{flag} {template!r} is not a valid template ({e}); write a literal brace as {{{{ or }}}}") \
-            from None
+        raise UserError(
+            f"{flag} {template!r} is not a valid template ({e}); write a literal brace as {{{{ or }}}}"
+        ) from None
     if needs_cls and "cls" not in fields:
-        raise UserError(f"{flag} {template!r} has no {{cls}} placeholder, so every class would get the same prompt; "
-                        "e.g. 'a photo of a {cls}'")
+        raise UserError(
+            f"{flag} {template!r} has no {{cls}} placeholder, so every class would get the same prompt; "
+            "e.g. 'a photo of a {cls}'"
+        )
 
 
-def _check_out_file(path: Optional[Path], flag: str, image: bool = False) -> None:
+def _check_out_file(path: Path | None, flag: str, image: bool = False) -> None:
     """Refuse an output path the final write would fail on, before any work: an existing folder, or (`image`: saved
     with PIL, which picks the format by extension) a name without an image extension."""
     if path is None:
@@ -90,9 +103,11 @@ def _check_env(env: int, environments: list[str] | tuple[str, ...], dataset: str
         raise UserError(f"--env {env} is out of range for {dataset}; valid environments: {valid}")
 
 
-LDM_MAX_BATCH_HELP = ("Rows per VAE/UNet call: images, 2 per image under classifier-free guidance (default: the "
-                      "LDM's, by its resolution: 16 at 512 px); lower it when generation or latent distillation runs "
-                      "out of GPU memory. Results change by float rounding only.")
+LDM_MAX_BATCH_HELP = (
+    "Rows per VAE/UNet call: images, 2 per image under classifier-free guidance (default: the "
+    "LDM's, by its resolution: 16 at 512 px); lower it when generation or latent distillation runs "
+    "out of GPU memory. Results change by float rounding only."
+)
 
 
 def _load_ldm(model: str, device: str, ldm_max_batch: int | None) -> LatentDiffusion:
@@ -107,30 +122,35 @@ def _load_ldm(model: str, device: str, ldm_max_batch: int | None) -> LatentDiffu
 def train(
     dataset: str = typer.Option("DigitsDG", help="Dataset name (see `domainfusion datasets list`)."),
     algorithm: str = typer.Option("ERM", help="Algorithm name."),
-    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP),
+    variant: str | None = typer.Option(None, help=VARIANT_HELP),
     test_envs: str = typer.Option("0", help="Held-out environment indices, e.g. '0' or '0,1'."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     output_dir: Path = typer.Option(Path("runs/train"), help="Where results.jsonl, the model and `done` go."),
-    hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams."),
+    hparams: str | None = typer.Option(None, help="JSON object overriding registry hparams."),
     hparams_seed: int = typer.Option(0, help="0 = default hparams, otherwise a seeded random-search draw."),
     trial_seed: int = typer.Option(0, help="Seeds the in/out split (and the hparam draw)."),
     seed: int = typer.Option(0, help="Seeds everything else (init, data order)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default: the dataset's, 5001 for most)."),
-    checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
+    steps: int | None = typer.Option(None, help="Training steps (default: the dataset's, 5001 for most)."),
+    checkpoint_freq: int | None = typer.Option(None, help="Evaluate and log every N steps."),
     holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
-    image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    image_size: int | None = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
     skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP),
     eval_train_in: bool = typer.Option(
         True, help="Also evaluate the training domains' in-splits (DomainBed does; no selection method uses them)."
     ),
-    pretrained: Optional[str] = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
+    pretrained: str | None = typer.Option(None, help="'imagenet' (torch hub cache) or a weights file for ResNet."),
     ldm: str = typer.Option("embedded", help=LDM_HELP + " Used by DomainFusion*, CDGA."),
-    prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
-    dsi_mode: Optional[str] = typer.Option(None, help="With --algorithm DSI: 'train-time' (translate the sources, the "
-                                           "default) or 'test-time' (translate test images; = --algorithm DSI_TestTime)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers, also for the images handed to the LDM (default: 0 for in-memory data)."),
-    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
+    prompt_template: str | None = typer.Option(None, help=PROMPT_HELP),
+    dsi_mode: str | None = typer.Option(
+        None,
+        help="With --algorithm DSI: 'train-time' (translate the sources, the "
+        "default) or 'test-time' (translate test images; = --algorithm DSI_TestTime).",
+    ),
+    num_workers: int | None = typer.Option(
+        None, help="Data-loader workers, also for the images handed to the LDM (default: 0 for in-memory data)."
+    ),
+    ldm_max_batch: int | None = typer.Option(None, help=LDM_MAX_BATCH_HELP),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
     skip_model_save: bool = typer.Option(False, help="Do not write model.safetensors."),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --output-dir."),
@@ -140,23 +160,47 @@ def train(
 ) -> None:
     """Train one model (one dataset, algorithm, held-out domain set, hparams and seeds)."""
     from .distributed import is_main
-    from .train import TrainArgs, train as run_train
+    from .train import TrainArgs
+    from .train import train as run_train
 
     if dsi_mode is not None:
         modes = {"train-time": "DSI", "test-time": "DSI_TestTime"}
         if algorithm not in modes.values() or dsi_mode not in modes:
-            raise UserError(f"--dsi-mode takes {' or '.join(modes)} and needs --algorithm DSI; got --dsi-mode "
-                            f"{dsi_mode!r} with --algorithm {algorithm}")
+            raise UserError(
+                f"--dsi-mode takes {' or '.join(modes)} and needs --algorithm DSI; got --dsi-mode "
+                f"{dsi_mode!r} with --algorithm {algorithm}"
+            )
         algorithm = modes[dsi_mode]  # a variant name, so result tables show the two readings as separate rows
     _check_template(prompt_template, "--prompt-template")
     args = TrainArgs(
-        dataset=dataset, algorithm=algorithm, variant=variant, test_envs=_parse_envs(test_envs), data_dir=str(data_dir),
-        output_dir=str(output_dir), hparams=hparams, hparams_seed=hparams_seed, trial_seed=trial_seed, seed=seed,
-        steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
-        allow_missing_classes=allow_missing_classes, image_size=image_size, skip_bad_images=skip_bad_images,
-        eval_train_in=eval_train_in, pretrained=pretrained, ldm=ldm, prompt_template=prompt_template,
-        num_workers=num_workers, ldm_max_batch=ldm_max_batch, device=device,
-        skip_model_save=skip_model_save, overwrite=overwrite, resume=resume, tensorboard=tensorboard, progress=progress,
+        dataset=dataset,
+        algorithm=algorithm,
+        variant=variant,
+        test_envs=_parse_envs(test_envs),
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        hparams=hparams,
+        hparams_seed=hparams_seed,
+        trial_seed=trial_seed,
+        seed=seed,
+        steps=steps,
+        checkpoint_freq=checkpoint_freq,
+        holdout_fraction=holdout_fraction,
+        allow_missing_classes=allow_missing_classes,
+        image_size=image_size,
+        skip_bad_images=skip_bad_images,
+        eval_train_in=eval_train_in,
+        pretrained=pretrained,
+        ldm=ldm,
+        prompt_template=prompt_template,
+        num_workers=num_workers,
+        ldm_max_batch=ldm_max_batch,
+        device=device,
+        skip_model_save=skip_model_save,
+        overwrite=overwrite,
+        resume=resume,
+        tensorboard=tensorboard,
+        progress=progress,
     )
     records = run_train(args)
     last = records[-1]
@@ -178,49 +222,67 @@ def _parse_env_sets(text: str) -> list[list[int]]:
 def sweep_command(
     command: str = typer.Argument(..., help="launch | delete-incomplete | list"),
     datasets: str = typer.Option("DigitsDG", help="Comma-separated dataset names."),
-    algorithms: Optional[str] = typer.Option(None, help="Comma-separated algorithm names (default: all registered)."),
-    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " Needs a single --algorithms."),
+    algorithms: str | None = typer.Option(None, help="Comma-separated algorithm names (default: all registered)."),
+    variant: str | None = typer.Option(None, help=VARIANT_HELP + " Needs a single --algorithms."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     output_dir: Path = typer.Option(Path("runs/sweep"), help="Sweep folder; each job writes to a hashed sub-folder."),
     n_hparams_from: int = typer.Option(0, help="First hparams seed (0 = default hparams)."),
     n_hparams: int = typer.Option(20, help="Hparams seeds run: n_hparams_from .. n_hparams - 1."),
     n_trials: int = typer.Option(3, help="Trial seeds 0 .. n_trials - 1."),
-    steps: Optional[int] = typer.Option(None, help="Training steps per job (default: the dataset's)."),
-    checkpoint_freq: Optional[int] = typer.Option(None, help="Evaluate and log every N steps."),
+    steps: int | None = typer.Option(None, help="Training steps per job (default: the dataset's)."),
+    checkpoint_freq: int | None = typer.Option(None, help="Evaluate and log every N steps."),
     holdout_fraction: float = typer.Option(0.2, help="Fraction of each domain held out as its 'out' split."),
     single_test_envs: bool = typer.Option(False, help="Only single held-out domains (default also adds every pair)."),
-    test_envs: Optional[str] = typer.Option(None, help="Explicit held-out sets, e.g. '0;1;2' or '0,1;2'."),
-    hparams: Optional[str] = typer.Option(None, help="JSON object overriding registry hparams in every job."),
-    launcher: str = typer.Option("local", help="local (subprocesses on this machine), ray (one Ray task per job), "
-                                 "slurm (a SLURM job array through submitit) or dummy (print commands)."),
-    n_parallel: int = typer.Option(1, help="Jobs run at once (local: CPU threads split evenly; ray: tasks in "
-                                   "flight; slurm: array parallelism)."),
-    nproc_per_job: int = typer.Option(1, help="Processes per job: each job trains data-parallel on N processes "
-                                      "(one GPU each when on GPUs) with the same global batch; local, ray: under "
-                                      "torchrun; slurm: N tasks on one node."),
-    cpus_per_job: Optional[int] = typer.Option(None, help="ray, slurm: CPUs per job, shared by its processes as "
-                                               "their thread count (default 1 per process)."),
-    gpus_per_job: Optional[float] = typer.Option(None, help="ray, slurm: GPUs per job (default: 1 per process if "
-                                                 "the jobs train on GPUs: --device cuda, or auto on a Ray cluster with "
-                                                 "GPUs; else 0). One process: ray takes fractions; several: 1 per "
-                                                 "process."),
-    ray_address: Optional[str] = typer.Option(None, help="ray: cluster to join ('auto', 'ray://head:10001'; "
-                                              "default: $RAY_ADDRESS or a new local instance)."),
-    slurm_partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's)."),
-    timeout_min: Optional[int] = typer.Option(None, help="slurm: time limit per job in minutes (default 1440); a "
-                                              "timed-out or pre-empted job is requeued and resumes."),
+    test_envs: str | None = typer.Option(None, help="Explicit held-out sets, e.g. '0;1;2' or '0,1;2'."),
+    hparams: str | None = typer.Option(None, help="JSON object overriding registry hparams in every job."),
+    launcher: str = typer.Option(
+        "local",
+        help="local (subprocesses on this machine), ray (one Ray task per job), "
+        "slurm (a SLURM job array through submitit) or dummy (print commands).",
+    ),
+    n_parallel: int = typer.Option(
+        1, help="Jobs run at once (local: CPU threads split evenly; ray: tasks in flight; slurm: array parallelism)."
+    ),
+    nproc_per_job: int = typer.Option(
+        1,
+        help="Processes per job: each job trains data-parallel on N processes "
+        "(one GPU each when on GPUs) with the same global batch; local, ray: under "
+        "torchrun; slurm: N tasks on one node.",
+    ),
+    cpus_per_job: int | None = typer.Option(
+        None, help="ray, slurm: CPUs per job, shared by its processes as their thread count (default 1 per process)."
+    ),
+    gpus_per_job: float | None = typer.Option(
+        None,
+        help="ray, slurm: GPUs per job (default: 1 per process if "
+        "the jobs train on GPUs: --device cuda, or auto on a Ray cluster with "
+        "GPUs; else 0). One process: ray takes fractions; several: 1 per "
+        "process.",
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="ray: cluster to join ('auto', 'ray://head:10001'; default: $RAY_ADDRESS or a new local instance)."
+    ),
+    slurm_partition: str | None = typer.Option(None, help="slurm: partition (default: the cluster's)."),
+    timeout_min: int | None = typer.Option(
+        None,
+        help="slurm: time limit per job in minutes (default 1440); a "
+        "timed-out or pre-empted job is requeued and resumes.",
+    ),
     skip_confirmation: bool = typer.Option(False, help="Do not ask before launching or deleting."),
-    delete_incomplete: bool = typer.Option(False, help="launch: delete interrupted/failed jobs so they start over "
-                                           "(default: they resume from their last checkpoint)."),
+    delete_incomplete: bool = typer.Option(
+        False,
+        help="launch: delete interrupted/failed jobs so they start over "
+        "(default: they resume from their last checkpoint).",
+    ),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
-    image_size: Optional[int] = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
+    image_size: int | None = typer.Option(None, help="Resize image-folder datasets to this size (default 224)."),
     skip_bad_images: bool = typer.Option(False, help=SKIP_BAD_HELP + " Every job."),
     eval_train_in: bool = typer.Option(True, help="Also evaluate the training domains' in-splits (DomainBed does)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data-loader workers per job (training data and LDM inputs)."),
-    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
-    pretrained: Optional[str] = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
+    num_workers: int | None = typer.Option(None, help="Data-loader workers per job (training data and LDM inputs)."),
+    ldm_max_batch: int | None = typer.Option(None, help=LDM_MAX_BATCH_HELP),
+    pretrained: str | None = typer.Option(None, help="'imagenet' or a weights file for ResNet, every job."),
     ldm: str = typer.Option("embedded", help=LDM_HELP + " Every job."),
-    prompt_template: Optional[str] = typer.Option(None, help=PROMPT_HELP),
+    prompt_template: str | None = typer.Option(None, help=PROMPT_HELP),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ... for every job."),
 ) -> None:
     """Run a DomainBed sweep: every (trial, dataset, algorithm, held-out set, hparams seed) as one train job."""
@@ -232,20 +294,43 @@ def sweep_command(
     _check_template(prompt_template, "--prompt-template")
     _check_count(ldm_max_batch, "--ldm-max-batch", "rows per LDM call")
     jobs = make_jobs(
-        _split_names(datasets), _split_names(algorithms) if algorithms else list(ALGORITHMS),
-        n_hparams_from=n_hparams_from, n_hparams=n_hparams, n_trials=n_trials, data_dir=data_dir,
-        output_dir=output_dir, steps=steps, checkpoint_freq=checkpoint_freq, holdout_fraction=holdout_fraction,
-        single_test_envs=single_test_envs, test_envs=_parse_env_sets(test_envs) if test_envs else None,
+        _split_names(datasets),
+        _split_names(algorithms) if algorithms else list(ALGORITHMS),
+        n_hparams_from=n_hparams_from,
+        n_hparams=n_hparams,
+        n_trials=n_trials,
+        data_dir=data_dir,
+        output_dir=output_dir,
+        steps=steps,
+        checkpoint_freq=checkpoint_freq,
+        holdout_fraction=holdout_fraction,
+        single_test_envs=single_test_envs,
+        test_envs=_parse_env_sets(test_envs) if test_envs else None,
         hparams=hparams,
-        extra={"allow_missing_classes": allow_missing_classes, "image_size": image_size,
-               "skip_bad_images": skip_bad_images,
-               "eval_train_in": eval_train_in, "num_workers": num_workers, "ldm_max_batch": ldm_max_batch,
-               "pretrained": pretrained,
-               "ldm": ldm, "prompt_template": prompt_template, "device": device, "variant": variant},
+        extra={
+            "allow_missing_classes": allow_missing_classes,
+            "image_size": image_size,
+            "skip_bad_images": skip_bad_images,
+            "eval_train_in": eval_train_in,
+            "num_workers": num_workers,
+            "ldm_max_batch": ldm_max_batch,
+            "pretrained": pretrained,
+            "ldm": ldm,
+            "prompt_template": prompt_template,
+            "device": device,
+            "variant": variant,
+        },
     )
-    run = get_launcher(launcher, {"cpus_per_job": cpus_per_job, "gpus_per_job": gpus_per_job,
-                                  "ray_address": ray_address, "slurm_partition": slurm_partition,
-                                  "timeout_min": timeout_min})
+    run = get_launcher(
+        launcher,
+        {
+            "cpus_per_job": cpus_per_job,
+            "gpus_per_job": gpus_per_job,
+            "ray_address": ray_address,
+            "slurm_partition": slurm_partition,
+            "timeout_min": timeout_min,
+        },
+    )
     failed = sweep(command, jobs, run, n_parallel, skip_confirmation, delete_incomplete, nproc_per_job)
     if failed:
         raise typer.Exit(1)
@@ -257,15 +342,22 @@ def results(
     selection: str = typer.Option("iid", help="iid (training-domain validation), loo (leave-one-domain-out), oracle."),
     latex: bool = typer.Option(False, help="Print a LaTeX document instead of Markdown."),
     strict: bool = typer.Option(False, help="Show X unless every trial seed and test env finished."),
-    out: Optional[Path] = typer.Option(None, help="Also write the table to this file."),
-    json_out: Optional[Path] = typer.Option(None, help="Write the per-trial selected accuracies as JSON."),
-    plot: Optional[Path] = typer.Option(None, help="Write an accuracy-vs-step PNG."),
+    out: Path | None = typer.Option(None, help="Also write the table to this file."),
+    json_out: Path | None = typer.Option(None, help="Write the per-trial selected accuracies as JSON."),
+    plot: Path | None = typer.Option(None, help="Write an accuracy-vs-step PNG."),
 ) -> None:
     """Model selection and DomainBed-style result tables (mean ± standard error over trial seeds)."""
     from .algorithms import ALGORITHMS
     from .data import DATASETS, dataset_class
-    from .report import (SELECTION_METHODS, cost_table, latex_document, load_records, per_trial_rows, results_table,
-                         split_incomparable)
+    from .report import (
+        SELECTION_METHODS,
+        cost_table,
+        latex_document,
+        load_records,
+        per_trial_rows,
+        results_table,
+        split_incomparable,
+    )
 
     if selection not in SELECTION_METHODS:
         raise UserError(f"--selection {selection!r} is unknown; choose one of {', '.join(SELECTION_METHODS)}")
@@ -280,7 +372,9 @@ def results(
     for r in records:
         env_names.setdefault(r["args"]["dataset"], _env_names(r))
     method = SELECTION_METHODS[selection]
-    text = results_table(records, method, latex=latex, env_names=env_names, algorithm_order=list(ALGORITHMS), strict=strict)
+    text = results_table(
+        records, method, latex=latex, env_names=env_names, algorithm_order=list(ALGORITHMS), strict=strict
+    )
     if latex:
         text = latex_document(text)
     else:
@@ -318,7 +412,7 @@ def datasets_list() -> None:
 def datasets_show(
     name: str = typer.Argument(..., help="Dataset name."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
-    out: Optional[Path] = typer.Option(None, help="PNG path (default: NAME.png)."),
+    out: Path | None = typer.Option(None, help="PNG path (default: NAME.png)."),
     per_class: int = typer.Option(1, help="Examples per (domain, class) cell."),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
 ) -> None:
@@ -355,21 +449,26 @@ def datasets_extract_minis(
 @ldm_app.command("train")
 def ldm_train(
     output_dir: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, samples/, and the final ldm/."),
-    preset: Optional[str] = typer.Option(None, help="'embedded': the embedded LDM's recipe on the digit corpus."),
-    data: str = typer.Option("corpus", "--data", "--dataset",
-                             help="'corpus' (style-diverse MNIST-train digits) or a dataset name."),
+    preset: str | None = typer.Option(None, help="'embedded': the embedded LDM's recipe on the digit corpus."),
+    data: str = typer.Option(
+        "corpus", "--data", "--dataset", help="'corpus' (style-diverse MNIST-train digits) or a dataset name."
+    ),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
-    envs: Optional[str] = typer.Option(None, help="Dataset environments to train on, e.g. '0,2' (default: all but "
-                                       "--test-envs)."),
-    domain: Optional[str] = typer.Option(None, help="Train on this one environment (name or index), e.g. mnist."),
-    test_envs: Optional[str] = typer.Option(None, help="Held-out environments of the DG run: never trained on."),
-    holdout_fraction: Optional[float] = typer.Option(None, help="Train on the in-splits only, split exactly as "
-                                                     "`domainfusion train --holdout-fraction F --trial-seed S` does."),
+    envs: str | None = typer.Option(
+        None, help="Dataset environments to train on, e.g. '0,2' (default: all but --test-envs)."
+    ),
+    domain: str | None = typer.Option(None, help="Train on this one environment (name or index), e.g. mnist."),
+    test_envs: str | None = typer.Option(None, help="Held-out environments of the DG run: never trained on."),
+    holdout_fraction: float | None = typer.Option(
+        None,
+        help="Train on the in-splits only, split exactly as "
+        "`domainfusion train --holdout-fraction F --trial-seed S` does.",
+    ),
     trial_seed: int = typer.Option(0, help="Seeds the in/out split with --holdout-fraction (as in `train`)."),
-    init_from: Optional[str] = typer.Option(None, help="LDM folder or hub id to fine-tune (default: from scratch)."),
-    vae_steps: Optional[int] = typer.Option(None, help="VAE steps (0 keeps the initial VAE)."),
-    unet_steps: Optional[int] = typer.Option(None, help="UNet steps."),
-    config: Optional[str] = typer.Option(None, help="JSON object of further LDMTrainConfig fields."),
+    init_from: str | None = typer.Option(None, help="LDM folder or hub id to fine-tune (default: from scratch)."),
+    vae_steps: int | None = typer.Option(None, help="VAE steps (0 keeps the initial VAE)."),
+    unet_steps: int | None = typer.Option(None, help="UNet steps."),
+    config: str | None = typer.Option(None, help="JSON object of further LDMTrainConfig fields."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in OUTPUT_DIR."),
     install: bool = typer.Option(False, help="Copy the trained VAE/UNet/scheduler into the package's weights."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
@@ -431,7 +530,7 @@ def ldm_sample(
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
     seed: int = typer.Option(0, help="Seed of the first column."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
+    ldm_max_batch: int | None = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """Text-to-image samples as a PNG grid (rows = prompts, columns = seeds)."""
     from .ldm.grids import sample_grid
@@ -440,7 +539,9 @@ def ldm_sample(
     _check_count(steps, "--steps", "DDIM steps")
     _check_out_file(out, "--out", image=True)
     ldm = _load_ldm(model, device, ldm_max_batch)
-    path = sample_grid(ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    path = sample_grid(
+        ldm, prompts, out, n_seeds=n_seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed
+    )
     console.print(f"wrote {path}")
 
 
@@ -450,8 +551,9 @@ def ldm_img2img(
     env: int = typer.Option(0, help="Environment index to take images from."),
     n_images: int = typer.Option(8, help="Rows: images (seeded random picks)."),
     strengths: str = typer.Option("0.0,0.3,0.5,0.7,0.9", help="Columns: SDEdit strengths."),
-    prompt_template: Optional[str] = typer.Option(None, help="Prompt per image, {cls} = class name (default: the "
-                                                  "dataset's class prompt)."),
+    prompt_template: str | None = typer.Option(
+        None, help="Prompt per image, {cls} = class name (default: the dataset's class prompt)."
+    ),
     model: str = typer.Option("embedded", help=LDM_HELP),
     out: Path = typer.Option(Path("img2img.png"), help="PNG grid path."),
     steps: int = typer.Option(25, help="DDIM steps at strength 1."),
@@ -460,7 +562,7 @@ def ldm_img2img(
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
+    ldm_max_batch: int | None = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """Image-to-image grid: rows = dataset images, columns = input then one output per strength."""
     import torch
@@ -490,7 +592,9 @@ def ldm_img2img(
     images = to_ldm_images(torch.stack([ds[env][i][0] for i in picks]), ldm.image_size)
     template = prompt_template or default_prompt_template(dataset)
     prompts = [template.format(cls=ds.class_names[int(ds[env][i][1])]) for i in picks]
-    path = img2img_grid(ldm, images, prompts, values, out, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    path = img2img_grid(
+        ldm, images, prompts, values, out, num_inference_steps=steps, guidance_scale=guidance, seed=seed
+    )
     console.print(f"wrote {path}")
 
 
@@ -499,27 +603,32 @@ def ldm_probe(
     dataset: str = typer.Option("DigitsDG", help="Dataset whose domains are probed."),
     model: str = typer.Option("embedded", help=LDM_HELP),
     images_per_domain: int = typer.Option(300, help="Seeded random images per domain."),
-    domains: Optional[str] = typer.Option(None, help="Probe only these domains, e.g. 'sketch,cartoon' (default: all)."),
+    domains: str | None = typer.Option(None, help="Probe only these domains, e.g. 'sketch,cartoon' (default: all)."),
     draws: int = typer.Option(12, help="(t, noise) draws per image and class, shared by every class."),
     t_min: int = typer.Option(100, help="Smallest timestep of the draws."),
     t_max: int = typer.Option(900, help="Largest timestep of the draws (spread evenly from --t-min)."),
-    top_k: Optional[int] = typer.Option(None, help="With many classes: keep the K best classes after --prune-after "
-                                        "draws (default: every class, every draw)."),
+    top_k: int | None = typer.Option(
+        None,
+        help="With many classes: keep the K best classes after --prune-after draws (default: every class, every draw).",
+    ),
     prune_after: int = typer.Option(4, help="Draws spent on every class before --top-k pruning."),
-    prompt_template: Optional[str] = typer.Option(None, help="Class prompt, {cls} = class name (default: the "
-                                                  "dataset's class prompt)."),
-    compare_run: Optional[Path] = typer.Option(None, help="A run or sweep folder (e.g. ERM, leave-one-domain-out): "
-                                               "its held-out accuracy per domain, training-domain validation, is "
-                                               "printed beside the probe's."),
-    compare_algorithm: Optional[str] = typer.Option(None, help="Which algorithm of --compare-run (when it has "
-                                                    "several)."),
+    prompt_template: str | None = typer.Option(
+        None, help="Class prompt, {cls} = class name (default: the dataset's class prompt)."
+    ),
+    compare_run: Path | None = typer.Option(
+        None,
+        help="A run or sweep folder (e.g. ERM, leave-one-domain-out): "
+        "its held-out accuracy per domain, training-domain validation, is "
+        "printed beside the probe's.",
+    ),
+    compare_algorithm: str | None = typer.Option(None, help="Which algorithm of --compare-run (when it has several)."),
     batch_size: int = typer.Option(256, help="UNet batch size (image, class, draw triples per call)."),
     seed: int = typer.Option(0, help="Seeds the image picks and the noise draws."),
-    json_out: Optional[Path] = typer.Option(None, help="Also write the results as JSON."),
+    json_out: Path | None = typer.Option(None, help="Also write the results as JSON."),
     data_dir: Path = typer.Option(Path("data"), help=DATA_DIR_HELP),
     allow_missing_classes: bool = typer.Option(False, help="Accept domains that lack some class folders."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    ldm_max_batch: Optional[int] = typer.Option(None, help=LDM_MAX_BATCH_HELP),
+    ldm_max_batch: int | None = typer.Option(None, help=LDM_MAX_BATCH_HELP),
 ) -> None:
     """What the LDM knows about each domain: its zero-shot accuracy as a diffusion classifier (lowest denoising
     error over the class prompts), per domain, before any GPU hours go into DomainFusion."""
@@ -535,8 +644,9 @@ def ldm_probe(
 
     _check_template(prompt_template, "--prompt-template")
     _check_out_file(json_out, "--json-out")
-    config = ProbeConfig(draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after,
-                         batch_size=batch_size, seed=seed)
+    config = ProbeConfig(
+        draws=draws, t_min=t_min, t_max=t_max, top_k=top_k, prune_after=prune_after, batch_size=batch_size, seed=seed
+    )
     compared = selected_accuracies(str(compare_run), compare_algorithm) if compare_run else {}
     ldm = _load_ldm(model, device, ldm_max_batch)
     hp = {**registry.default_hparams("ERM", dataset), "data_augmentation": False}
@@ -545,21 +655,32 @@ def ldm_probe(
     prompts = [template.format(cls=c) for c in ds.class_names]
     chosen = domains.split(",") if domains else None
     results = probe_dataset(ldm, ds, prompts, images_per_domain, config, domains=chosen)
-    table = Table(title=f"{model} on {dataset}: zero-shot diffusion-classifier accuracy "
-                        f"({draws} draws, t {t_min}-{t_max}, chance {100 / len(prompts):.1f}%)")
-    for column in ["domain", "images", "LDM zero-shot"] + (["compared run (held out)"] if compare_run else []) + \
-            ["UNet calls", "seconds"]:
+    table = Table(
+        title=f"{model} on {dataset}: zero-shot diffusion-classifier accuracy "
+        f"({draws} draws, t {t_min}-{t_max}, chance {100 / len(prompts):.1f}%)"
+    )
+    for column in (
+        ["domain", "images", "LDM zero-shot"]
+        + (["compared run (held out)"] if compare_run else [])
+        + ["UNet calls", "seconds"]
+    ):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for r in results:
         i = ds.environments.index(r.domain)
         other = [f"{100 * compared[i]:.1f}%" if i in compared else "-"] if compare_run else []
-        table.add_row(r.domain, str(r.images), f"{100 * r.accuracy:.1f}%", *other, str(r.unet_calls),
-                      f"{r.seconds:.0f}")
+        table.add_row(
+            r.domain, str(r.images), f"{100 * r.accuracy:.1f}%", *other, str(r.unet_calls), f"{r.seconds:.0f}"
+        )
     Console().print(table)
     if json_out:
-        payload = {"model": model, "dataset": dataset, "prompts": prompts, "config": dataclasses.asdict(config),
-                   "domains": [dataclasses.asdict(r) for r in results],
-                   "compared": {ds.environments[i]: acc for i, acc in compared.items()}}
+        payload = {
+            "model": model,
+            "dataset": dataset,
+            "prompts": prompts,
+            "config": dataclasses.asdict(config),
+            "domains": [dataclasses.asdict(r) for r in results],
+            "compared": {ds.environments[i]: acc for i, acc in compared.items()},
+        }
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {json_out}")

@@ -31,8 +31,9 @@ def result_free(kind: ResultFree, **field_kwargs: Any) -> Any:
 
 def result_free_fields(cls: type, *kinds: ResultFree) -> tuple[str, ...]:
     """`cls`'s result-free fields of `kinds` (all kinds if none are named), in declaration order."""
-    return tuple(f.name for f in dataclasses.fields(cls)
-                 if _KEY in f.metadata and (not kinds or f.metadata[_KEY] in kinds))
+    return tuple(
+        f.name for f in dataclasses.fields(cls) if _KEY in f.metadata and (not kinds or f.metadata[_KEY] in kinds)
+    )
 
 
 def changed_fields(saved: dict[str, Any], current: Any, defaults: Any) -> list[str]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,8 +68,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
     if launched() and device.type == "cuda":
         if device.index is not None:
-            raise UserError(f"--device {name} names one GPU for every process; under torchrun/accelerate use "
-                            "--device cuda (each process takes the GPU of its LOCAL_RANK)")
+            raise UserError(
+                f"--device {name} names one GPU for every process; under torchrun/accelerate use "
+                "--device cuda (each process takes the GPU of its LOCAL_RANK)"
+            )
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 

@@ -8,8 +8,9 @@ DomainBed's train.py hands them over once with `set_run(...)` before it builds t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,9 +28,16 @@ IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 _run: dict[str, Any] | None = None
 
 
-def set_run(train_splits: Sequence[Dataset], class_names: Sequence[str], train_env_names: Sequence[str], *,
-            output_dir: str | Path, normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-            pretrained: str | None = None, **context: Any) -> None:
+def set_run(
+    train_splits: Sequence[Dataset],
+    class_names: Sequence[str],
+    train_env_names: Sequence[str],
+    *,
+    output_dir: str | Path,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    pretrained: str | None = None,
+    **context: Any,
+) -> None:
     """Record this process's run for the next `DomainFusion(...)`: DomainBed's source in-splits and names, its
     output folder, and `normalization` = the (mean, std) its transforms applied (`IMAGENET` for image folders), which
     the class undoes because the generator edits and stores [0, 1] pixels. `pretrained` is the ResNet's start, as
@@ -37,8 +45,15 @@ def set_run(train_splits: Sequence[Dataset], class_names: Sequence[str], train_e
     `RunContext.for_data` (dataset, env_names, ldm_model, seed; device defaults to DomainBed's: CUDA when available)."""
     global _run
     context.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    _run = dict(train_splits=list(train_splits), class_names=list(class_names), train_env_names=list(train_env_names),
-                output_dir=output_dir, normalization=normalization, pretrained=pretrained, **context)
+    _run = dict(
+        train_splits=list(train_splits),
+        class_names=list(class_names),
+        train_env_names=list(train_env_names),
+        output_dir=output_dir,
+        normalization=normalization,
+        pretrained=pretrained,
+        **context,
+    )
 
 
 def extra_hparams(algorithm: str, dataset: str) -> list[HParam]:
@@ -72,12 +87,16 @@ class DomainFusion(nn.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict) -> None:
         super().__init__()
         if _run is None:
-            raise UserError(f"{self.ALGORITHM} needs the run's source images: call domainfusion.domainbed.set_run(...) "
-                            "in DomainBed's train.py before it builds the algorithm (docs/domainbed.md)")
+            raise UserError(
+                f"{self.ALGORITHM} needs the run's source images: call domainfusion.domainbed.set_run(...) "
+                "in DomainBed's train.py before it builds the algorithm (docs/domainbed.md)"
+            )
         run = dict(_run)
         if len(run["train_splits"]) != num_domains:
-            raise UserError(f"set_run was given {len(run['train_splits'])} source split(s), DomainBed trains on "
-                            f"{num_domains} domain(s): pass the in-splits of exactly the training environments")
+            raise UserError(
+                f"set_run was given {len(run['train_splits'])} source split(s), DomainBed trains on "
+                f"{num_domains} domain(s): pass the in-splits of exactly the training environments"
+            )
         channels, pretrained = input_shape[0], run.pop("pretrained")
         mean, std = run.pop("normalization") or ((0.0,) * channels, (1.0,) * channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
@@ -85,16 +104,18 @@ class DomainFusion(nn.Module):
         run["train_splits"] = [_Pixels(s, self.pixels) for s in run["train_splits"]]
         context = RunContext.for_data(**run, batch_size=hparams["batch_size"], input_shape=tuple(input_shape))
         self.hparams = hparams
-        self.algorithm = algorithm_class(self.ALGORITHM)(tuple(input_shape), num_classes, num_domains, hparams,
-                                                         pretrained=pretrained, context=context)
+        self.algorithm = algorithm_class(self.ALGORITHM)(
+            tuple(input_shape), num_classes, num_domains, hparams, pretrained=pretrained, context=context
+        )
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.std + self.mean
 
     def update(self, minibatches: Minibatches, unlabeled: list[torch.Tensor] | None = None) -> dict[str, float]:
         if unlabeled is not None:
-            raise UserError(f"{self.ALGORITHM} is a domain generalization method: run DomainBed with "
-                            "--task domain_generalization")
+            raise UserError(
+                f"{self.ALGORITHM} is a domain generalization method: run DomainBed with --task domain_generalization"
+            )
         return self.algorithm.update([(self.pixels(x), y) for x, y in minibatches])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -107,8 +108,12 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         # a sum over the embedded 8×8×4 latent, in these units; the posterior target wants far less (docs/method.md).
         hparam("ld_weight", 25.6, lambda r: float(10 ** r.uniform(-1, 1.5)), 0.0, 1e4)
         hparam("ld_batch_size", 16, lambda r: int(r.choice([8, 16, 32])), 1, 4096)
-        hparam("ld_target", "confidence", lambda r: str(r.choice(["confidence", "posterior"])),
-               choices=("confidence", "posterior"))
+        hparam(
+            "ld_target",
+            "confidence",
+            lambda r: str(r.choice(["confidence", "posterior"])),
+            choices=("confidence", "posterior"),
+        )
         # Posterior target: (t, ε) draws per image, candidate classes (the classifier's top-k; all when fewer),
         # and the temperature of softmax(−error / τ) over them (errors are mean squared ε per latent element).
         hparam("ld_draws", 2, lambda r: int(r.choice([1, 2, 4])), 1, 1024)
@@ -128,13 +133,21 @@ def _algorithm_hparams(algorithm: str, dataset: str, hparam: Callable) -> None:
         # (docs/method.md); the paper's reading is none / 0 / latent / pool.
         # Candidates' prompts: the class prompt, or the class in each source domain's look in turn, or in the looks
         # of a fixed style vocabulary (never the held-out domain's); the selection then keeps the farthest style.
-        hparam("aug_style_words", "vocabulary", lambda r: str(r.choice(["none", "source_domains", "vocabulary"])),
-               choices=("none", "source_domains", "vocabulary"))
+        hparam(
+            "aug_style_words",
+            "vocabulary",
+            lambda r: str(r.choice(["none", "source_domains", "vocabulary"])),
+            choices=("none", "source_domains", "vocabulary"),
+        )
         # Candidate strengths spread evenly over img2img_strength ± this, so some candidates move further.
         hparam("aug_strength_spread", 0.2, lambda r: float(r.choice([0.0, 0.1, 0.2])), 0.0, 1.0)
         # Where style and content are measured and mixed: the 4-channel latent or the VAE encoder's deep features.
-        hparam("aug_style_space", "vae_features", lambda r: str(r.choice(["latent", "vae_features"])),
-               choices=("latent", "vae_features"))
+        hparam(
+            "aug_style_space",
+            "vae_features",
+            lambda r: str(r.choice(["latent", "vae_features"])),
+            choices=("latent", "vae_features"),
+        )
         # What a refresh edits: the current pool image (the paper; edits chain) or the real image it came from.
         hparam("aug_refresh_from", "source", lambda r: str(r.choice(["pool", "source"])), choices=("pool", "source"))
     if algorithm == "CDGA":
@@ -163,8 +176,7 @@ def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
 def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
     """The random-search draw for `seed`; each name has its own RNG seeded by (seed, name)."""
     return {
-        name: s.sample(np.random.RandomState(seed_hash(seed, name)))
-        for name, s in specs(algorithm, dataset).items()
+        name: s.sample(np.random.RandomState(seed_hash(seed, name))) for name, s in specs(algorithm, dataset).items()
     }
 
 
@@ -190,9 +202,7 @@ def resolve_hparams(
         registry = specs(algorithm, dataset)
         unknown = sorted(set(overrides) - set(registry))
         if unknown:
-            raise UserError(
-                f"unknown hparam(s) {unknown} for {algorithm} on {dataset}; known: {sorted(registry)}"
-            )
+            raise UserError(f"unknown hparam(s) {unknown} for {algorithm} on {dataset}; known: {sorted(registry)}")
         for key, value in overrides.items():
             hp[key] = registry[key].check(value)
     return hp
@@ -213,7 +223,9 @@ def local_hparams(hp: dict, world: int | None = None) -> dict:
     for key in PER_STEP_BATCHES:
         if key in hp:
             if hp[key] % w:
-                raise UserError(f"{key} {hp[key]} is not divisible by the {w} processes; choose a multiple of {w} "
-                                f"(--hparams '{{\"{key}\": ...}}') or another number of processes")
+                raise UserError(
+                    f"{key} {hp[key]} is not divisible by the {w} processes; choose a multiple of {w} "
+                    f"(--hparams '{{\"{key}\": ...}}') or another number of processes"
+                )
             local[key] = hp[key] // w
     return local

@@ -21,11 +21,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -63,8 +64,16 @@ def job_command(job: Job, nproc: int) -> list[str]:
         return job.command
     python, *module = job.command  # python -m domainfusion train ...
     others = ",".join(f"{r}:3" for r in range(1, nproc))
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--log-dir={job.output_dir / 'torchrun'}", f"--redirects={others}", *module]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--log-dir={job.output_dir / 'torchrun'}",
+        f"--redirects={others}",
+        *module,
+    ]
 
 
 def run_job(job: Job, command: Sequence[str], env: Mapping[str, str], rank: int = 0) -> int:
@@ -84,10 +93,18 @@ def run_job(job: Job, command: Sequence[str], env: Mapping[str, str], rank: int 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if job.state == DONE:
             return 0
-        with open(job.output_dir / f"out{suffix}.txt", "w") as out, \
-                open(job.output_dir / f"err{suffix}.txt", "w") as err:
-            process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **env},
-                                       stdin=subprocess.DEVNULL, pass_fds=(lock.fileno(),))
+        with (
+            open(job.output_dir / f"out{suffix}.txt", "w") as out,
+            open(job.output_dir / f"err{suffix}.txt", "w") as err,
+        ):
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                pass_fds=(lock.fileno(),),
+            )
             try:
                 return process.wait()
             except BaseException:  # Ctrl-C, Ray's cancel, submitit's requeue: the run stops with this runner
@@ -141,19 +158,22 @@ def _on_gpus(jobs: Sequence[Job], gpus_there: bool) -> bool:
     return any(job.device.startswith("cuda") or (job.device == "auto" and gpus_there) for job in jobs)
 
 
-def job_resources(nproc: int, cpus_per_job: int | None, gpus_per_job: float | None, on_gpus: bool
-                  ) -> tuple[int, float]:
+def job_resources(nproc: int, cpus_per_job: int | None, gpus_per_job: float | None, on_gpus: bool) -> tuple[int, float]:
     """The CPUs and GPUs one job of `nproc` processes reserves: by default one CPU per process and, `on_gpus`, one
     GPU per process. Processes share CPUs evenly, and each process of a multi-process job trains on a whole GPU of
     its own (the one of its local rank), so other amounts are refused."""
     cpus = nproc if cpus_per_job is None else cpus_per_job
     gpus = (nproc if on_gpus else 0) if gpus_per_job is None else gpus_per_job
     if cpus < 1 or cpus % nproc:
-        raise UserError(f"--cpus-per-job {cpus} cannot be shared by the {nproc} processes of a job; give a multiple "
-                        f"of --nproc-per-job {nproc}")
+        raise UserError(
+            f"--cpus-per-job {cpus} cannot be shared by the {nproc} processes of a job; give a multiple "
+            f"of --nproc-per-job {nproc}"
+        )
     if nproc > 1 and gpus not in (0, nproc):
-        raise UserError(f"--gpus-per-job {gpus_per_job} does not fit --nproc-per-job {nproc}: each process trains on "
-                        f"a GPU of its own; give {nproc} (or 0 to train on CPUs), or leave it out")
+        raise UserError(
+            f"--gpus-per-job {gpus_per_job} does not fit --nproc-per-job {nproc}: each process trains on "
+            f"a GPU of its own; give {nproc} (or 0 to train on CPUs), or leave it out"
+        )
     return cpus, gpus
 
 
@@ -163,8 +183,10 @@ def local_launcher(jobs: Sequence[Job], n_parallel: int, nproc_per_job: int = 1)
     trains on GPUs (which jobs running at once share, as single-process jobs share GPU 0)."""
     visible = torch.cuda.device_count()
     if _on_gpus(jobs, visible > 0) and visible < nproc_per_job:
-        raise UserError(f"--nproc-per-job {nproc_per_job} trains each job on {nproc_per_job} GPUs, but this machine "
-                        f"has {visible} visible; lower --nproc-per-job or pass --device cpu")
+        raise UserError(
+            f"--nproc-per-job {nproc_per_job} trains each job on {nproc_per_job} GPUs, but this machine "
+            f"has {visible} visible; lower --nproc-per-job or pass --device cpu"
+        )
     env = thread_env(n_parallel * nproc_per_job)
     pool = ThreadPoolExecutor(max_workers=n_parallel)
     try:
@@ -221,8 +243,9 @@ def ray_launcher(
             ray.shutdown()
 
 
-def _ray_outcomes(ray: ModuleType, task: Any, jobs: Sequence[Job], n_parallel: int, nproc: int,
-                  env: Mapping[str, str]) -> Iterable[tuple[Job, Outcome]]:
+def _ray_outcomes(
+    ray: ModuleType, task: Any, jobs: Sequence[Job], n_parallel: int, nproc: int, env: Mapping[str, str]
+) -> Iterable[tuple[Job, Outcome]]:
     """Ray's pattern for bounding pending tasks: submit up to `n_parallel`, `ray.wait` for one, submit the next."""
     queue = list(reversed(jobs))
     running: dict[Any, Job] = {}
@@ -296,20 +319,30 @@ def slurm_launcher(
     """
     submitit = _require("submitit", "slurm")
     if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UserError("the slurm launcher submits with sbatch, which is not on PATH here; launch the sweep from a "
-                        "SLURM login node")
+        raise UserError(
+            "the slurm launcher submits with sbatch, which is not on PATH here; launch the sweep from a "
+            "SLURM login node"
+        )
     cpus, gpus = job_resources(nproc_per_job, cpus_per_job, gpus_per_job, _on_gpus(jobs, False))
     if gpus != int(gpus):
         raise UserError(f"--gpus-per-job must be a whole number on SLURM, got {gpus_per_job}")
     executor = submitit.AutoExecutor(folder=jobs[0].output_dir.parent / "submitit", cluster=cluster)
-    executor.update_parameters(name="domainfusion", timeout_min=timeout_min, nodes=1, tasks_per_node=nproc_per_job,
-                               cpus_per_task=cpus // nproc_per_job, gpus_per_node=int(gpus),
-                               slurm_partition=slurm_partition, slurm_array_parallelism=n_parallel)
+    executor.update_parameters(
+        name="domainfusion",
+        timeout_min=timeout_min,
+        nodes=1,
+        tasks_per_node=nproc_per_job,
+        cpus_per_task=cpus // nproc_per_job,
+        gpus_per_node=int(gpus),
+        slurm_partition=slurm_partition,
+        slurm_array_parallelism=n_parallel,
+    )
     env = thread_env(nproc_per_job, cores=cpus)
     submitted = executor.submit_array([SubmititJob(job, env, nproc_per_job) for job in jobs])
     by_id = {id(s): job for s, job in zip(submitted, jobs)}
-    return summarize(jobs, ((by_id[id(s)], _submitit_outcome(s))
-                            for s in submitit.helpers.as_completed(submitted, poll_frequency=2)))
+    return summarize(
+        jobs, ((by_id[id(s)], _submitit_outcome(s)) for s in submitit.helpers.as_completed(submitted, poll_frequency=2))
+    )
 
 
 def _submitit_outcome(submitted: Any) -> Outcome:

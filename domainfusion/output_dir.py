@@ -30,8 +30,17 @@ LOCK = ".lock"
 REPLACED = ".replaced"
 # What a run leaves in its folder, apart from synthetic pools (rebuilt by a fresh run, restored from the checkpoint on
 # resume) and a launcher's logs.
-RUN_FILES = ("results.jsonl", "done", "model.safetensors", "model.json", "args.json", "skipped_images.txt",
-             "tensorboard", CHECKPOINT, retired(Path(CHECKPOINT)).name)
+RUN_FILES = (
+    "results.jsonl",
+    "done",
+    "model.safetensors",
+    "model.json",
+    "args.json",
+    "skipped_images.txt",
+    "tensorboard",
+    CHECKPOINT,
+    retired(Path(CHECKPOINT)).name,
+)
 
 
 class OutputDir:
@@ -56,16 +65,20 @@ class OutputDir:
             lock.seek(0)
             owner = lock.read().strip() or "another process"
             lock.close()
-            raise UserError(f"{self.path} is in use by {owner}; wait for that run to end, or choose another "
-                            "--output-dir") from None
+            raise UserError(
+                f"{self.path} is in use by {owner}; wait for that run to end, or choose another --output-dir"
+            ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
         self._lock = lock
         if self.restore_replaced():
-            print(f"restored the previous run's files in {self.path}: the run that was replacing them was killed "
-                  "before its first checkpoint", file=sys.stderr)
+            print(
+                f"restored the previous run's files in {self.path}: the run that was replacing them was killed "
+                "before its first checkpoint",
+                file=sys.stderr,
+            )
         self._remove_partial_writes()
 
     def release(self) -> None:
@@ -125,4 +138,3 @@ class OutputDir:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
-

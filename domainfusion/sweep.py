@@ -15,8 +15,9 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from . import hparams as hparams_registry
 from .algorithms import algorithm_class
@@ -37,8 +38,18 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.defau
 # Set by the grid itself; everything else in TrainArgs may come through `extra`, except the invocation flags that
 # `Job.command` sets (every job resumes, logs go to files; `overwrite` is never needed: launch skips finished jobs).
 _GRID_FIELDS = {
-    "dataset", "algorithm", "test_envs", "data_dir", "output_dir", "hparams", "hparams_seed", "trial_seed", "seed",
-    "steps", "checkpoint_freq", "holdout_fraction",
+    "dataset",
+    "algorithm",
+    "test_envs",
+    "data_dir",
+    "output_dir",
+    "hparams",
+    "hparams_seed",
+    "trial_seed",
+    "seed",
+    "steps",
+    "checkpoint_freq",
+    "holdout_fraction",
 }
 _NEVER = _GRID_FIELDS | set(result_free_fields(TrainArgs, ResultFree.INVOCATION))
 EXTRA_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.name not in _NEVER)
@@ -109,8 +120,10 @@ class Job:
     def name(self) -> str:
         """What the job trains, as people read it in lists and failure reports."""
         a = self.args
-        return (f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} hparams_seed={a['hparams_seed']} "
-                f"trial_seed={a['trial_seed']}")
+        return (
+            f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} hparams_seed={a['hparams_seed']} "
+            f"trial_seed={a['trial_seed']}"
+        )
 
     @property
     def state(self) -> str:
@@ -171,8 +184,10 @@ def make_jobs(
     if isinstance(hparams, dict):
         hparams = json.dumps(hparams, sort_keys=True)
     if extra.get("variant") is not None and len(algorithms) != 1:
-        raise UserError(f"--variant names one configuration of one algorithm; got {len(algorithms)} algorithms "
-                        f"({', '.join(algorithms)}): launch each variant with its own --algorithms")
+        raise UserError(
+            f"--variant names one configuration of one algorithm; got {len(algorithms)} algorithms "
+            f"({', '.join(algorithms)}): launch each variant with its own --algorithms"
+        )
     for algorithm in algorithms:
         algorithm_class(algorithm)
 
@@ -243,13 +258,18 @@ def check_nproc(jobs: Sequence[Job], nproc: int, resume: bool) -> None:
     for job in jobs if nproc > 1 else ():
         a = job.args
         if not getattr(algorithm_class(a["algorithm"]), "DATA_PARALLEL", True):
-            raise UserError(f"--nproc-per-job {nproc}: {a['algorithm']} does not support data-parallel training; "
-                            "sweep it separately with --nproc-per-job 1")
+            raise UserError(
+                f"--nproc-per-job {nproc}: {a['algorithm']} does not support data-parallel training; "
+                "sweep it separately with --nproc-per-job 1"
+            )
         if ":" in job.device:
-            raise UserError(f"--nproc-per-job {nproc} with --device {job.device} would put every process on one "
-                            "GPU; use --device cuda (each process takes the GPU of its local rank)")
-        hp = hparams_registry.resolve_hparams(a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"],
-                                              a.get("hparams"))
+            raise UserError(
+                f"--nproc-per-job {nproc} with --device {job.device} would put every process on one "
+                "GPU; use --device cuda (each process takes the GPU of its local rank)"
+            )
+        hp = hparams_registry.resolve_hparams(
+            a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"], a.get("hparams")
+        )
         try:
             hparams_registry.local_hparams(hp, nproc)
         except UserError as e:
@@ -259,9 +279,11 @@ def check_nproc(jobs: Sequence[Job], nproc: int, resume: bool) -> None:
         other = sorted({w for w in written.values() if w not in (None, nproc)})
         if other:
             n = sum(w in other for w in written.values())
-            raise UserError(f"{n} incomplete job(s) were checkpointed by {' or '.join(map(str, other))} process(es) "
-                            f"and resume only with as many; relaunch with --nproc-per-job {other[0]}, or pass "
-                            "--delete-incomplete to start them over")
+            raise UserError(
+                f"{n} incomplete job(s) were checkpointed by {' or '.join(map(str, other))} process(es) "
+                f"and resume only with as many; relaunch with --nproc-per-job {other[0]}, or pass "
+                "--delete-incomplete to start them over"
+            )
 
 
 def state_counts(jobs: Sequence[Job]) -> dict[str, int]:
@@ -309,8 +331,10 @@ def sweep(
     start over. Each job trains as `nproc_per_job` data-parallel processes.
     """
     if launcher is not None and not callable(launcher):
-        raise TypeError(f"launcher must be a Launcher, e.g. launchers.get_launcher({launcher!r}, options), got "
-                        f"{type(launcher).__name__}")
+        raise TypeError(
+            f"launcher must be a Launcher, e.g. launchers.get_launcher({launcher!r}, options), got "
+            f"{type(launcher).__name__}"
+        )
     command = normalize_command(command)
     if command == "launch" and launcher is None:
         raise TypeError("sweep('launch', ...) needs a launcher: launchers.get_launcher(name, options)")
@@ -348,8 +372,10 @@ def sweep(
     else:
         how = ""
     processes = f", {nproc_per_job} processes each" if nproc_per_job > 1 else ""
-    print(f"About to launch {len(to_launch)} job(s){how} with the {launcher.name} launcher, {n_parallel} at a time"
-          f"{processes}.")
+    print(
+        f"About to launch {len(to_launch)} job(s){how} with the {launcher.name} launcher, {n_parallel} at a time"
+        f"{processes}."
+    )
     if not (skip_confirmation or _confirm("Are you sure?")):
         print("Nothing launched.")
         return 0

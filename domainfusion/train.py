@@ -124,8 +124,10 @@ def _check_same_run(out: Path, args: TrainArgs) -> None:
     """Refuse to resume a run with arguments that would change its results."""
     changed = changed_fields(json.loads((out / "args.json").read_text())["args"], args, TrainArgs())
     if changed:
-        raise UserError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use the same "
-                        "arguments, or drop --resume to start over")
+        raise UserError(
+            f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use the same "
+            "arguments, or drop --resume to start over"
+        )
 
 
 def _open_output_dir(args: TrainArgs) -> tuple[OutputDir, dict[str, Any] | None]:
@@ -173,7 +175,9 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
     """
     check_args(args)
     device = distributed.setup(args.device)
-    hp = hparams_registry.resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
+    hp = hparams_registry.resolve_hparams(
+        args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.hparams
+    )
     main = distributed.is_main()
     algorithm_cls = algorithm_class(args.algorithm)
     if distributed.world_size() > 1 and not getattr(algorithm_cls, "DATA_PARALLEL", True):
@@ -189,32 +193,55 @@ def train(args: TrainArgs) -> list[dict[str, Any]]:
         output.release()
 
 
-def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: TrainArgs, hp: dict,
-              algorithm_cls: type, device: torch.device) -> list[dict[str, Any]]:
+def _train_in(
+    output: OutputDir,
+    resume_state: dict[str, Any] | None,
+    args: TrainArgs,
+    hp: dict,
+    algorithm_cls: type,
+    device: torch.device,
+) -> list[dict[str, Any]]:
     """`train` in its locked output folder."""
     out = output.path
     local_hp = hparams_registry.local_hparams(hp)  # this rank's share of the per-step batches
     world_size, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if resume_state is not None and resume_state.get("world_size", 1) != world_size:
-        raise UserError(f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "
-                        f"{resume_state.get('world_size', 1)}; launch the same number of processes")
+        raise UserError(
+            f"cannot resume {out} with {world_size} process(es): its checkpoint was written by "
+            f"{resume_state.get('world_size', 1)}; launch the same number of processes"
+        )
     seed_everything(args.seed)
     dataset = _open_dataset(args, hp, output, fresh=resume_state is None)
     start_step = 0 if resume_state is None else resume_state["step"] + 1
     loaders = build_loaders(args, hp, dataset, start_step)
 
     context = RunContext.for_data(
-        loaders.train_splits, dataset.class_names, [dataset.environments[i] for i in loaders.train_envs],
-        output_dir=out, batch_size=hp["batch_size"], dataset=args.dataset, env_names=dataset.environments,
-        ldm_model=args.ldm, seed=args.seed, device=device, prompt_template=args.prompt_template,
-        data_dir=args.data_dir, resume=resume_state is not None, input_shape=tuple(dataset.input_shape),
-        ldm_max_batch=args.ldm_max_batch, num_workers=loaders.num_workers,
+        loaders.train_splits,
+        dataset.class_names,
+        [dataset.environments[i] for i in loaders.train_envs],
+        output_dir=out,
+        batch_size=hp["batch_size"],
+        dataset=args.dataset,
+        env_names=dataset.environments,
+        ldm_model=args.ldm,
+        seed=args.seed,
+        device=device,
+        prompt_template=args.prompt_template,
+        data_dir=args.data_dir,
+        resume=resume_state is not None,
+        input_shape=tuple(dataset.input_shape),
+        ldm_max_batch=args.ldm_max_batch,
+        num_workers=loaders.num_workers,
     )
     if resume_state is not None and main:
         restore_pool(out, resume_state)
     distributed.barrier()
     algorithm = algorithm_cls(
-        dataset.input_shape, dataset.num_classes, len(loaders.train_envs), local_hp, pretrained=args.pretrained,
+        dataset.input_shape,
+        dataset.num_classes,
+        len(loaders.train_envs),
+        local_hp,
+        pretrained=args.pretrained,
         context=context,
     ).to(device)
     records: list[dict[str, Any]] = []
@@ -231,7 +258,14 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
 
     checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
     batches = zip(*loaders.train)
-    bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc=f"{args.algorithm} {args.dataset} test={args.test_envs}", disable=not (args.progress and main), file=sys.stderr)
+    bar = tqdm(
+        range(start_step, n_steps),
+        initial=start_step,
+        total=n_steps,
+        desc=f"{args.algorithm} {args.dataset} test={args.test_envs}",
+        disable=not (args.progress and main),
+        file=sys.stderr,
+    )
     for step in bar:
         step_start = time.time()
         minibatches = [(x.to(device), y.to(device)) for x, y in next(batches)]
@@ -254,8 +288,9 @@ def _train_in(output: OutputDir, resume_state: dict[str, Any] | None, args: Trai
             records.append(record)
             rngs = distributed.gather_object(rng_state(algorithm))  # every rank's, on rank 0
             if main:
-                _write_checkpoint(out, record, step, algorithm, {"world_size": world_size} if world_size > 1 else {},
-                                  rngs)
+                _write_checkpoint(
+                    out, record, step, algorithm, {"world_size": world_size} if world_size > 1 else {}, rngs
+                )
                 output.discard_replaced()
             if writer is not None:
                 for key, val in record.items():
@@ -283,7 +318,12 @@ def _open_dataset(args: TrainArgs, hp: dict, output: OutputDir, fresh: bool) -> 
     if not main:
         distributed.barrier()
     dataset = get_dataset(
-        args.dataset, args.data_dir, args.test_envs, hp, args.allow_missing_classes, args.image_size,
+        args.dataset,
+        args.data_dir,
+        args.test_envs,
+        hp,
+        args.allow_missing_classes,
+        args.image_size,
         args.skip_bad_images,
     )
     if main:
@@ -292,8 +332,10 @@ def _open_dataset(args: TrainArgs, hp: dict, output: OutputDir, fresh: bool) -> 
         distributed.barrier()
     if dataset.skipped_images and main:
         atomic_write_text(out / "skipped_images.txt", "".join(p + "\n" for p in dataset.skipped_images))
-        print(f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
-              file=sys.stderr)
+        print(
+            f"skipped {len(dataset.skipped_images)} unreadable image(s), listed in {out / 'skipped_images.txt'}",
+            file=sys.stderr,
+        )
     return dataset
 
 
@@ -325,8 +367,9 @@ def build_loaders(args: TrainArgs, hp: dict, dataset: MultipleDomainDataset, sta
     loaders, each rank holding its share of their batches."""
     in_splits, out_splits = [], []
     for env_i, env in enumerate(dataset):
-        out_split, in_split = holdout_split(env, env_i, args.holdout_fraction, args.trial_seed,
-                                            dataset.environments[env_i])
+        out_split, in_split = holdout_split(
+            env, env_i, args.holdout_fraction, args.trial_seed, dataset.environments[env_i]
+        )
         in_splits.append(in_split)
         out_splits.append(out_split)
 
@@ -353,23 +396,39 @@ def build_loaders(args: TrainArgs, hp: dict, dataset: MultipleDomainDataset, sta
     # cuts evaluation cost by half or more on CPU, and every selection method gives the same answer.
     eval_splits = [(f"env{i}_in", s) for i, s in enumerate(in_splits) if args.eval_train_in or i in args.test_envs]
     eval_splits += [(f"env{i}_out", s) for i, s in enumerate(out_splits)]
-    eval_loaders = [(name, eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers))
-                    for name, s in eval_splits]
-    return RunLoaders(train_envs, in_splits, train_loaders, eval_loaders,
-                      domainbed_steps_per_epoch=min(len(s) for s in in_splits) / hp["batch_size"], num_workers=num_workers)
+    eval_loaders = [
+        (name, eval_loader(distributed.batch_shard(s, EVAL_BATCH_SIZE), EVAL_BATCH_SIZE, num_workers))
+        for name, s in eval_splits
+    ]
+    return RunLoaders(
+        train_envs,
+        in_splits,
+        train_loaders,
+        eval_loaders,
+        domainbed_steps_per_epoch=min(len(s) for s in in_splits) / hp["batch_size"],
+        num_workers=num_workers,
+    )
 
 
-def checkpoint_record(step: int, checkpoint_vals: dict[str, list[float]], algorithm: torch.nn.Module,
-                      loaders: RunLoaders, dataset: MultipleDomainDataset, args: TrainArgs, hp: dict,
-                      device: torch.device) -> dict[str, Any]:
+def checkpoint_record(
+    step: int,
+    checkpoint_vals: dict[str, list[float]],
+    algorithm: torch.nn.Module,
+    loaders: RunLoaders,
+    dataset: MultipleDomainDataset,
+    args: TrainArgs,
+    hp: dict,
+    device: torch.device,
+) -> dict[str, Any]:
     """The results.jsonl line of the checkpoint at `step`, with DomainBed's keys: epoch, the training stats averaged
     since the previous checkpoint, every evaluated split's accuracy, the algorithm's own stats, peak memory, and the
     run's args and hparams. Every rank calls it (the means and accuracies are reduced over ranks) and gets rank 0's
     record."""
     record: dict[str, Any] = {"step": step, "epoch": step / loaders.domainbed_steps_per_epoch}
     # per-rank means → global-batch means (ranks hold equal shares of every batch)
-    record.update(distributed.mean_across_ranks(
-        {key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()}, device))
+    record.update(
+        distributed.mean_across_ranks({key: float(np.mean(vals)) for key, vals in checkpoint_vals.items()}, device)
+    )
     for name, loader in loaders.eval:
         record[name + "_acc"] = accuracy(algorithm, loader, device)
     record.update(algorithm.checkpoint_stats())
@@ -384,15 +443,18 @@ def checkpoint_record(step: int, checkpoint_vals: dict[str, list[float]], algori
     return distributed.broadcast_object(record)  # rank 0's run-level stats (generation time) everywhere
 
 
-def _write_checkpoint(out: Path, record: dict[str, Any], step: int, algorithm: torch.nn.Module,
-                      extra: dict[str, Any], rngs: list) -> None:
+def _write_checkpoint(
+    out: Path, record: dict[str, Any], step: int, algorithm: torch.nn.Module, extra: dict[str, Any], rngs: list
+) -> None:
     """The checkpoint's results line and state; a full disk (or file-size limit) becomes one clear error."""
     try:
         append_jsonl(out / "results.jsonl", record)
         write_checkpoint(out, step, algorithm, extra, rngs)
     except (OSError, RuntimeError) as e:  # torch.save reports short writes as RuntimeError ("unexpected pos ...")
-        raise UserError(f"cannot write step {step}'s checkpoint in {out} ({e}); free disk space (or raise the "
-                        "file-size limit) and rerun with --resume: the last complete checkpoint is kept") from None
+        raise UserError(
+            f"cannot write step {step}'s checkpoint in {out} ({e}); free disk space (or raise the "
+            "file-size limit) and rerun with --resume: the last complete checkpoint is kept"
+        ) from None
 
 
 def write_final_model(algorithm: torch.nn.Module, out: Path, args: TrainArgs, hp: dict, dataset) -> None:
@@ -422,8 +484,9 @@ def _records_up_to(path: Path, step: int, rewrite: bool) -> list[dict[str, Any]]
         except ValueError:
             if i == len(lines) - 1:  # cut short by a kill or a full disk: written again from the checkpoint
                 break
-            raise UserError(f"{path} line {i + 1} is not JSON; repair or delete that line, then rerun with "
-                            "--resume") from None
+            raise UserError(
+                f"{path} line {i + 1} is not JSON; repair or delete that line, then rerun with --resume"
+            ) from None
         if record["step"] <= step:
             records.append(record)
     if rewrite:
@@ -435,6 +498,8 @@ def _tensorboard_writer(out: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install 'domainfusion[tensorboard]'") from None
+        raise UserError(
+            "--tensorboard needs the tensorboard package: pip install 'domainfusion[tensorboard]'"
+        ) from None
     # purge_step drops events a killed run logged after its last checkpoint; they are logged again.
     return SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)

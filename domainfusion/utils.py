@@ -8,8 +8,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,11 @@ def machine_description() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -178,8 +182,9 @@ def load_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
     loaded = {state[k].data_ptr() for k in tensors if k in state}
     missing = [k for k in missing if state[k].data_ptr() not in loaded]
     if missing or unexpected:
-        raise RuntimeError(f"{path} does not match {type(module).__name__} (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"{path} does not match {type(module).__name__} (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def optimizers(algorithm: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:

@@ -25,4 +25,4 @@ def kept_lines(out: Path) -> list[str]:
 
 def keeps_lines(out: Path, kept: list[str]) -> bool:
     """Whether results.jsonl in `out` still starts with the lines `kept_lines` returned before an interruption."""
-    return (out / "results.jsonl").read_text().splitlines(keepends=True)[:len(kept)] == kept
+    return (out / "results.jsonl").read_text().splitlines(keepends=True)[: len(kept)] == kept

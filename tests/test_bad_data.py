@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image_folder
 from domainfusion.data import get_dataset
 from domainfusion.data.image_folder import load_image, to_rgb
 from domainfusion.errors import UserError
+
+from conftest import make_image_folder
 
 HP = {"data_augmentation": False}
 

@@ -27,45 +27,53 @@ from domainfusion.report.records import load_records
 from domainfusion.train import TrainArgs, train
 
 MATRIX = """
-case (issue 21)                                              test
-1  --overwrite on a finished run, bad image folder           test_bad_inputs.py::test_overwrite_with_bad_inputs_keeps_the_finished_run
-1  interrupted run rerun without --resume, --test-envs 7      test_bad_inputs.py::test_restart_with_a_typo_keeps_the_interrupted_run
-1  new run fails before its first checkpoint                  test_bad_inputs.py::test_failure_before_the_first_checkpoint_restores_the_old_files
-1  new run killed before its first checkpoint                 test_bad_inputs.py::test_a_kill_before_the_first_checkpoint_is_undone_by_the_next_run
-1  `results` while a replacement runs                         test_bad_inputs.py::test_a_set_aside_run_is_not_counted_by_results
-1  run refused on its inputs                                  test_bad_inputs.py::test_a_run_refused_on_its_inputs_leaves_no_new_folder
-3  the same command twice at once                             test_bad_inputs.py::test_a_second_writer_is_refused_naming_the_first
-3  stale lock of a SIGKILLed run                              test_bad_inputs.py::test_the_lock_of_a_killed_process_is_free
-4  truncated model/optimizers/rng/state.json, --resume        test_bad_inputs.py::test_damaged_checkpoint_files_are_one_clear_error
-4  partial last line of results.jsonl, --resume               test_bad_inputs.py::test_a_cut_last_results_line_is_written_again
-4  full disk / file-size limit while checkpointing            test_bad_inputs.py::test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint
-4  --resume with no checkpoint                                test_bad_inputs.py::test_resume_without_a_checkpoint_says_so
-4  checkpoint.*.tmp left by a kill                            test_bad_inputs.py::test_leftovers_of_killed_writes_are_removed
-4  20000² PNG (DecompressionBombError), --skip-bad-images     test_bad_data.py
-6  state.json "pool" outside OUTPUT_DIR                       test_bad_inputs.py::test_a_pool_path_outside_the_run_is_refused
-6  model_index.json naming arbitrary modules                  test_latent_diffusion.py::test_model_index_may_only_name_allowed_component_classes
-6  embedded LDM materialised inside --data-dir                test_latent_diffusion.py (cache folder, $DOMAINFUSION_CACHE)
+case (issue 21)                                            test
+1  --overwrite on a finished run, bad image folder         test_overwrite_with_bad_inputs_keeps_the_finished_run
+1  interrupted run rerun without --resume, --test-envs 7   test_restart_with_a_typo_keeps_the_interrupted_run
+1  new run fails before its first checkpoint               test_failure_before_the_first_checkpoint_restores_the_old_files
+1  new run killed before its first checkpoint              test_a_kill_before_the_first_checkpoint_is_undone_by_the_next_run
+1  `results` while a replacement runs                      test_a_set_aside_run_is_not_counted_by_results
+1  run refused on its inputs                               test_a_run_refused_on_its_inputs_leaves_no_new_folder
+3  the same command twice at once                          test_a_second_writer_is_refused_naming_the_first
+3  stale lock of a SIGKILLed run                           test_the_lock_of_a_killed_process_is_free
+4  truncated model/optimizers/rng/state.json, --resume     test_damaged_checkpoint_files_are_one_clear_error
+4  partial last line of results.jsonl, --resume            test_a_cut_last_results_line_is_written_again
+4  full disk / file-size limit while checkpointing         test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint
+4  --resume with no checkpoint                             test_resume_without_a_checkpoint_says_so
+4  checkpoint.*.tmp left by a kill                         test_leftovers_of_killed_writes_are_removed
+4  20000² PNG (DecompressionBombError), --skip-bad-images  test_bad_data.py
+6  state.json "pool" outside OUTPUT_DIR                    test_a_pool_path_outside_the_run_is_refused
+6  model_index.json naming arbitrary modules               test_latent_diffusion.py::test_model_index_may_only_name_allowed_component_classes
+6  embedded LDM materialised inside --data-dir             test_latent_diffusion.py (cache folder, $DOMAINFUSION_CACHE)
 7  --test-envs "", --image-size 0/-8, --num-workers -1,
-   --device gpu / cuda without a GPU                          test_bad_inputs.py::test_bad_training_flags
-2  symlinks, hidden folders, 16-bit PNG, alpha, one class     test_bad_data.py
-5  `results` over incomparable runs                           test_bad_args.py
+   --device gpu / cuda without a GPU                       test_bad_training_flags
+2  symlinks, hidden folders, 16-bit PNG, alpha, one class  test_bad_data.py
+5  `results` over incomparable runs                        test_bad_args.py
 7  ldm sample/img2img flags, --prompt-template, a missing
-   --data-dir for data sets that download, --model typos      test_bad_args.py
-"""
+   --data-dir for data sets that download, --model typos   test_bad_args.py
+"""  # noqa: E501  (a table: one row per case)
 
 
 def _args(folder: Path, out: Path, **kw) -> TrainArgs:
-    base = dict(dataset="ImageFolder", data_dir=str(folder), output_dir=str(out), test_envs=[0], steps=3,
-                checkpoint_freq=1, image_size=16, progress=False, num_workers=0,
-                hparams='{"lr": 0.001, "data_augmentation": false}')
+    base = dict(
+        dataset="ImageFolder",
+        data_dir=str(folder),
+        output_dir=str(out),
+        test_envs=[0],
+        steps=3,
+        checkpoint_freq=1,
+        image_size=16,
+        progress=False,
+        num_workers=0,
+        hparams='{"lr": 0.001, "data_augmentation": false}',
+    )
     base.update(kw)
     return TrainArgs(**base)
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
     """Every file of a run folder (lock and logs aside), by relative path."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != LOCK}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 def _interrupted(run: Path) -> None:
@@ -81,6 +89,7 @@ def finished(tiny_folder: Path, tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- 1: finished results are never lost
+
 
 def test_overwrite_with_bad_inputs_keeps_the_finished_run(tiny_folder: Path, finished: Path):
     before = _snapshot(finished)
@@ -155,6 +164,7 @@ def test_a_run_refused_on_its_inputs_leaves_no_new_folder(tiny_folder: Path, tmp
 
 # ---------------------------------------------------------------- 3: one writer per folder
 
+
 def test_a_second_writer_is_refused_naming_the_first(tiny_folder: Path, tmp_path: Path):
     with OutputDir(tmp_path / "run"):
         with pytest.raises(UserError, match=rf"in use by pid {os.getpid()} on .* since"):
@@ -165,9 +175,16 @@ def test_a_second_writer_is_refused_naming_the_first(tiny_folder: Path, tmp_path
 
 def test_the_lock_of_a_killed_process_is_free(tmp_path: Path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from domainfusion.output_dir import OutputDir; "
-         "held = OutputDir(sys.argv[1]); held.acquire(); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from domainfusion.output_dir import OutputDir; "
+            "held = OutputDir(sys.argv[1]); held.acquire(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
         OutputDir(tmp_path / "run").acquire()
@@ -178,6 +195,7 @@ def test_the_lock_of_a_killed_process_is_free(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- 4: crash recovery
+
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizers.pt", "rng-rank0.safetensors", "state.json"])
 def test_damaged_checkpoint_files_are_one_clear_error(tiny_folder: Path, finished: Path, name: str):
@@ -209,15 +227,16 @@ def test_a_cut_last_results_line_is_written_again(tiny_folder: Path, tmp_path: P
     assert [(r["step"], r["loss"]) for r in lines] == [(r["step"], r["loss"]) for r in reference]
 
 
-def test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_folder: Path, tmp_path: Path,
-                                                                         monkeypatch):
+def test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_folder: Path, tmp_path: Path, monkeypatch):
     real_save, calls = checkpoint.torch.save, []
 
     def short_write(obj, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                "data/0: file write failed"
+            )
         real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", short_write)
@@ -251,6 +270,7 @@ def test_leftovers_of_killed_writes_are_removed(tiny_folder: Path, finished: Pat
 
 # ---------------------------------------------------------------- 6: nothing outside OUTPUT_DIR
 
+
 @pytest.mark.parametrize("pool", ["/outside", "../outside", "."])
 def test_a_pool_path_outside_the_run_is_refused(tiny_folder: Path, finished: Path, pool: str):
     _interrupted(finished)
@@ -258,8 +278,7 @@ def test_a_pool_path_outside_the_run_is_refused(tiny_folder: Path, finished: Pat
     victim.mkdir()
     (victim / "keep.txt").write_text("mine")
     state = finished / CHECKPOINT / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()),
-                                 "pool": str(victim) if pool == "/outside" else pool}))
+    state.write_text(json.dumps({**json.loads(state.read_text()), "pool": str(victim) if pool == "/outside" else pool}))
     with pytest.raises(UserError, match="is not a folder inside"):
         train(_args(tiny_folder, finished, resume=True))
     assert (victim / "keep.txt").read_text() == "mine" and (finished / "results.jsonl").exists()
@@ -267,16 +286,20 @@ def test_a_pool_path_outside_the_run_is_refused(tiny_folder: Path, finished: Pat
 
 # ---------------------------------------------------------------- 7: training flags
 
-@pytest.mark.parametrize("changes, match", [
-    ({"test_envs": []}, "--test-envs is empty"),
-    ({"test_envs": [1, 1]}, "--test-envs names an environment twice"),
-    ({"image_size": 0}, "--image-size must be at least 8"),
-    ({"image_size": -8}, "--image-size must be at least 8"),
-    ({"num_workers": -1}, "--num-workers must be 0"),
-    ({"ldm_max_batch": 0}, "--ldm-max-batch must be at least 1, got 0"),
-    ({"device": "gpu"}, "--device gpu is not a device"),
-    ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
-])
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"test_envs": []}, "--test-envs is empty"),
+        ({"test_envs": [1, 1]}, "--test-envs names an environment twice"),
+        ({"image_size": 0}, "--image-size must be at least 8"),
+        ({"image_size": -8}, "--image-size must be at least 8"),
+        ({"num_workers": -1}, "--num-workers must be 0"),
+        ({"ldm_max_batch": 0}, "--ldm-max-batch must be at least 1, got 0"),
+        ({"device": "gpu"}, "--device gpu is not a device"),
+        ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
+    ],
+)
 def test_bad_training_flags(tiny_folder: Path, tmp_path: Path, changes: dict, match: str):
     if changes.get("device") == "cuda" and __import__("torch").cuda.is_available():
         pytest.skip("a GPU is visible")

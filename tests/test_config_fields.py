@@ -27,10 +27,23 @@ def test_changed_fields_ignores_result_free_and_compares_as_json():
 def test_declared_kinds():
     assert result_free_fields(Config) == ("device", "progress")
     assert result_free_fields(Config, ResultFree.INVOCATION) == ("progress",)
-    assert set(result_free_fields(TrainArgs)) == {"resume", "progress", "device", "num_workers", "ldm_max_batch",
-                                                  "overwrite", "tensorboard", "output_dir"}
-    assert set(result_free_fields(LDMTrainConfig)) == {"output_dir", "resume", "progress", "device",
-                                                       "unet_gradient_checkpointing"}
+    assert set(result_free_fields(TrainArgs)) == {
+        "resume",
+        "progress",
+        "device",
+        "num_workers",
+        "ldm_max_batch",
+        "overwrite",
+        "tensorboard",
+        "output_dir",
+    }
+    assert set(result_free_fields(LDMTrainConfig)) == {
+        "output_dir",
+        "resume",
+        "progress",
+        "device",
+        "unet_gradient_checkpointing",
+    }
     assert set(PLACEMENT_FIELDS) == {"output_dir", "device", "num_workers", "ldm_max_batch"}  # out of folder names
     assert not {"resume", "progress", "overwrite"} & set(EXTRA_FIELDS)  # set by the sweep's job command
 
@@ -38,9 +51,18 @@ def test_declared_kinds():
 def test_sweep_folder_names_are_stable_and_ignore_placement():
     """Folder names of a fixed grid as the sweep named them before result-free fields were declared (df71eae): a
     sweep launched then resumes in the same folders, whatever device, workers or LDM batch it now runs with."""
+
     def names(**placement) -> list[str]:
-        jobs = make_jobs(["DigitsDG"], ["ERM", "DomainFusion"], n_hparams=2, n_trials=1, data_dir="data",
-                         output_dir="sw", single_test_envs=True, extra={"ldm": "embedded", **placement})
+        jobs = make_jobs(
+            ["DigitsDG"],
+            ["ERM", "DomainFusion"],
+            n_hparams=2,
+            n_trials=1,
+            data_dir="data",
+            output_dir="sw",
+            single_test_envs=True,
+            extra={"ldm": "embedded", **placement},
+        )
         return [job.output_dir.name for job in jobs]
 
     before = names(device="cpu", num_workers=0)

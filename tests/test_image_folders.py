@@ -145,9 +145,18 @@ def test_skip_bad_images_drops_and_counts(tiny_folder: Path, tmp_path: Path):
     assert [len(e) for e in ds] == [len(good[0]), len(good[1]), len(good[2]) - 1]
     assert all(not p.endswith("cat/3.png") for p, _ in ds[2].samples) and ds[2].targets == [t for _, t in ds[2].samples]
 
-    args = TrainArgs(dataset="ImageFolder", data_dir=str(tiny_folder), test_envs=[0], steps=2, checkpoint_freq=1,
-                     output_dir=str(tmp_path / "run"), skip_bad_images=True, progress=False, image_size=16,
-                     hparams='{"batch_size": 4}')
+    args = TrainArgs(
+        dataset="ImageFolder",
+        data_dir=str(tiny_folder),
+        test_envs=[0],
+        steps=2,
+        checkpoint_freq=1,
+        output_dir=str(tmp_path / "run"),
+        skip_bad_images=True,
+        progress=False,
+        image_size=16,
+        hparams='{"batch_size": 4}',
+    )
     records = train(args)
     assert [r["skipped_images"] for r in records] == [2, 2]
     assert (tmp_path / "run" / "skipped_images.txt").read_text().count("\n") == 2

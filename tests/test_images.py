@@ -47,5 +47,5 @@ def test_column_titles_sit_in_a_band_above_their_columns(tmp_path) -> None:
     assert plain.size == (3 * (16 + GAP) + GAP, 2 * (16 + GAP) + GAP)
     assert titled.size == (plain.size[0], plain.size[1] + TITLE_HEIGHT)
     band = torch.tensor(list(titled.convert("L").getdata())).view(titled.size[1], titled.size[0])[:TITLE_HEIGHT]
-    inked = [int((band[:, GAP + c * (16 + GAP): (c + 1) * (16 + GAP)] < 128).any()) for c in range(3)]
+    inked = [int((band[:, GAP + c * (16 + GAP) : (c + 1) * (16 + GAP)] < 128).any()) for c in range(3)]
     assert inked == [1, 1, 1]  # each title is drawn over its own column

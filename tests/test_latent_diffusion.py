@@ -15,6 +15,7 @@ from transformers import BertModel, CLIPTextModel, CLIPTokenizer
 
 from domainfusion.errors import UserError
 from domainfusion.ldm import LatentDiffusion
+
 from tiny_ldm import bert_components, clip_components, images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,8 +109,10 @@ def test_img2img_strength_semantics(ldm: LatentDiffusion) -> None:
     assert torch.equal(ldm.img2img(x, prompts, strength=0.0), reconstruction)
     # 20 steps × 0.04 → int(0.8) = 0 denoising steps: diffusers would fail, we return the reconstruction.
     assert torch.equal(ldm.img2img(x, prompts, strength=0.04, num_inference_steps=20), reconstruction)
-    changes = [(ldm.img2img(x, prompts, strength=s, num_inference_steps=10) - reconstruction).abs().mean().item()
-               for s in (0.2, 0.6, 1.0)]
+    changes = [
+        (ldm.img2img(x, prompts, strength=s, num_inference_steps=10) - reconstruction).abs().mean().item()
+        for s in (0.2, 0.6, 1.0)
+    ]
     assert 0 < changes[0] < changes[1] < changes[2]
 
 
@@ -124,11 +127,16 @@ def test_img2img_seeding(ldm: LatentDiffusion) -> None:
 
 
 def test_sample(ldm: LatentDiffusion) -> None:
-    out = ldm.sample(["a photo of a dog", "a cat", "a house"], num_inference_steps=3, guidance_scale=2.0, seed=0,
-                     batch_size=2)
+    out = ldm.sample(
+        ["a photo of a dog", "a cat", "a house"], num_inference_steps=3, guidance_scale=2.0, seed=0, batch_size=2
+    )
     assert out.shape == (3, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
-    torch.testing.assert_close(ldm.sample(["a photo of a dog"], num_inference_steps=3, guidance_scale=2.0, seed=0),
-                               out[:1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ldm.sample(["a photo of a dog"], num_inference_steps=3, guidance_scale=2.0, seed=0),
+        out[:1],
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def test_stable_diffusion_shaped_folder_loads_through_same_path(tmp_path: Path) -> None:
@@ -157,14 +165,18 @@ def test_incomplete_folder(tmp_path: Path, bert_folder: Path, remove: str, messa
         LatentDiffusion.from_pretrained(broken, device="cpu")
 
 
-@pytest.mark.parametrize("component, entry", [
-    ("unet", ["evil_module", "UNet2DConditionModel"]),  # a library the folder chooses would be imported
-    ("vae", ["diffusers", "DiffusionPipeline"]),  # a diffusers class, but not a model
-    ("tokenizer", ["transformers", "pipeline"]),  # a function, not a class
-    ("text_encoder", ["transformers", "NoSuchModel"]),
-])
-def test_model_index_may_only_name_allowed_component_classes(tmp_path: Path, bert_folder: Path, monkeypatch,
-                                                             component: str, entry: list[str]) -> None:
+@pytest.mark.parametrize(
+    "component, entry",
+    [
+        ("unet", ["evil_module", "UNet2DConditionModel"]),  # a library the folder chooses would be imported
+        ("vae", ["diffusers", "DiffusionPipeline"]),  # a diffusers class, but not a model
+        ("tokenizer", ["transformers", "pipeline"]),  # a function, not a class
+        ("text_encoder", ["transformers", "NoSuchModel"]),
+    ],
+)
+def test_model_index_may_only_name_allowed_component_classes(
+    tmp_path: Path, bert_folder: Path, monkeypatch, component: str, entry: list[str]
+) -> None:
     folder = tmp_path / "crafted"
     shutil.copytree(bert_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -184,12 +196,15 @@ def test_missing_folder_and_unreachable_hub_id(tmp_path: Path) -> None:
             LatentDiffusion.from_pretrained("someone/model", device="cpu")
 
 
-@pytest.mark.parametrize("bad, message", [
-    (torch.rand(2, 3, 16, 16), "32×32"),
-    (torch.rand(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
-    (torch.rand(2, 3, 32, 32) * 255, r"\[0, 1\]"),
-    (torch.rand(2, 3, 32, 32) * 2 - 1, r"\[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(2, 3, 16, 16), "32×32"),
+        (torch.rand(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
+        (torch.rand(2, 3, 32, 32) * 255, r"\[0, 1\]"),
+        (torch.rand(2, 3, 32, 32) * 2 - 1, r"\[0, 1\]"),
+    ],
+)
 def test_bad_images(ldm: LatentDiffusion, bad: torch.Tensor, message: str) -> None:
     with pytest.raises(UserError, match=message):
         ldm.encode(bad)
@@ -208,9 +223,14 @@ def record_batches(ldm: LatentDiffusion) -> dict[str, list[int]]:
     """Rows of every call into the VAE encoder (whole, or its first and second halves as `encode_features` and
     `latents_from_features` run them), the VAE decoder, the UNet and the text encoder."""
     seen: dict[str, list[int]] = {}
-    modules = {"encoder": ldm.vae.encoder, "encoder_head": ldm.vae.encoder.conv_in,
-               "encoder_tail": ldm.vae.encoder.mid_block, "decoder": ldm.vae.decoder, "unet": ldm.unet,
-               "text_encoder": ldm.text_encoder}
+    modules = {
+        "encoder": ldm.vae.encoder,
+        "encoder_head": ldm.vae.encoder.conv_in,
+        "encoder_tail": ldm.vae.encoder.mid_block,
+        "decoder": ldm.vae.decoder,
+        "unet": ldm.unet,
+        "text_encoder": ldm.text_encoder,
+    }
     for name, module in modules.items():
         module.register_forward_pre_hook(lambda _, args, name=name: seen.setdefault(name, []).append(len(args[0])))
     return seen
@@ -237,7 +257,7 @@ def test_every_call_stays_within_max_batch_and_gives_the_one_call_result(bert_fo
         "predict_noise (guided)": lambda m: m.predict_noise(z, t, embeds, guidance_scale=2.0),
         "encode_prompts": lambda m: m.encode_prompts(prompts, cache=False),
         "img2img (guided)": lambda m: m.img2img(x, prompts, strength=0.5, num_inference_steps=4, guidance_scale=2.0),
-    }  # fmt: skip
+    }
     for name, call in calls.items():
         torch.testing.assert_close(call(chunked), call(whole), rtol=1e-5, atol=1e-5, msg=name)
     assert set(seen) == {"encoder", "encoder_head", "encoder_tail", "decoder", "unet", "text_encoder"}

@@ -23,12 +23,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from resume_checks import keeps_lines, kept_lines
 from typer.testing import CliRunner
 
-from conftest import make_image_folder
+from domainfusion import launchers
 from domainfusion.cli import app
 from domainfusion.errors import UserError
-from domainfusion import launchers
 from domainfusion.launchers import (
     SubmititJob,
     get_launcher,
@@ -38,7 +38,8 @@ from domainfusion.launchers import (
     slurm_launcher,
 )
 from domainfusion.sweep import DONE, INCOMPLETE, Job, make_jobs, sweep
-from resume_checks import keeps_lines, kept_lines
+
+from conftest import make_image_folder
 
 TIMING = ("step_time", "mem_gb")
 # test_ddp.py's torchrun task (global batch 32, no augmentation, 16 steps), for which its tolerance was measured.
@@ -52,10 +53,19 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
     folder = make_image_folder(root / "tiny", {d: ["cat", "dog"] for d in ("d0", "d1", "d2")})
 
     def jobs(name: str, steps: int = 20, hparams: dict | None = None) -> list[Job]:
-        return make_jobs(["ImageFolder"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir=folder,
-                         output_dir=root / name, steps=steps, checkpoint_freq=5,
-                         hparams=hparams or {"batch_size": 8, "lr": 1e-3, "resnet18": True},
-                         extra={"image_size": 16, "num_workers": 0, "device": "cpu", "eval_train_in": False})
+        return make_jobs(
+            ["ImageFolder"],
+            ["ERM"],
+            n_hparams=1,
+            n_trials=1,
+            test_envs=[[0], [1]],
+            data_dir=folder,
+            output_dir=root / name,
+            steps=steps,
+            checkpoint_freq=5,
+            hparams=hparams or {"batch_size": 8, "lr": 1e-3, "resnet18": True},
+            extra={"image_size": 16, "num_workers": 0, "device": "cpu", "eval_train_in": False},
+        )
 
     return root, jobs
 
@@ -109,8 +119,9 @@ def parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def interrupt_after_first_checkpoint(running: Future, *interrupts: tuple[Job, Callable[[list[int]], None]],
-                                     processes: int = 1) -> list[list[str]]:
+def interrupt_after_first_checkpoint(
+    running: Future, *interrupts: tuple[Job, Callable[[list[int]], None]], processes: int = 1
+) -> list[list[str]]:
     """Call each job's interrupt with the pids of its `processes` train processes once it has written a checkpoint
     and they still run; return, per job, the results.jsonl lines that its resumption must keep. All jobs are watched
     at once: a job waited for only after another one's interruption may finish meanwhile (it did so on CI)."""
@@ -146,13 +157,27 @@ def test_launcher_choice_and_options_are_checked(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="whole number on SLURM"):
         slurm_launcher([Job({"x": 1}, tmp_path)], 1, gpus_per_job=0.5, cluster="local")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(UserError, match="cannot reach the Ray cluster .--ray-address auto.: Could not find any running"):
+    with pytest.raises(
+        UserError, match="cannot reach the Ray cluster .--ray-address auto.: Could not find any running"
+    ):
         ray_launcher([], 1, ray_address="auto")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
     with pytest.raises(UserError, match=r"the ray launcher needs ray: pip install 'domainfusion\[cluster\]'"):
         ray_launcher([], 1)
-    result = CliRunner().invoke(app, ["sweep", "launch", "--launcher", "slurm", "--ray-address", "auto",
-                                      "--output-dir", str(tmp_path), "--skip-confirmation"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "launch",
+            "--launcher",
+            "slurm",
+            "--ray-address",
+            "auto",
+            "--output-dir",
+            str(tmp_path),
+            "--skip-confirmation",
+        ],
+    )
     assert result.exit_code != 0 and "the slurm launcher takes no --ray-address" in str(result.exception)
 
 
@@ -186,7 +211,8 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
             running,
             # SLURM's pre-emption signal to the submitit task: checkpoint, requeue
             (preempted, lambda pids: kill(parent(pids[0]), sig=signal.SIGUSR2)),
-            (killed, lambda pids: kill(*pids)))  # a job killed outright
+            (killed, lambda pids: kill(*pids)),
+        )  # a job killed outright
         assert running.result() == 2
     out = capsys.readouterr().out
     assert "1 of 3 jobs finished, 2 failed." in out and "failed (exit -9)" in out
@@ -201,6 +227,7 @@ def test_submitit_local_matches_local_requeues_preempted_and_resumes_killed(grid
 
 # ---------------------------------------------------------------- jobs of several data-parallel processes
 
+
 def test_resources_of_multi_process_jobs():
     """By default one CPU per process and, on GPUs, one GPU per process; the processes of a job share its CPUs
     evenly and cannot share GPUs."""
@@ -208,20 +235,36 @@ def test_resources_of_multi_process_jobs():
     assert job_resources(1, None, 0.25, on_gpus=True) == (1, 0.25)  # one process: a GPU share, as before
     assert job_resources(4, None, None, on_gpus=True) == (4, 4)
     assert job_resources(4, 8, None, on_gpus=False) == (8, 0)
-    with pytest.raises(UserError, match="--cpus-per-job 6 cannot be shared by the 4 processes of a job; give a "
-                                        "multiple of --nproc-per-job 4"):
+    with pytest.raises(
+        UserError,
+        match="--cpus-per-job 6 cannot be shared by the 4 processes of a job; give a multiple of --nproc-per-job 4",
+    ):
         job_resources(4, 6, None, on_gpus=False)
-    with pytest.raises(UserError, match="--gpus-per-job 1 does not fit --nproc-per-job 2: each process trains on a "
-                                        "GPU of its own; give 2 .or 0 to train on CPUs., or leave it out"):
+    with pytest.raises(
+        UserError,
+        match="--gpus-per-job 1 does not fit --nproc-per-job 2: each process trains on a "
+        "GPU of its own; give 2 .or 0 to train on CPUs., or leave it out",
+    ):
         job_resources(2, None, 1, on_gpus=True)
 
 
 def test_local_launcher_refuses_more_processes_than_gpus(tmp_path, monkeypatch):
-    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]], data_dir="data",
-                     output_dir=tmp_path, extra={"device": "cuda"})
+    jobs = make_jobs(
+        ["DigitsDG"],
+        ["ERM"],
+        n_hparams=1,
+        n_trials=1,
+        test_envs=[[0]],
+        data_dir="data",
+        output_dir=tmp_path,
+        extra={"device": "cuda"},
+    )
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
-    with pytest.raises(UserError, match="--nproc-per-job 2 trains each job on 2 GPUs, but this machine has 1 "
-                                        "visible; lower --nproc-per-job or pass --device cpu"):
+    with pytest.raises(
+        UserError,
+        match="--nproc-per-job 2 trains each job on 2 GPUs, but this machine has 1 "
+        "visible; lower --nproc-per-job or pass --device cpu",
+    ):
         local_launcher(jobs, 1, 2)
     assert not jobs[0].output_dir.exists()
 
@@ -230,12 +273,23 @@ def test_each_slurm_task_exports_the_torch_distributed_variables_of_its_rank(tmp
     """Under SLURM's variables for task 1 of 2 (as srun sets them), the task runs the plain train command as rank 1
     of 2, with the first node as master, a port that both tasks derive alike from the job id, variables the
     submitting shell exported replaced, and every GPU of the node left visible (LOCAL_RANK picks one)."""
-    (job,) = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]], data_dir="data",
-                       output_dir=tmp_path)
+    (job,) = make_jobs(
+        ["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]], data_dir="data", output_dir=tmp_path
+    )
     monkeypatch.setattr(launchers, "run_job", lambda job, command, env, rank=0: (command, dict(os.environ), rank))
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "41",
-             "SLURM_ARRAY_TASK_ID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NODELIST": "gpu[07]", "CUDA_VISIBLE_DEVICES": "0,1", "RANK": "5", "WORLD_SIZE": "8"}
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "42",
+        "SLURM_ARRAY_JOB_ID": "41",
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "gpu[07]",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+    }
     before = dict(os.environ)
     ran = {}
     for rank in (0, 1):
@@ -245,7 +299,12 @@ def test_each_slurm_task_exports_the_torch_distributed_variables_of_its_rank(tmp
     (command, env, rank) = ran[1]
     assert command == job.command and rank == 1
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
-        "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "gpu07",
+    }
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and 20000 <= int(env["MASTER_PORT"]) <= 60000
     assert ran[0][2] == 0 and ran[0][1]["RANK"] == "0" and ran[0][1]["MASTER_PORT"] == env["MASTER_PORT"]
     assert os.environ == before
@@ -262,12 +321,25 @@ def test_slurm_submits_a_job_of_n_processes_as_n_tasks_on_one_node(tmp_path, mon
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr("submitit.helpers.as_completed", lambda submitted, poll_frequency: iter(()))  # no waiting
-    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir="data",
-                     output_dir=tmp_path / "sweep", extra={"device": "cuda"})
+    jobs = make_jobs(
+        ["DigitsDG"],
+        ["ERM"],
+        n_hparams=1,
+        n_trials=1,
+        test_envs=[[0], [1]],
+        data_dir="data",
+        output_dir=tmp_path / "sweep",
+        extra={"device": "cuda"},
+    )
     slurm_launcher(jobs, 1, 2, cpus_per_job=8)
     script = (tmp_path / "sbatch.sh").read_text().splitlines()
-    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4",
-                 "#SBATCH --gpus-per-node=2", "#SBATCH --array=0-1%1"):
+    for line in (
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --array=0-1%1",
+    ):
         assert line in script
 
 
@@ -278,8 +350,11 @@ def comparable(record: dict) -> dict:
 
 def files(job: Job) -> list[str]:
     """The job folder's files, but for torchrun's logs of ranks other than 0."""
-    return sorted(str(p.relative_to(job.output_dir)) for p in job.output_dir.rglob("*")
-                  if p.relative_to(job.output_dir).parts[0] != "torchrun")
+    return sorted(
+        str(p.relative_to(job.output_dir))
+        for p in job.output_dir.rglob("*")
+        if p.relative_to(job.output_dir).parts[0] != "torchrun"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +367,9 @@ def two_process_runs(grid) -> tuple[list[Job], list[Job], Job, str]:
     assert local_launcher(single, 2) == 0
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        failed = sweep("launch", [*two, bad], get_launcher("local", {}), n_parallel=2, skip_confirmation=True,
-                       nproc_per_job=2)
+        failed = sweep(
+            "launch", [*two, bad], get_launcher("local", {}), n_parallel=2, skip_confirmation=True, nproc_per_job=2
+        )
     assert failed == 1, printed.getvalue()
     return single, two, bad, printed.getvalue()
 
@@ -332,12 +408,17 @@ def test_an_interrupted_runner_stops_torchrun_and_its_workers(grid):
     args = {k: v for k, v in job.args.items() if k != "output_dir"}
     # A shell starts background commands with SIGINT ignored, and Python then installs no handler of its own (a CI
     # script started with `&` left the runner deaf to the signal): restore the terminal's default first.
-    runner = ("import json, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "from domainfusion.launchers import job_command, run_job; "
-              "from domainfusion.sweep import Job; job = Job(json.loads(sys.argv[1]), sys.argv[2]); "
-              "run_job(job, job_command(job, 2), {})")
-    proc = subprocess.Popen([sys.executable, "-c", runner, json.dumps(args), str(job.output_dir.parent)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    runner = (
+        "import json, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from domainfusion.launchers import job_command, run_job; "
+        "from domainfusion.sweep import Job; job = Job(json.loads(sys.argv[1]), sys.argv[2]); "
+        "run_job(job, job_command(job, 2), {})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", runner, json.dumps(args), str(job.output_dir.parent)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 600
     while len(train_pids(job)) < 3:  # torchrun and its two workers
         assert proc.poll() is None and time.time() < deadline, "the job ended before torchrun and both workers ran"
@@ -356,7 +437,8 @@ def test_submitit_local_runs_two_tasks_per_job_and_requeues_them(grid, two_proce
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(slurm_launcher, [preempted], 1, 2, cluster="local", timeout_min=60)
         (kept,) = interrupt_after_first_checkpoint(
-            running, (preempted, lambda pids: kill(*map(parent, pids), sig=signal.SIGUSR2)), processes=2)
+            running, (preempted, lambda pids: kill(*map(parent, pids), sig=signal.SIGUSR2)), processes=2
+        )
         assert running.result() == 0
     logs = " ".join(p.read_text() for p in (root / "slurm2" / "submitit").glob("*_log.*"))
     assert "this job is preempted" in logs and "Requeued job" in logs

@@ -22,16 +22,33 @@ from domainfusion.data.digits_dg import MNIST_M_PHOTOS, SYN_FONTS, UNUSED_PHOTOS
 from domainfusion.data.resources import load_mnist_splits, load_wheel_fonts
 from domainfusion.errors import UserError
 from domainfusion.ldm import corpus as corpus_module
-from domainfusion.ldm import training
-from domainfusion.ldm.corpus import (CORPUS_PHOTOS, MAX_CAPTION_TOKENS, build_corpus, cache_paths, colour_name,
-                                     STYLE_VOCABULARY, digit_prompt, split_corpus)
-from domainfusion.ldm import embedded, load_ldm
-from domainfusion.ldm.embedded import (EMBEDDED_WEIGHTS_DIR, MAX_PROMPT_TOKENS, MAX_WEIGHT_BYTES, build_embedded_models,
-                                       embedded_configs, embedded_ldm_path, export_embedded_weights, load_text_encoder,
-                                       text_encoder_path, weight_bytes)
+from domainfusion.ldm import embedded, load_ldm, training
+from domainfusion.ldm.corpus import (
+    CORPUS_PHOTOS,
+    MAX_CAPTION_TOKENS,
+    STYLE_VOCABULARY,
+    build_corpus,
+    cache_paths,
+    colour_name,
+    digit_prompt,
+    split_corpus,
+)
+from domainfusion.ldm.embedded import (
+    EMBEDDED_WEIGHTS_DIR,
+    MAX_PROMPT_TOKENS,
+    MAX_WEIGHT_BYTES,
+    build_embedded_models,
+    embedded_configs,
+    embedded_ldm_path,
+    export_embedded_weights,
+    load_text_encoder,
+    text_encoder_path,
+    weight_bytes,
+)
 from domainfusion.ldm.grids import GAP, LABEL_WIDTH, img2img_grid, sample_grid
 from domainfusion.ldm.latent_diffusion import LatentDiffusion
 from domainfusion.ldm.training import LDMTrainConfig, train_ldm, unet_loss
+
 from tiny_ldm import tiny_vae_unet
 
 TINY = {
@@ -139,8 +156,10 @@ def test_captions_name_the_factors_and_fit_the_context(splits, tmp_path, mnist_r
     grid = np.stack(np.meshgrid(*[np.arange(0, 256, 15)] * 3), axis=-1).reshape(-1, 3)
     names = {colour_name(c) for c in grid}
     assert max(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in names) <= 2
-    longest = (digit_prompt(8) + ", small tilted pixelated blurry noisy handwritten thick shadowed light purple on "
-               "light turquoise gradient")
+    longest = (
+        digit_prompt(8) + ", small tilted pixelated blurry noisy handwritten thick shadowed light purple on "
+        "light turquoise gradient"
+    )
     assert len(tokenizer(longest)["input_ids"]) <= MAX_CAPTION_TOKENS
     assert len({c.split(", ", 1)[1] for c in corpus.captions}) > 150  # many distinct styles
     assert colour_name(np.array([255, 0, 0])) == "red" and colour_name(np.array([10, 10, 10])) == "black"
@@ -160,8 +179,12 @@ def test_corpus_cache_is_reused_and_rebuilt_for_other_settings(splits, mnist_roo
 
 def test_split_holds_out_the_last_images():
     def corpus(n: int) -> corpus_module.Corpus:
-        return corpus_module.Corpus(np.arange(n * 2).reshape(n, 2), np.arange(n), [str(i) for i in range(n)],
-                                    {"source": np.array(["printed"] * n)})
+        return corpus_module.Corpus(
+            np.arange(n * 2).reshape(n, 2),
+            np.arange(n),
+            [str(i) for i in range(n)],
+            {"source": np.array(["printed"] * n)},
+        )
 
     train, held = split_corpus(corpus(200))
     assert len(held.labels) == 20 and held.captions[0] == "180" and len(train.labels) == 180
@@ -182,10 +205,26 @@ def test_embedded_preset_fits_the_weight_budget():
 
 
 def _config(out: Path, root: Path, **changes) -> LDMTrainConfig:
-    settings = dict(output_dir=str(out), data_dir=str(root), corpus_size=200, max_images=64, style_dropout=0.2, model_overrides=TINY,
-                    vae_steps=6, vae_batch_size=16, unet_steps=8, unet_batch_size=16, warmup_steps=2, log_every=1,
-                    checkpoint_every=4, sample_every=0, sample_seeds=1, sample_steps=2, scale_samples=64,
-                    progress=False)  # fmt: skip
+    settings = dict(
+        output_dir=str(out),
+        data_dir=str(root),
+        corpus_size=200,
+        max_images=64,
+        style_dropout=0.2,
+        model_overrides=TINY,
+        vae_steps=6,
+        vae_batch_size=16,
+        unet_steps=8,
+        unet_batch_size=16,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=4,
+        sample_every=0,
+        sample_seeds=1,
+        sample_steps=2,
+        scale_samples=64,
+        progress=False,
+    )
     return LDMTrainConfig(**{**settings, **changes})
 
 
@@ -286,10 +325,22 @@ def test_resume_after_kills_matches_an_uninterrupted_run(trained, mnist_root, tm
 def test_fine_tuning_a_copy_on_an_image_folder(trained, tiny_folder, tmp_path):
     """init_from: the VAE and its scale are kept (vae_steps=0), only the UNet moves; captions name class and domain."""
     base = trained[1]
-    config = LDMTrainConfig(output_dir=str(tmp_path / "ft"), data="ImageFolder", data_dir=str(tiny_folder), envs=[0, 2],
-                            caption_template="a photo of a {cls}, {domain}", init_from=str(base), vae_steps=0,
-                            unet_steps=3, unet_batch_size=8, warmup_steps=1, sample_every=0, sample_seeds=1,
-                            sample_steps=2, progress=False)  # fmt: skip
+    config = LDMTrainConfig(
+        output_dir=str(tmp_path / "ft"),
+        data="ImageFolder",
+        data_dir=str(tiny_folder),
+        envs=[0, 2],
+        caption_template="a photo of a {cls}, {domain}",
+        init_from=str(base),
+        vae_steps=0,
+        unet_steps=3,
+        unet_batch_size=8,
+        warmup_steps=1,
+        sample_every=0,
+        sample_seeds=1,
+        sample_steps=2,
+        progress=False,
+    )
     tuned = LatentDiffusion.from_pretrained(train_ldm(config), device="cpu")
     original = LatentDiffusion.from_pretrained(base, device="cpu")
     assert tuned.scaling_factor == original.scaling_factor
@@ -321,19 +372,71 @@ def test_cli_sample_and_img2img_grids(trained, tiny_folder, tmp_path):
 
     folder = str(trained[1])
     runner = CliRunner()
-    res = runner.invoke(app, ["ldm", "sample", "a photo of the digit 1", "a photo of the digit 2", "--model", folder,
-                              "--out", str(tmp_path / "s.png"), "--n-seeds", "3", "--steps", "2", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "ldm",
+            "sample",
+            "a photo of the digit 1",
+            "a photo of the digit 2",
+            "--model",
+            folder,
+            "--out",
+            str(tmp_path / "s.png"),
+            "--n-seeds",
+            "3",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     sample_size = Image.open(tmp_path / "s.png").size
-    res = runner.invoke(app, ["ldm", "img2img", "--model", folder, "--dataset", "ImageFolder", "--data-dir",
-                              str(tiny_folder), "--n-images", "2", "--strengths", "0,0.5,1", "--steps", "2",
-                              "--out", str(tmp_path / "i.png"), "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "ldm",
+            "img2img",
+            "--model",
+            folder,
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--n-images",
+            "2",
+            "--strengths",
+            "0,0.5,1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "i.png"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     w, h = Image.open(tmp_path / "i.png").size
     # 2 prompts × 3 seeds vs 2 images × (input + 3 strengths): same height, one more column
     assert h == sample_size[1] and w > sample_size[0]
-    res = runner.invoke(app, ["ldm", "img2img", "--model", folder, "--dataset", "ImageFolder", "--data-dir",
-                              str(tiny_folder), "--strengths", "0.5,x", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "ldm",
+            "img2img",
+            "--model",
+            folder,
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--strengths",
+            "0.5,x",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code != 0 and "--strengths" in str(res.exception)
 
 
@@ -371,8 +474,17 @@ def test_bf16_vae_stage_trains_differently_and_unknown_precisions_are_refused(tr
 
 def _finetune(trained, out: Path, root: Path, **changes) -> dict[str, torch.Tensor]:
     """4 UNet steps from the tiny trained model (its VAE kept); the saved (EMA) UNet weights."""
-    folder = train_ldm(_config(out, root, init_from=str(changes.pop("init_from", trained[1])), vae_steps=0,
-                               unet_steps=4, checkpoint_every=2, **changes))
+    folder = train_ldm(
+        _config(
+            out,
+            root,
+            init_from=str(changes.pop("init_from", trained[1])),
+            vae_steps=0,
+            unet_steps=4,
+            checkpoint_every=2,
+            **changes,
+        )
+    )
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -381,10 +493,15 @@ def test_unet_stage_precisions_train_and_checkpointing_changes_nothing(trained, 
     gradient checkpointing, switched on for the trained UNet, gives the fp32 run's weights exactly (on a CPU)."""
     enabled = []
     enable = UNet2DConditionModel.enable_gradient_checkpointing
-    monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
-                        lambda self: enabled.append(self) or enable(self))
-    settings = {"fp32": {}, "bf16": {"unet_precision": "bf16"}, "fp16": {"unet_precision": "fp16"},
-                "checkpointed": {"unet_gradient_checkpointing": True}}
+    monkeypatch.setattr(
+        UNet2DConditionModel, "enable_gradient_checkpointing", lambda self: enabled.append(self) or enable(self)
+    )
+    settings = {
+        "fp32": {},
+        "bf16": {"unet_precision": "bf16"},
+        "fp16": {"unet_precision": "fp16"},
+        "checkpointed": {"unet_gradient_checkpointing": True},
+    }
     weights = {name: _finetune(trained, tmp_path / name, mnist_root, **changes) for name, changes in settings.items()}
     initial = load_file(trained[1] / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -441,8 +558,10 @@ def test_unet_loss_targets_the_schedulers_prediction_type(kind):
     unet, z0, embeds = _unet_batch()
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
     with torch.no_grad():
-        losses = {gamma: unet_loss(unet, scheduler, z0, embeds, torch.Generator().manual_seed(3), gamma)
-                  for gamma in (None, 5.0)}
+        losses = {
+            gamma: unet_loss(unet, scheduler, z0, embeds, torch.Generator().manual_seed(3), gamma)
+            for gamma in (None, 5.0)
+        }
         g = torch.Generator().manual_seed(3)
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (4,), generator=g)

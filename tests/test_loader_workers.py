@@ -31,17 +31,30 @@ class Images(Dataset):
 
 
 # torchvision's random transforms draw from torch's global RNG, as DomainBed's augmentation does.
-AUGMENT = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomResizedCrop(8, scale=(0.5, 1.0)),
-                              transforms.ColorJitter(0.5, 0.5)])  # fmt: skip
+AUGMENT = transforms.Compose(
+    [
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(8, scale=(0.5, 1.0)),
+        transforms.ColorJitter(0.5, 0.5),
+    ]
+)
 
 
-def batches(dataset: Dataset, num_workers: int, n: int = 6, skip: int = 0, seed: int = 0,
-            weights: torch.Tensor | None = None, model_draws: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    dataset: Dataset,
+    num_workers: int,
+    n: int = 6,
+    skip: int = 0,
+    seed: int = 0,
+    weights: torch.Tensor | None = None,
+    model_draws: bool = False,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` batches of a loader built as `train` builds one; `model_draws`: draw from the global RNG between
     batches, as a training step (dropout, pool sampling) does."""
     torch.manual_seed(123)
-    loader = InfiniteDataLoader(dataset, weights, BATCH, num_workers, torch.Generator().manual_seed(seed),
-                                skip_batches=skip)  # fmt: skip
+    loader = InfiniteDataLoader(
+        dataset, weights, BATCH, num_workers, torch.Generator().manual_seed(seed), skip_batches=skip
+    )
     it, out = iter(loader), []
     for _ in range(n):
         out.append(next(it))
@@ -74,8 +87,12 @@ def test_augmented_batches_are_the_same_with_workers_and_after_a_fast_forward():
     assert [y.tolist() for _, y in reference] == [y.tolist() for _, y in plain]
     assert all(not torch.equal(xa, xp) for (xa, _), (xp, _) in zip(reference, plain))
     images, plain_images = torch.cat([x for x, _ in reference]), torch.cat([x for x, _ in plain])
-    first, again = next((i, j) for i in range(len(images)) for j in range(i + 1, len(images))
-                        if torch.equal(plain_images[i], plain_images[j]))  # fmt: skip
+    first, again = next(
+        (i, j)
+        for i in range(len(images))
+        for j in range(i + 1, len(images))
+        if torch.equal(plain_images[i], plain_images[j])
+    )
     assert not torch.equal(images[first], images[again])
     # Nothing else decides the augmentations: not the worker count, not the training step's own random draws,
     # not a resume (fast-forward), with or without class-balanced sampling.

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from domainfusion import hparams as registry
+from domainfusion.data.image_folder import ImageFolderDataset
+from domainfusion.data.pool import SyntheticPool, subset_chunks
 from domainfusion.errors import UserError
 from domainfusion.images import to_uint8
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import from_ldm_images, to_ldm_images
 from domainfusion.method import style_content as sc
 from domainfusion.method.latent_distillation import LatentDistillation, LDSettings
-from domainfusion.data.image_folder import ImageFolderDataset
-from domainfusion.data.pool import SyntheticPool, subset_chunks
 from domainfusion.method.online_augmentation import AugSettings, OnlineAugmentation
+
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +71,9 @@ def test_sds_gradient_wrt_latent_is_weighted_noise_residual(ldm: LatentDiffusion
     noise = torch.randn(out.latents.shape, generator=g)
     assert torch.equal(t, out.timesteps)
     with torch.no_grad():
-        eps_hat = ldm.predict_noise(ldm.add_noise(out.latents, noise, t), t, ldm.encode_prompts([PROMPTS[i] for i in y]))
+        eps_hat = ldm.predict_noise(
+            ldm.add_noise(out.latents, noise, t), t, ldm.encode_prompts([PROMPTS[i] for i in y])
+        )
     w = (1 - ldm.alphas_cumprod[t]).view(-1, 1, 1, 1)
     n = out.latents.numel()  # the loss is a mean over the B·C·h·w latent elements
     torch.testing.assert_close(grad_z, w * (eps_hat - noise) / n, rtol=0, atol=0)
@@ -129,7 +132,8 @@ def test_uncond_reference_vanishes_when_the_prompt_is_the_empty_one(ldm: LatentD
     x, _ = batch(3)
     logits = torch.randn(3, 2, requires_grad=True)
     out = LatentDistillation(ldm, ["", "a photo of a dog"], ld_settings(reference="uncond"))(
-        logits, x, torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(0))
+        logits, x, torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(0)
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert torch.count_nonzero(logits.grad) == 0
@@ -169,8 +173,9 @@ def test_full_gradient_in_parts_of_max_batch_equals_one_call(ldm_folder: Path, r
     torch.testing.assert_close(results[0], results[1])
 
 
-def loss_through_the_encoder_graph(ld: LatentDistillation, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                                   generator: torch.Generator) -> torch.Tensor:
+def loss_through_the_encoder_graph(
+    ld: LatentDistillation, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """L_LD as it was computed before the JVP: z = E(c·x₀) with the VAE encoder's autograd graph kept."""
     ldm = ld.ldm
     c = logits.softmax(1).gather(1, y[:, None]).squeeze(1)
@@ -219,8 +224,10 @@ def test_forward_mode_encode_gives_the_graph_gradient_and_saves_little(ldm: Late
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(PROMPTS)))
     ld = LatentDistillation(ldm, PROMPTS, ld_settings(grad=grad))
     grads, peak, held = [], [], []
-    for compute in (lambda logits: ld(logits, x, y, torch.Generator().manual_seed(5)).loss,
-                    lambda logits: loss_through_the_encoder_graph(ld, logits, x, y, torch.Generator().manual_seed(5))):
+    for compute in (
+        lambda logits: ld(logits, x, y, torch.Generator().manual_seed(5)).loss,
+        lambda logits: loss_through_the_encoder_graph(ld, logits, x, y, torch.Generator().manual_seed(5)),
+    ):
         logits = classifier(x)
         loss, peak_bytes, held_bytes = saved_tensor_bytes(lambda: compute(logits))
         grads.append(torch.autograd.grad(loss, list(classifier.parameters())))
@@ -239,7 +246,7 @@ def test_confidence_darkens_the_image_fed_to_the_vae(ldm: LatentDiffusion, monke
     x, y = batch(2)
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     out = LatentDistillation(ldm, PROMPTS, ld_settings())(logits, x, torch.tensor([0, 1]), torch.Generator())
-    expected_c = torch.tensor([torch.e ** 2 / (torch.e ** 2 + 2), 1 / 3])
+    expected_c = torch.tensor([torch.e**2 / (torch.e**2 + 2), 1 / 3])
     torch.testing.assert_close(out.confidence, expected_c)
     torch.testing.assert_close(seen["x"], expected_c.view(-1, 1, 1, 1) * x)
 
@@ -264,8 +271,9 @@ class StubLDM:
     def add_noise(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise.double() + 0 * z  # the prediction below then misses the noise by the class's amount exactly
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float = 1.0
-                      ) -> torch.Tensor:
+    def predict_noise(
+        self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float = 1.0
+    ) -> torch.Tensor:
         return z_t + embeds.reshape(-1, 1, 1, 1)
 
 
@@ -286,18 +294,22 @@ def test_ld_is_scale_free_across_latent_sizes() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
     c = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64).softmax(1)
     dc = 0.3 * 0.5 / 2  # ∂L/∂c per image
-    expected = torch.stack([dc * c[0, 0] * (torch.tensor([1.0, 0.0]) - c[0]), dc * c[1, 1] * (torch.tensor([0.0, 1.0]) - c[1])])
+    expected = torch.stack(
+        [dc * c[0, 0] * (torch.tensor([1.0, 0.0]) - c[0]), dc * c[1, 1] * (torch.tensor([0.0, 1.0]) - c[1])]
+    )
     torch.testing.assert_close(grads[0], expected.double())
 
 
 def test_posterior_target_gradient_is_classifier_minus_ldm_posterior() -> None:
     """q = softmax(−e/τ) from per-class denoising errors e_k = miss_k²; ∂KL(q‖p)/∂logits = (p − q) / B."""
     miss = [0.0, 0.1, 0.2]
-    ld = LatentDistillation(StubLDM(8, miss), ["a", "b", "c"],
-                            ld_settings(target="posterior", temperature=0.01, draws=3))
+    ld = LatentDistillation(
+        StubLDM(8, miss), ["a", "b", "c"], ld_settings(target="posterior", temperature=0.01, draws=3)
+    )
     logits = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    out = ld(logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([2, 0]),
-             torch.Generator().manual_seed(0))
+    out = ld(
+        logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([2, 0]), torch.Generator().manual_seed(0)
+    )
     q = torch.tensor([0.0, -1.0, -4.0], dtype=torch.float64).softmax(0).expand(2, 3)  # −(0, .01, .04) / .01
     torch.testing.assert_close(out.posterior.double(), q)
     p = logits.detach().softmax(1)
@@ -308,12 +320,17 @@ def test_posterior_target_gradient_is_classifier_minus_ldm_posterior() -> None:
 
 
 def test_posterior_target_judges_the_top_k_classes_and_always_the_label() -> None:
-    ld = LatentDistillation(StubLDM(8, [0.0, 0.1, 0.2, 0.3, 0.4]), list("abcde"),
-                            ld_settings(target="posterior", temperature=0.01, draws=1, top_k=2))
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0]], dtype=torch.float64,
-                          requires_grad=True)
-    out = ld(logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 0]),
-             torch.Generator().manual_seed(0))
+    ld = LatentDistillation(
+        StubLDM(8, [0.0, 0.1, 0.2, 0.3, 0.4]),
+        list("abcde"),
+        ld_settings(target="posterior", temperature=0.01, draws=1, top_k=2),
+    )
+    logits = torch.tensor(
+        [[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0]], dtype=torch.float64, requires_grad=True
+    )
+    out = ld(
+        logits, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 0]), torch.Generator().manual_seed(0)
+    )
     assert out.candidates.tolist() == [[0, 1], [4, 0]]  # image 1's label 0 replaces its second-best class
     (grad,) = torch.autograd.grad(out.loss, logits)
     assert torch.count_nonzero(grad[0, 2:]) == 0 and torch.count_nonzero(grad[1, 1:4]) == 0
@@ -351,8 +368,9 @@ def test_selection_picks_most_different_style_and_most_similar_content() -> None
     exp_mean, exp_std = sc.style(candidates[torch.arange(2), style_pick])
     torch.testing.assert_close(mean, exp_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(std, exp_std, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sc.content(new), sc.content(candidates[torch.arange(2), content_pick]),
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        sc.content(new), sc.content(candidates[torch.arange(2), content_pick]), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (2, 28), (3, 32), (3, 64)])
@@ -373,8 +391,9 @@ def test_dataset_ldm_image_maps(channels: int, size: int) -> None:
 
 def tensor_dataset(n: int, channels: int = 1, size: int = 28) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(n)
-    return torch.utils.data.TensorDataset(torch.rand(n, channels, size, size, generator=g),
-                                          torch.randint(len(PROMPTS), (n,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.rand(n, channels, size, size, generator=g), torch.randint(len(PROMPTS), (n,), generator=g)
+    )
 
 
 def test_pool_subset_is_seeded_and_traceable(tmp_path: Path, monkeypatch) -> None:
@@ -415,18 +434,22 @@ def test_images_for_the_ldm_are_reproducible_under_random_augmentation(tiny_fold
     assert not torch.equal(pixels(envs(False)), first)
 
 
-def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Path, ldm: LatentDiffusion,
-                                                                    monkeypatch) -> None:
+def test_refresh_replaces_every_image_once_keeps_labels_and_counts(
+    tmp_path: Path, ldm: LatentDiffusion, monkeypatch
+) -> None:
     monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 4)
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(9)], 1.0, seed=0))
     before_images, before_labels = pool.read(torch.arange(9))
     before_sources = torch.cat([s for _, _, s in pool.shards()])
     settings = aug_settings(candidates=3, strength=0.5, steps=4, **PAPER_AUG)
-    aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0,
-                             grid_dir=tmp_path / "grids")
+    aug = OnlineAugmentation(
+        ldm, pool, [[p] for p in PROMPTS], (1, 28, 28), settings, seed=0, grid_dir=tmp_path / "grids"
+    )
     calls = []
     img2img = ldm.img2img
-    monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
+    monkeypatch.setattr(
+        ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw)
+    )
     encode = ldm.encode
     encoded = []
     monkeypatch.setattr(ldm, "encode", lambda x: encoded.append(len(x)) or encode(x))
@@ -459,7 +482,9 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
         assert torch.equal(picks[0], out.style_pick) and torch.equal(picks[1], out.content_pick)
         torch.testing.assert_close(out.results, ldm.decode(sc.recombine(candidates, *picks)))
     assert torch.equal(after_images, to_uint8(from_ldm_images(torch.cat([o.results for o in outs]), (1, 28, 28))))
-    assert [len(p) for p in calls] == [4] * 3 + [4] * 3 + [1] * 3  # per shard (4 + 4 + 1 images), one call per candidate
+    assert [len(p) for p in calls] == [4] * 3 + [4] * 3 + [
+        1
+    ] * 3  # per shard (4 + 4 + 1 images), one call per candidate
     shards = [before_labels[:4], before_labels[4:8], before_labels[8:]]
     assert calls == [[PROMPTS[int(y)] for y in labels] for labels in shards for _ in range(3)]
     assert (tmp_path / "grids" / "refresh-000.png").is_file()
@@ -467,8 +492,9 @@ def test_refresh_replaces_every_image_once_keeps_labels_and_counts(tmp_path: Pat
     assert not aug.due(0.99) and aug.due(1.0)
 
 
-def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, ldm: LatentDiffusion,
-                                                                monkeypatch) -> None:
+def test_style_words_cycle_through_the_styles_by_pool_position(
+    tmp_path: Path, ldm: LatentDiffusion, monkeypatch
+) -> None:
     monkeypatch.setattr("domainfusion.data.pool.SHARD_SIZE", 4)
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(7)], 1.0, seed=0))
     labels = pool.labels.tolist()
@@ -477,12 +503,17 @@ def test_style_words_cycle_through_the_styles_by_pool_position(tmp_path: Path, l
     aug = OnlineAugmentation(ldm, pool, styles, (1, 28, 28), settings, seed=0)
     calls = []
     img2img = ldm.img2img
-    monkeypatch.setattr(ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw))
+    monkeypatch.setattr(
+        ldm, "img2img", lambda images, prompts, **kw: calls.append(prompts) or img2img(images, prompts, **kw)
+    )
     aug.refresh()
     assert [len(c) for c in calls] == [4, 4, 3, 3]  # two shards (4 + 3 images), one call per candidate (2)
     # Image p's candidate j uses style (p + j) mod 3, also across the shard boundary (p = 4, 5, 6).
-    expected = [[f"{PROMPTS[labels[p]]}, style {(p + j) % 3}" for p in shard] for shard in (range(4), range(4, 7))
-                for j in range(2)]
+    expected = [
+        [f"{PROMPTS[labels[p]]}, style {(p + j) % 3}" for p in shard]
+        for shard in (range(4), range(4, 7))
+        for j in range(2)
+    ]
     assert calls == expected
     calls.clear()
     aug.refresh()  # refresh 1 moves on by N styles: candidate j of image p uses style (p + j + 2) mod 3
@@ -518,15 +549,18 @@ def test_pool_sampling_is_seeded(tmp_path: Path) -> None:
 
 def test_candidate_strengths_spread_evenly_and_clip() -> None:
     assert aug_settings(candidates=4, strength=0.5, strength_spread=0.0).strengths() == [0.5] * 4
-    torch.testing.assert_close(torch.tensor(aug_settings(candidates=4, strength=0.5, strength_spread=0.3).strengths()),
-                               torch.tensor([0.2, 0.4, 0.6, 0.8]))
+    torch.testing.assert_close(
+        torch.tensor(aug_settings(candidates=4, strength=0.5, strength_spread=0.3).strengths()),
+        torch.tensor([0.2, 0.4, 0.6, 0.8]),
+    )
     assert aug_settings(candidates=3, strength=0.9, strength_spread=0.2).strengths() == [0.7, 0.9, 1.0]
     assert aug_settings(candidates=1, strength=0.4, strength_spread=0.2).strengths() == [0.4]
 
 
 @pytest.mark.parametrize("refresh_from", ["pool", "source"])
-def test_refresh_edits_the_pool_image_or_always_the_real_one(tmp_path: Path, ldm: LatentDiffusion, monkeypatch,
-                                                             refresh_from: str) -> None:
+def test_refresh_edits_the_pool_image_or_always_the_real_one(
+    tmp_path: Path, ldm: LatentDiffusion, monkeypatch, refresh_from: str
+) -> None:
     chunks = list(subset_chunks([tensor_dataset(5)], 1.0, seed=0))
     pool = SyntheticPool.create(tmp_path / "pool", chunks)
     origin = SyntheticPool.create(tmp_path / "origin", chunks)
@@ -554,15 +588,27 @@ def test_style_space_of_vae_features_selects_and_mixes_there(tmp_path: Path, ldm
     pool = SyntheticPool.create(tmp_path / "pool", subset_chunks([tensor_dataset(3)], 1.0, seed=0))
     outs = {}
     for space in ("latent", "vae_features"):
-        aug = OnlineAugmentation(ldm, pool, [[p] for p in PROMPTS], (1, 28, 28),
-                                 aug_settings(candidates=4, strength=0.7, steps=5, style_space=space, refresh_from="pool",
-                                              strength_spread=0.0), seed=0)
+        aug = OnlineAugmentation(
+            ldm,
+            pool,
+            [[p] for p in PROMPTS],
+            (1, 28, 28),
+            aug_settings(
+                candidates=4, strength=0.7, steps=5, style_space=space, refresh_from="pool", strength_spread=0.0
+            ),
+            seed=0,
+        )
         outs[space] = out = aug.transform(x, torch.tensor([0, 1, 2]), first=0, seed=11)
         channels = 4 if space == "latent" else ldm.vae.config.block_out_channels[-1]
-        feats = out.candidates.flatten(0, 1) if space == "latent" else \
-            ldm.encode_features(ldm.decode(out.candidates.flatten(0, 1)))  # fmt: skip
+        feats = (
+            out.candidates.flatten(0, 1)
+            if space == "latent"
+            else ldm.encode_features(ldm.decode(out.candidates.flatten(0, 1)))
+        )
         assert feats.shape[1] == channels
-        space_source = ldm.encode(to_ldm_images(x, 32)) if space == "latent" else ldm.encode_features(to_ldm_images(x, 32))
+        space_source = (
+            ldm.encode(to_ldm_images(x, 32)) if space == "latent" else ldm.encode_features(to_ldm_images(x, 32))
+        )
         style_pick, content_pick = sc.select_style_content(space_source, feats.unflatten(0, (3, 4)))
         assert torch.equal(out.style_pick, style_pick) and torch.equal(out.content_pick, content_pick)
         assert (out.stats["style_distance_picked"] >= out.stats["style_distance_mean"]).all()

@@ -20,14 +20,19 @@ def test_small_images_use_the_mnist_cnn():
     assert isinstance(f, MNIST_CNN)
     assert f(torch.rand(5, 3, 32, 32)).shape == (5, 128)
     assert Featurizer((2, 28, 28), HP)(torch.rand(4, 2, 28, 28)).shape == (4, 128)
-    assert sum(p.numel() for p in f.parameters()) == 3 * 64 * 9 + 64 + 64 * 128 * 9 + 2 * 128 * 128 * 9 + 3 * 128 + 2 * 64 + 6 * 128
+    assert (
+        sum(p.numel() for p in f.parameters())
+        == 3 * 64 * 9 + 64 + 64 * 128 * 9 + 2 * 128 * 128 * 9 + 3 * 128 + 2 * 64 + 6 * 128
+    )
 
 
 def test_resnet_normalises_inputs_itself_and_freezes_batchnorm():
     torch.manual_seed(0)
     ours = ResNet((3, 64, 64), HP).eval()
     ref = torchvision.models.resnet18(weights=None)
-    ref.load_state_dict({**ours.network.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    ref.load_state_dict(
+        {**ours.network.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    )
     ref.fc = torch.nn.Identity()
     ref.eval()
     x = torch.rand(2, 3, 64, 64)
@@ -71,5 +76,6 @@ def test_algorithm_weights_round_trip_through_safetensors(input_shape, tmp_path:
     for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(RuntimeError, match="does not match"):
-        load_module(algorithm_class("ERM")(input_shape, 3, 2, {**hp, "nonlinear_classifier": True}),
-                    tmp_path / "m.safetensors")
+        load_module(
+            algorithm_class("ERM")(input_shape, 3, 2, {**hp, "nonlinear_classifier": True}), tmp_path / "m.safetensors"
+        )

@@ -124,9 +124,27 @@ def test_cli_probe_prints_and_writes_every_domain(tiny_folder, tmp_path):
 
     folder = save_tiny_ldm(tmp_path / "m")
     out = tmp_path / "probe.json"
-    res = CliRunner().invoke(app, ["ldm", "probe", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder),
-                                   "--model", str(folder), "--images-per-domain", "5", "--draws", "3",
-                                   "--json-out", str(out), "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "ldm",
+            "probe",
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--model",
+            str(folder),
+            "--images-per-domain",
+            "5",
+            "--draws",
+            "3",
+            "--json-out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     payload = json.loads(out.read_text())
     assert [d["domain"] for d in payload["domains"]] == ["d0", "d1", "d2"]
@@ -134,6 +152,19 @@ def test_cli_probe_prints_and_writes_every_domain(tiny_folder, tmp_path):
     assert all(d["unet_calls"] == 5 * 2 * 3 for d in payload["domains"])  # images x classes x draws
     assert payload["prompts"] == ["a photo of a cat", "a photo of a dog"]
     assert "d1" in res.output and "zero-shot" in res.output
-    res = CliRunner().invoke(app, ["ldm", "probe", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder),
-                                   "--model", str(folder), "--draws", "0"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "ldm",
+            "probe",
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--model",
+            str(folder),
+            "--draws",
+            "0",
+        ],
+    )
     assert res.exit_code != 0 and "draws" in str(res.exception)

@@ -21,13 +21,21 @@ from domainfusion.data.pool import SyntheticPool
 from domainfusion.domainbed import IMAGENET, DomainFusion, extra_hparams, set_run
 from domainfusion.errors import UserError
 from domainfusion.images import to_uint8
+
 from conftest import REPO, make_image_folder
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # Tiny generation settings (as test_generative's); batch 4 per domain.
-FAST = {"data_augmentation": False, "batch_size": 4, "synthetic_fraction": 0.25, "img2img_steps": 4,
-        "aug_candidates": 2, "aug_pool_fraction": 0.25, "ld_batch_size": 4}
+FAST = {
+    "data_augmentation": False,
+    "batch_size": 4,
+    "synthetic_fraction": 0.25,
+    "img2img_steps": 4,
+    "aug_candidates": 2,
+    "aug_pool_fraction": 0.25,
+    "ld_batch_size": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +50,28 @@ def readme_example() -> str:
 
 
 def test_readme_example_trains_domainfusion_with_own_loaders(ldm_folder, tmp_path, monkeypatch):
-    real_get_dataset, real_defaults, real_load_ldm = (domainfusion.data.get_dataset, registry.default_hparams,
-                                                      domainfusion.ldm.load_ldm)
+    real_get_dataset, real_defaults, real_load_ldm = (
+        domainfusion.data.get_dataset,
+        registry.default_hparams,
+        domainfusion.ldm.load_ldm,
+    )
     # Four DigitsDG-named domains × two classes × four 16 px images, served at 32 px (the MNIST CNN, the LDM's size).
-    root = make_image_folder(tmp_path / "digits", {d: ["0", "1"] for d in ("mnist", "mnist_m", "syn", "optdigits")},
-                             per_class=4)  # fmt: skip
-    monkeypatch.setattr(domainfusion.data, "get_dataset", lambda name, data_dir, test_envs, hparams: real_get_dataset(
-        "ImageFolder", root, test_envs, hparams, image_size=32))
+    root = make_image_folder(
+        tmp_path / "digits", {d: ["0", "1"] for d in ("mnist", "mnist_m", "syn", "optdigits")}, per_class=4
+    )
+    monkeypatch.setattr(
+        domainfusion.data,
+        "get_dataset",
+        lambda name, data_dir, test_envs, hparams: real_get_dataset(
+            "ImageFolder", root, test_envs, hparams, image_size=32
+        ),
+    )
     monkeypatch.setattr(domainfusion, "default_hparams", lambda *a: {**real_defaults(*a), **FAST})
-    monkeypatch.setattr(domainfusion.ldm, "load_ldm", lambda name, device, max_batch=None: real_load_ldm(
-        str(ldm_folder), device, max_batch=max_batch))
+    monkeypatch.setattr(
+        domainfusion.ldm,
+        "load_ldm",
+        lambda name, device, max_batch=None: real_load_ldm(str(ldm_folder), device, max_batch=max_batch),
+    )
     monkeypatch.chdir(tmp_path)
     code = readme_example()
     assert code.count("range(8)") == 1
@@ -63,8 +83,12 @@ def test_readme_example_trains_domainfusion_with_own_loaders(ldm_folder, tmp_pat
     # drop_last = 2 steps. Pool round(0.25 · 24) = 6; one epoch of our unit = 24 / (4 · 3) = 2 steps, so the
     # default period T = 1 gives one refresh (before step 0): 6 images × 2 candidates generated.
     assert algo.steps_done.item() == 2
-    assert algo.checkpoint_stats() | {"generation_s": 0} == {"generated_images": 12, "generation_s": 0, "pool_size": 6,
-                                                             "pool_refreshes": 1}  # fmt: skip
+    assert algo.checkpoint_stats() | {"generation_s": 0} == {
+        "generated_images": 12,
+        "generation_s": 0,
+        "pool_size": 6,
+        "pool_refreshes": 1,
+    }
     assert len(SyntheticPool(tmp_path / "runs/from_python/pool")) == 6
     assert all(math.isfinite(stats[k]) for k in ("loss", "ce_loss", "ld_loss", "confidence"))
     assert stats["loss"] == pytest.approx(stats["ce_loss"] + algo.hparams["ld_weight"] * stats["ld_loss"], rel=1e-5)
@@ -88,8 +112,14 @@ def test_for_data_derives_epoch_unit_and_input_shape(tmp_path):
 
 def test_the_ldm_memory_budget_reaches_the_model(ldm_folder, tmp_path):
     splits = [TensorDataset(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))]
-    budgets = [RunContext.for_data(splits, ["a", "b"], ["d0"], output_dir=tmp_path, batch_size=4,
-                                   ldm_model=str(ldm_folder), ldm_max_batch=n).ldm().max_batch for n in (None, 3)]
+    budgets = [
+        RunContext.for_data(
+            splits, ["a", "b"], ["d0"], output_dir=tmp_path, batch_size=4, ldm_model=str(ldm_folder), ldm_max_batch=n
+        )
+        .ldm()
+        .max_batch
+        for n in (None, 3)
+    ]
     assert budgets[1] == 3 and budgets[0] > 3  # None: the model's own default for its resolution
 
 
@@ -100,15 +130,28 @@ def test_domainbed_wrapper_with_domainbed_constructor_and_normalised_inputs(ldm_
     labels = [torch.randint(2, (6,), generator=g) for _ in range(2)]
     # What DomainBed's image-folder datasets yield: ImageNet-normalised images.
     splits = [TensorDataset((x - mean) / std, y) for x, y in zip(pixels, labels)]
-    set_run(splits, ["dog", "horse"], ["art_painting", "cartoon"], output_dir=tmp_path, normalization=IMAGENET,
-            dataset="PACS", env_names=["art_painting", "cartoon", "photo", "sketch"], ldm_model=str(ldm_folder),
-            device="cpu")  # fmt: skip
+    set_run(
+        splits,
+        ["dog", "horse"],
+        ["art_painting", "cartoon"],
+        output_dir=tmp_path,
+        normalization=IMAGENET,
+        dataset="PACS",
+        env_names=["art_painting", "cartoon", "photo", "sketch"],
+        ldm_model=str(ldm_folder),
+        device="cpu",
+    )
     # DomainBed's registry with docs/domainbed.md's block: its shared hparams, then ours for the algorithm.
-    hparams = {**registry.default_hparams("ERM", "PACS"), **{s.name: s.default for s in extra_hparams(
-        "DomainFusion", "PACS")}, **FAST}  # fmt: skip
+    hparams = {
+        **registry.default_hparams("ERM", "PACS"),
+        **{s.name: s.default for s in extra_hparams("DomainFusion", "PACS")},
+        **FAST,
+    }
     algo = DomainFusion((3, 32, 32), 2, 2, hparams)
     for step in range(2):
-        batches = [((x[step * 3:step * 3 + 3] - mean) / std, y[step * 3:step * 3 + 3]) for x, y in zip(pixels, labels)]
+        batches = [
+            ((x[step * 3 : step * 3 + 3] - mean) / std, y[step * 3 : step * 3 + 3]) for x, y in zip(pixels, labels)
+        ]
         values = algo.update(batches, None)  # DomainBed's train.py passes unlabeled=None positionally
         assert all(math.isfinite(values[k]) for k in ("loss", "ce_loss", "ld_loss"))
     assert algo.algorithm.steps_done.item() == 2
@@ -135,6 +178,7 @@ def test_domainbed_doc_lists_the_registry_hparams():
     doc = (REPO / "docs/domainbed.md").read_text()
     table = doc.split("<!-- hparams table -->\n", 1)[1].split("\n\n", 1)[0]
     assert table == hparams_table("DomainFusion", "PACS"), "paste this table:\n" + hparams_table("DomainFusion", "PACS")
+
     # The block is dataset-independent, so one table serves every DomainBed dataset.
     def block(dataset: str) -> list[tuple]:
         return [(s.name, s.default, s.low, s.high, s.choices) for s in extra_hparams("DomainFusion", dataset)]

@@ -26,14 +26,25 @@ from domainfusion.report import (
 N_ENVS = 3
 
 
-def rec(step, test_envs, in_accs=None, out_accs=None, hparams_seed=0, trial_seed=0, dataset="D",
-        algorithm="ERM"):
+def rec(step, test_envs, in_accs=None, out_accs=None, hparams_seed=0, trial_seed=0, dataset="D", algorithm="ERM"):
     """A DomainBed record over N_ENVS envs; unspecified accuracies default to 0.0."""
-    record = {"step": step, "epoch": step / 10, "loss": 1.0, "step_time": 0.1, "mem_gb": 1.0,
-              "hparams": {"lr": 1e-3},
-              "args": {"dataset": dataset, "algorithm": algorithm, "test_envs": list(test_envs),
-                       "hparams_seed": hparams_seed, "trial_seed": trial_seed, "seed": 0,
-                       "output_dir": f"/sweep/{dataset}_{algorithm}_{test_envs}_{hparams_seed}_{trial_seed}"}}
+    record = {
+        "step": step,
+        "epoch": step / 10,
+        "loss": 1.0,
+        "step_time": 0.1,
+        "mem_gb": 1.0,
+        "hparams": {"lr": 1e-3},
+        "args": {
+            "dataset": dataset,
+            "algorithm": algorithm,
+            "test_envs": list(test_envs),
+            "hparams_seed": hparams_seed,
+            "trial_seed": trial_seed,
+            "seed": 0,
+            "output_dir": f"/sweep/{dataset}_{algorithm}_{test_envs}_{hparams_seed}_{trial_seed}",
+        },
+    }
     for i in range(N_ENVS):
         record[f"env{i}_in_acc"] = (in_accs or {}).get(i, 0.0)
         record[f"env{i}_out_acc"] = (out_accs or {}).get(i, 0.0)
@@ -88,8 +99,10 @@ def test_iid_picks_best_train_env_validation_step_and_run():
 
 
 def test_iid_ties_go_to_larger_hparams_seed_like_domainbed():
-    records = [rec(0, [0], in_accs={0: 0.3}, out_accs={1: 0.5, 2: 0.5}, hparams_seed=0),
-               rec(0, [0], in_accs={0: 0.4}, out_accs={1: 0.5, 2: 0.5}, hparams_seed=1)]
+    records = [
+        rec(0, [0], in_accs={0: 0.3}, out_accs={1: 0.5, 2: 0.5}, hparams_seed=0),
+        rec(0, [0], in_accs={0: 0.4}, out_accs={1: 0.5, 2: 0.5}, hparams_seed=1),
+    ]
     assert IIDAccuracySelection().sweep_acc(records) == 0.4
 
 
@@ -106,12 +119,16 @@ def loo_records(drop=lambda r: False):
     """Test env 0 with its {0,1} and {0,2} runs for two hparam seeds (plus runs held out elsewhere)."""
     records = [
         # hparams 0: step 0 val = (0.7 + 0.9) / 2 = 0.8, step 1 val = (0.8 + 0.6) / 2 = 0.7 -> step 0, test 0.5
-        rec(0, [0], in_accs={0: 0.5}, hparams_seed=0), rec(1, [0], in_accs={0: 0.6}, hparams_seed=0),
-        rec(0, [0, 1], in_accs={1: 0.7}, hparams_seed=0), rec(1, [0, 1], in_accs={1: 0.8}, hparams_seed=0),
-        rec(0, [0, 2], in_accs={2: 0.9}, hparams_seed=0), rec(1, [0, 2], in_accs={2: 0.6}, hparams_seed=0),
+        rec(0, [0], in_accs={0: 0.5}, hparams_seed=0),
+        rec(1, [0], in_accs={0: 0.6}, hparams_seed=0),
+        rec(0, [0, 1], in_accs={1: 0.7}, hparams_seed=0),
+        rec(1, [0, 1], in_accs={1: 0.8}, hparams_seed=0),
+        rec(0, [0, 2], in_accs={2: 0.9}, hparams_seed=0),
+        rec(1, [0, 2], in_accs={2: 0.6}, hparams_seed=0),
         # hparams 1: val = (0.85 + 0.85) / 2 = 0.85 -> best run, test 0.65
         rec(0, [0], in_accs={0: 0.65}, hparams_seed=1),
-        rec(0, [0, 1], in_accs={1: 0.85}, hparams_seed=1), rec(0, [0, 2], in_accs={2: 0.85}, hparams_seed=1),
+        rec(0, [0, 1], in_accs={1: 0.85}, hparams_seed=1),
+        rec(0, [0, 2], in_accs={2: 0.85}, hparams_seed=1),
         # a different test env's run: must not enter test env 0's group
         rec(0, [1], in_accs={1: 0.99}, out_accs={0: 1.0, 2: 1.0}, hparams_seed=1),
     ]
@@ -129,14 +146,18 @@ def test_leave_one_out_hand_computed():
 
 def test_leave_one_out_missing_pair_gives_none():
     loo = LeaveOneOutSelection()
-    no_02_for_hp1 = group(loo_records(lambda r: r["args"]["test_envs"] == [0, 2]
-                                      and r["args"]["hparams_seed"] == 1), test_env=0)
+    no_02_for_hp1 = group(
+        loo_records(lambda r: r["args"]["test_envs"] == [0, 2] and r["args"]["hparams_seed"] == 1), test_env=0
+    )
     assert loo.sweep_acc(no_02_for_hp1) == 0.5  # hparams 1 is unscorable, hparams 0 wins
     no_02 = group(loo_records(lambda r: r["args"]["test_envs"] == [0, 2]), test_env=0)
     assert loo.sweep_acc(no_02) is None
     # Only step 0's {0,2} record missing for hparams 0: step 1 (val 0.7, test 0.6) is the only scorable one.
-    step1_only = [r for r in group(loo_records(), test_env=0)
-                  if r["args"]["hparams_seed"] == 0 and not (r["step"] == 0 and r["args"]["test_envs"] == [0, 2])]
+    step1_only = [
+        r
+        for r in group(loo_records(), test_env=0)
+        if r["args"]["hparams_seed"] == 0 and not (r["step"] == 0 and r["args"]["test_envs"] == [0, 2])
+    ]
     assert LeaveOneOutSelection().run_acc(step1_only) == RunAcc(pytest.approx(0.7), 0.6)
 
 
@@ -145,8 +166,16 @@ def table_records():
     records = []
 
     def add(algorithm, test_env, trial_seed, acc):
-        records.append(rec(0, [test_env], in_accs={test_env: acc}, out_accs={test_env: 0.5},
-                           trial_seed=trial_seed, algorithm=algorithm))
+        records.append(
+            rec(
+                0,
+                [test_env],
+                in_accs={test_env: acc},
+                out_accs={test_env: 0.5},
+                trial_seed=trial_seed,
+                algorithm=algorithm,
+            )
+        )
 
     for trial, acc in enumerate([0.90, 0.92, 0.94]):
         add("ERM", 0, trial, acc)
@@ -179,8 +208,9 @@ EXPECTED_MARKDOWN = """\
 
 
 def test_markdown_table_mean_se_and_missing():
-    table = results_table(table_records(), OracleSelection(), env_names={"D": ["A", "B", "C"]},
-                          algorithm_order=["Fish"])
+    table = results_table(
+        table_records(), OracleSelection(), env_names={"D": ["A", "B", "C"]}, algorithm_order=["Fish"]
+    )
     assert table == EXPECTED_MARKDOWN
 
 
@@ -193,7 +223,8 @@ def test_strict_table_marks_incomplete_trials():
 
 def test_table_falls_back_to_env_indices():
     assert "| Algorithm | 0          | 1          | 2          | Avg  |" in results_table(
-        table_records(), OracleSelection())
+        table_records(), OracleSelection()
+    )
 
 
 def test_latex_table():
@@ -202,7 +233,7 @@ def test_latex_table():
     assert lines[0] == "\\subsection{Model selection: test-domain validation set (oracle)}"
     assert "\\subsubsection{D}" in lines
     assert "\\begin{tabular}{lcccc}" in lines
-    assert ("\\textbf{Algorithm} & \\textbf{+90\\%} & \\textbf{B} & \\textbf{C} & \\textbf{Avg} \\\\" in lines)
+    assert "\\textbf{Algorithm} & \\textbf{+90\\%} & \\textbf{B} & \\textbf{C} & \\textbf{Avg} \\\\" in lines
     assert "ERM & 92.0 $\\pm$ 0.9 & 70.0 $\\pm$ 7.1 & X & X \\\\" in lines
     assert "ERM & 85.0 $\\pm$ 4.2 & 85.0 \\\\" in lines
     assert lines.count("\\toprule") == 2 and lines.count("\\end{tabular}}") == 2
@@ -212,8 +243,17 @@ def test_latex_table():
 
 def test_per_trial_rows():
     rows = per_trial_rows(IID_RECORDS, IIDAccuracySelection())
-    assert rows == [{"dataset": "D", "algorithm": "ERM", "test_env": 0, "trial_seed": 0, "test_acc": 0.5,
-                     "val_acc": pytest.approx(0.9), "hparams_seed": 1}]
+    assert rows == [
+        {
+            "dataset": "D",
+            "algorithm": "ERM",
+            "test_env": 0,
+            "trial_seed": 0,
+            "test_acc": 0.5,
+            "val_acc": pytest.approx(0.9),
+            "hparams_seed": 1,
+        }
+    ]
     json.dumps(rows)
 
 
@@ -265,14 +305,24 @@ def test_cost_table_weights_step_times_by_steps_covered():
     def rec(alg: str, out: str, step: int, step_time: float, **extra) -> dict:
         return {"step": step, "step_time": step_time, "args": {"algorithm": alg, "output_dir": out}, **extra}
 
-    records = [rec("ERM", "a", 0, 1.0), rec("ERM", "a", 10, 2.0),
-               rec("DomainFusion", "b", 0, 3.0, generated_images=8, generation_s=1.0),
-               rec("DomainFusion", "b", 10, 4.0, generated_images=40, generation_s=5.0)]
+    records = [
+        rec("ERM", "a", 0, 1.0),
+        rec("ERM", "a", 10, 2.0),
+        rec("DomainFusion", "b", 0, 3.0, generated_images=8, generation_s=1.0),
+        rec("DomainFusion", "b", 10, 4.0, generated_images=40, generation_s=5.0),
+    ]
     costs = run_costs(records)
     assert costs["ERM"][0]["step_time"] == pytest.approx(21 / 11)  # (1·1 + 2·10) / 11 steps
-    assert costs["DomainFusion"] == [{"step_time": pytest.approx(43 / 11), "generated_images": 40.0,
-                                      "generation_s": 5.0, "ldm_finetuned_models": 0.0, "ldm_finetune_s": 0.0,
-                                      "total_s": pytest.approx(43.0 + 5.0)}]
+    assert costs["DomainFusion"] == [
+        {
+            "step_time": pytest.approx(43 / 11),
+            "generated_images": 40.0,
+            "generation_s": 5.0,
+            "ldm_finetuned_models": 0.0,
+            "ldm_finetune_s": 0.0,
+            "total_s": pytest.approx(43.0 + 5.0),
+        }
+    ]
     table = cost_table(records, ["ERM", "DomainFusion"])
     assert "| ERM | 1 | 1.909 | 1.00 | 0 | 0 |" in table
     assert "| DomainFusion | 1 | 3.909 | 2.05 | 40 | 5 |" in table

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resume_checks import keeps_lines, kept_lines
 
 from domainfusion import checkpoint
 from domainfusion.data.loaders import InfiniteDataLoader
 from domainfusion.errors import UserError
 from domainfusion.train import TrainArgs, train
-from resume_checks import keeps_lines, kept_lines
+
 from tiny_ldm import save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,10 +41,33 @@ def comparable(records: list[dict]) -> list[dict]:
 
 
 def cli_args(args: TrainArgs) -> list[str]:
-    flags = ["--dataset", args.dataset, "--algorithm", args.algorithm, "--test-envs", "0", "--data-dir",
-             args.data_dir, "--output-dir", args.output_dir, "--steps", str(args.steps), "--checkpoint-freq",
-             str(args.checkpoint_freq), "--image-size", str(args.image_size), "--hparams", args.hparams,
-             "--ldm", args.ldm, "--num-workers", "0", "--skip-model-save", "--no-progress", "--resume"]  # fmt: skip
+    flags = [
+        "--dataset",
+        args.dataset,
+        "--algorithm",
+        args.algorithm,
+        "--test-envs",
+        "0",
+        "--data-dir",
+        args.data_dir,
+        "--output-dir",
+        args.output_dir,
+        "--steps",
+        str(args.steps),
+        "--checkpoint-freq",
+        str(args.checkpoint_freq),
+        "--image-size",
+        str(args.image_size),
+        "--hparams",
+        args.hparams,
+        "--ldm",
+        args.ldm,
+        "--num-workers",
+        "0",
+        "--skip-model-save",
+        "--no-progress",
+        "--resume",
+    ]
     return [sys.executable, "-m", "domainfusion", "train", *flags]
 
 
@@ -71,15 +95,32 @@ def test_sigkill_then_resume_gives_identical_results(algorithm: str, tiny_folder
     ldm = str(save_tiny_ldm(tmp_path / "tiny_ldm")) if algorithm == "DomainFusion" else "embedded"
     hparams = {"lr": 1e-3, "data_augmentation": False, "batch_size": 8}
     if algorithm == "DomainFusion":
-        hparams.update(synthetic_fraction=0.25, img2img_steps=4, aug_candidates=2, aug_pool_fraction=0.3,
-                       aug_every_epochs=0.5, ld_batch_size=4)
+        hparams.update(
+            synthetic_fraction=0.25,
+            img2img_steps=4,
+            aug_candidates=2,
+            aug_pool_fraction=0.3,
+            aug_every_epochs=0.5,
+            ld_batch_size=4,
+        )
     steps = 150 if algorithm == "ERM" else 60
 
     def run_args(name: str) -> TrainArgs:
-        return TrainArgs(dataset="ImageFolder", algorithm=algorithm, data_dir=str(tiny_folder), test_envs=[0],
-                         output_dir=str(tmp_path / name), steps=steps, checkpoint_freq=steps // 10, image_size=16,
-                         hparams=json.dumps(hparams), ldm=ldm, num_workers=0, progress=False,
-                         skip_model_save=True)  # fmt: skip
+        return TrainArgs(
+            dataset="ImageFolder",
+            algorithm=algorithm,
+            data_dir=str(tiny_folder),
+            test_envs=[0],
+            output_dir=str(tmp_path / name),
+            steps=steps,
+            checkpoint_freq=steps // 10,
+            image_size=16,
+            hparams=json.dumps(hparams),
+            ldm=ldm,
+            num_workers=0,
+            progress=False,
+            skip_model_save=True,
+        )
 
     reference = train(run_args("reference"))
     interrupted = run_args("interrupted")
@@ -94,8 +135,16 @@ def test_sigkill_then_resume_gives_identical_results(algorithm: str, tiny_folder
 
 
 def test_resume_refuses_changed_arguments(tiny_folder: Path, tmp_path: Path) -> None:
-    args = TrainArgs(dataset="ImageFolder", data_dir=str(tiny_folder), output_dir=str(tmp_path / "r"), steps=4,
-                     checkpoint_freq=2, image_size=16, progress=False, skip_model_save=True)
+    args = TrainArgs(
+        dataset="ImageFolder",
+        data_dir=str(tiny_folder),
+        output_dir=str(tmp_path / "r"),
+        steps=4,
+        checkpoint_freq=2,
+        image_size=16,
+        progress=False,
+        skip_model_save=True,
+    )
     train(args)
     (tmp_path / "r" / "done").unlink()
     with pytest.raises(UserError, match="cannot resume .*: steps differ"):
@@ -150,8 +199,9 @@ def _die_when_the_new_checkpoint_is_renamed_in(out: Path) -> None:
 def test_a_kill_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     algorithm = tiny_algorithm()
     checkpoint.write_checkpoint(tmp_path, 9, algorithm, {})
-    child = multiprocessing.get_context("fork").Process(target=_die_when_the_new_checkpoint_is_renamed_in,
-                                                       args=(tmp_path,))
+    child = multiprocessing.get_context("fork").Process(
+        target=_die_when_the_new_checkpoint_is_renamed_in, args=(tmp_path,)
+    )
     child.start()
     child.join(60)
     assert child.exitcode == 9
@@ -178,8 +228,7 @@ def test_a_checkpoint_with_the_former_random_state_layout_resumes(tmp_path: Path
     (folder / "state.json").write_text(json.dumps({**checkpoint.read_state(tmp_path), **scalars}))
 
     def draws() -> list[float]:
-        return [torch.rand(1).item(), torch.rand(1, generator=algorithm.gen).item(), np.random.rand(),
-                random.random()]
+        return [torch.rand(1).item(), torch.rand(1, generator=algorithm.gen).item(), np.random.rand(), random.random()]
 
     expected = draws()
     draws()

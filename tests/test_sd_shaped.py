@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from domainfusion.ldm import LatentDiffusion
-from domainfusion.ldm import sd_shaped
+from domainfusion.ldm import LatentDiffusion, sd_shaped
 from domainfusion.ldm.latent_diffusion import RANDOM_WEIGHTS_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,17 +35,27 @@ def test_configs_have_the_published_parameter_counts(kind: str) -> None:
 def shrunk(kind: str) -> dict:
     """`kind`'s configs with every width cut to 32 and 64 px images: the same classes, blocks and options."""
     configs = sd_shaped.SD_CONFIGS[kind]
-    return dict(configs,
-                unet=dict(configs["unet"], block_out_channels=(32,) * 4, attention_head_dim=2, cross_attention_dim=32,
-                          sample_size=8),
-                vae=dict(configs["vae"], block_out_channels=(32,) * 4, sample_size=64),
-                text_encoder=dict(configs["text_encoder"], hidden_size=32, intermediate_size=37, num_attention_heads=2,
-                                  num_hidden_layers=2, projection_dim=32))  # fmt: skip
+    return dict(
+        configs,
+        unet=dict(
+            configs["unet"], block_out_channels=(32,) * 4, attention_head_dim=2, cross_attention_dim=32, sample_size=8
+        ),
+        vae=dict(configs["vae"], block_out_channels=(32,) * 4, sample_size=64),
+        text_encoder=dict(
+            configs["text_encoder"],
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            projection_dim=32,
+        ),
+    )
 
 
 @pytest.mark.parametrize("kind, prediction", [("sd15", "epsilon"), ("sd21", "v_prediction")])
-def test_folder_loads_through_the_common_loader_and_warns_it_is_random(kind: str, prediction: str, tmp_path: Path,
-                                                                       monkeypatch) -> None:
+def test_folder_loads_through_the_common_loader_and_warns_it_is_random(
+    kind: str, prediction: str, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setitem(sd_shaped.SD_CONFIGS, kind, shrunk(kind))
     folder = sd_shaped.sd_shaped_folder(kind, cache=tmp_path)
     assert folder.is_relative_to(tmp_path) and sd_shaped.sd_shaped_folder(kind, cache=tmp_path) == folder

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from domainfusion.algorithms import ALGORITHMS, register
 from domainfusion.algorithms.erm import ERM
+from domainfusion.checkpoint import CHECKPOINT
 from domainfusion.cli import app
 from domainfusion.errors import UserError
-from domainfusion.checkpoint import CHECKPOINT
 from domainfusion.launchers import get_launcher, thread_env
 from domainfusion.sweep import (
     DONE,
@@ -73,19 +73,29 @@ def test_all_test_env_combinations():
 
 def test_grid_size_and_order(tmp_path, two_algorithms):
     # DigitsDG has 4 envs: 10 test-env sets (4 singles + 6 pairs) x 2 algorithms x 2 hparams seeds x 3 trials.
-    jobs = make_jobs(["DigitsDG"], two_algorithms, n_hparams_from=1, n_hparams=3, n_trials=3, data_dir="data",
-                     output_dir=tmp_path)
+    jobs = make_jobs(
+        ["DigitsDG"], two_algorithms, n_hparams_from=1, n_hparams=3, n_trials=3, data_dir="data", output_dir=tmp_path
+    )
     assert len(jobs) == 120
     keys = [(j.args["trial_seed"], j.args["algorithm"], j.args["test_envs"], j.args["hparams_seed"]) for j in jobs]
     assert keys[:3] == [(0, "ERM", [0], 1), (0, "ERM", [0], 2), (0, "ERM", [0, 1], 1)]
     assert keys[20] == (0, OTHER, [0], 1)
     assert keys[-1] == (2, OTHER, [3], 2)
     assert len({json.dumps(k) for k in keys}) == 120
-    single = make_jobs(["DigitsDG"], two_algorithms, n_hparams_from=1, n_hparams=3, n_trials=3, data_dir="data",
-                       output_dir=tmp_path, single_test_envs=True)
+    single = make_jobs(
+        ["DigitsDG"],
+        two_algorithms,
+        n_hparams_from=1,
+        n_hparams=3,
+        n_trials=3,
+        data_dir="data",
+        output_dir=tmp_path,
+        single_test_envs=True,
+    )
     assert len(single) == 3 * 2 * 4 * 2
-    explicit = make_jobs(["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, data_dir="data", output_dir=tmp_path,
-                         test_envs=[[0], [1, 3]])
+    explicit = make_jobs(
+        ["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, data_dir="data", output_dir=tmp_path, test_envs=[[0], [1, 3]]
+    )
     assert [j.args["test_envs"] for j in explicit] == [[0], [0], [1, 3], [1, 3]]
 
 
@@ -125,15 +135,43 @@ def test_variant_renames_the_job_but_keeps_its_seed(tmp_path):
 
 
 def test_command_flags(tmp_path):
-    (job,) = digits_jobs(tmp_path, test_envs=[[1, 2]], steps=7, data_dir="d",
-                         extra={"eval_train_in": False, "allow_missing_classes": True, "image_size": None,
-                                "device": "auto"})
+    (job,) = digits_jobs(
+        tmp_path,
+        test_envs=[[1, 2]],
+        steps=7,
+        data_dir="d",
+        extra={"eval_train_in": False, "allow_missing_classes": True, "image_size": None, "device": "auto"},
+    )
     assert "device" not in job.args and "image_size" not in job.args  # defaults and None are not part of the job
     assert job.command == [
-        sys.executable, "-m", "domainfusion", "train", "--dataset", "DigitsDG", "--algorithm", "ERM",
-        "--test-envs", "1,2", "--data-dir", "d", "--output-dir", str(job.output_dir), "--hparams-seed", "0",
-        "--trial-seed", "0", "--seed", str(job.args["seed"]), "--steps", "7", "--holdout-fraction", "0.2",
-        "--allow-missing-classes", "--no-eval-train-in", "--resume", "--no-progress",
+        sys.executable,
+        "-m",
+        "domainfusion",
+        "train",
+        "--dataset",
+        "DigitsDG",
+        "--algorithm",
+        "ERM",
+        "--test-envs",
+        "1,2",
+        "--data-dir",
+        "d",
+        "--output-dir",
+        str(job.output_dir),
+        "--hparams-seed",
+        "0",
+        "--trial-seed",
+        "0",
+        "--seed",
+        str(job.args["seed"]),
+        "--steps",
+        "7",
+        "--holdout-fraction",
+        "0.2",
+        "--allow-missing-classes",
+        "--no-eval-train-in",
+        "--resume",
+        "--no-progress",
     ]
 
 
@@ -213,8 +251,16 @@ def read_steps(job: Job) -> list[int]:
 
 def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
     """Two real train subprocesses in parallel plus one that fails; a second launch re-runs nothing."""
-    kw = dict(n_hparams=1, n_trials=1, test_envs=[[0], [1]], data_dir=tiny_folder, output_dir=tmp_path / "sweep",
-              steps=3, checkpoint_freq=2, extra={"image_size": 16, "num_workers": 0, "device": "cpu"})
+    kw = dict(
+        n_hparams=1,
+        n_trials=1,
+        test_envs=[[0], [1]],
+        data_dir=tiny_folder,
+        output_dir=tmp_path / "sweep",
+        steps=3,
+        checkpoint_freq=2,
+        extra={"image_size": 16, "num_workers": 0, "device": "cpu"},
+    )
     jobs = make_jobs(["ImageFolder"], ["ERM"], **kw)
     bad = Job({**jobs[0].args, "data_dir": str(tmp_path / "missing")}, tmp_path / "sweep")
     assert sweep("launch", [*jobs, bad], LOCAL, n_parallel=2, skip_confirmation=True) == 1
@@ -240,12 +286,28 @@ def test_local_launch_end_to_end(tmp_path, tiny_folder, capsys):
 
 
 def test_cli_list_prints_counts(tmp_path):
-    jobs = make_jobs(["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, single_test_envs=True, data_dir="data",
-                     output_dir=tmp_path)
+    jobs = make_jobs(
+        ["DigitsDG"], ["ERM"], n_hparams=2, n_trials=1, single_test_envs=True, data_dir="data", output_dir=tmp_path
+    )
     mark(jobs, done=2, incomplete=1)
-    result = CliRunner().invoke(app, ["sweep", "list", "--datasets", "DigitsDG", "--algorithms", "ERM",
-                                      "--output-dir", str(tmp_path), "--n-hparams", "2", "--n-trials", "1",
-                                      "--single-test-envs"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "list",
+            "--datasets",
+            "DigitsDG",
+            "--algorithms",
+            "ERM",
+            "--output-dir",
+            str(tmp_path),
+            "--n-hparams",
+            "2",
+            "--n-trials",
+            "1",
+            "--single-test-envs",
+        ],
+    )
     assert result.exit_code == 0, result.output
     counts = dict(re.findall(r"^(Done|Incomplete|Not launched|total)\s+(\d+)$", result.output, re.M))
     assert counts == {"Done": "2", "Incomplete": "1", "Not launched": "5", "total": "8"}
@@ -253,15 +315,42 @@ def test_cli_list_prints_counts(tmp_path):
 
 
 def test_cli_nproc_per_job_prints_torchrun_commands(tmp_path):
-    result = CliRunner().invoke(app, ["sweep", "launch", "--launcher", "dummy", "--datasets", "DigitsDG",
-                                      "--algorithms", "ERM", "--output-dir", str(tmp_path), "--n-hparams", "1",
-                                      "--n-trials", "1", "--test-envs", "0", "--nproc-per-job", "2",
-                                      "--skip-confirmation"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "launch",
+            "--launcher",
+            "dummy",
+            "--datasets",
+            "DigitsDG",
+            "--algorithms",
+            "ERM",
+            "--output-dir",
+            str(tmp_path),
+            "--n-hparams",
+            "1",
+            "--n-trials",
+            "1",
+            "--test-envs",
+            "0",
+            "--nproc-per-job",
+            "2",
+            "--skip-confirmation",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (job,) = digits_jobs(tmp_path, test_envs=[[0]], output_dir=tmp_path)
     assert "with the dummy launcher, 1 at a time, 2 processes each." in result.output
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                f"--log-dir={job.output_dir / 'torchrun'}", "--redirects=1:3"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--log-dir={job.output_dir / 'torchrun'}",
+        "--redirects=1:3",
+    ]
     assert shlex.join(torchrun + job.command[1:]) in result.output.splitlines()
 
 
@@ -278,18 +367,39 @@ def checkpointed(job: Job, world_size: int | None, folder: str = CHECKPOINT) -> 
     "algorithm, kw, nproc, message",
     [
         ("ERM", {}, 0, "--nproc-per-job must be at least 1, got 0"),
-        ("DSI", {}, 2, "--nproc-per-job 2: DSI does not support data-parallel training; sweep it separately with "
-                       "--nproc-per-job 1"),
-        ("ERM", {"extra": {"device": "cuda:1"}}, 2, "--device cuda:1 would put every process on one GPU; use "
-                                                    "--device cuda"),
-        ("ERM", {"hparams": '{"batch_size": 7}'}, 2, "--nproc-per-job 2: job DigitsDG ERM test_envs=.0. hparams_seed=0 "
-                                                     "trial_seed=0: batch_size 7 is not divisible by the 2 processes"),
+        (
+            "DSI",
+            {},
+            2,
+            "--nproc-per-job 2: DSI does not support data-parallel training; sweep it separately with "
+            "--nproc-per-job 1",
+        ),
+        (
+            "ERM",
+            {"extra": {"device": "cuda:1"}},
+            2,
+            "--device cuda:1 would put every process on one GPU; use --device cuda",
+        ),
+        (
+            "ERM",
+            {"hparams": '{"batch_size": 7}'},
+            2,
+            "--nproc-per-job 2: job DigitsDG ERM test_envs=.0. hparams_seed=0 "
+            "trial_seed=0: batch_size 7 is not divisible by the 2 processes",
+        ),
         ("ERM", {"n_hparams": 40}, 4, "batch_size (?!64 )\\d+ is not divisible by the 4 processes"),  # a random draw
     ],
 )
 def test_jobs_that_cannot_run_as_nproc_processes_are_refused_before_launch(tmp_path, algorithm, kw, nproc, message):
-    jobs = make_jobs(["DigitsDG"], [algorithm], n_trials=1, test_envs=[[0]], data_dir="data",
-                     output_dir=tmp_path, **{"n_hparams": 1, **kw})
+    jobs = make_jobs(
+        ["DigitsDG"],
+        [algorithm],
+        n_trials=1,
+        test_envs=[[0]],
+        data_dir="data",
+        output_dir=tmp_path,
+        **{"n_hparams": 1, **kw},
+    )
     with pytest.raises(UserError, match=message):
         sweep("launch", jobs, DUMMY, skip_confirmation=True, nproc_per_job=nproc)
     assert all(j.state == NOT_LAUNCHED for j in jobs)
@@ -300,8 +410,11 @@ def test_incomplete_jobs_resume_only_with_the_processes_that_checkpointed_them(t
     checkpointed(jobs[0], None)
     checkpointed(jobs[1], 2, folder=retired(Path(CHECKPOINT)).name)  # left aside by a kill during its replacement
     jobs[2].output_dir.mkdir(parents=True)  # failed before its first checkpoint: starts over with any number
-    with pytest.raises(UserError, match=r"^1 incomplete job\(s\) were checkpointed by 2 process\(es\) and resume only "
-                                        r"with as many; relaunch with --nproc-per-job 2, or pass --delete-incomplete"):
+    with pytest.raises(
+        UserError,
+        match=r"^1 incomplete job\(s\) were checkpointed by 2 process\(es\) and resume only "
+        r"with as many; relaunch with --nproc-per-job 2, or pass --delete-incomplete",
+    ):
         sweep("launch", jobs, DUMMY, skip_confirmation=True)
     with pytest.raises(UserError, match=r"^2 incomplete job\(s\) were checkpointed by 1 or 2 process\(es\)"):
         sweep("launch", jobs, DUMMY, skip_confirmation=True, nproc_per_job=4)

@@ -18,15 +18,25 @@ from domainfusion.train import TrainArgs, train
 
 
 def _args(folder: Path, out: Path, **kw) -> TrainArgs:
-    base = dict(dataset="ImageFolder", data_dir=str(folder), output_dir=str(out), test_envs=[0], steps=45,
-                checkpoint_freq=10, image_size=16, progress=False, num_workers=0, hparams='{"lr": 0.001, "data_augmentation": false}')
+    base = dict(
+        dataset="ImageFolder",
+        data_dir=str(folder),
+        output_dir=str(out),
+        test_envs=[0],
+        steps=45,
+        checkpoint_freq=10,
+        image_size=16,
+        progress=False,
+        num_workers=0,
+        hparams='{"lr": 0.001, "data_augmentation": false}',
+    )
     base.update(kw)
     return TrainArgs(**base)
 
 
 def test_results_schema_learning_and_artefacts(tiny_folder: Path, tmp_path: Path):
     records = train(_args(tiny_folder, tmp_path / "run"))
-    lines = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(records))
     assert [r["step"] for r in lines] == [0, 10, 20, 30, 40, 44]
     expected = {"step", "epoch", "loss", "step_time", "mem_gb", "hparams", "args", "environments"}
@@ -47,8 +57,7 @@ def test_results_schema_learning_and_artefacts(tiny_folder: Path, tmp_path: Path
 
 def test_seeded_runs_are_identical_and_train_in_eval_can_be_skipped(tiny_folder: Path, tmp_path: Path):
     a = train(_args(tiny_folder, tmp_path / "a", steps=6, checkpoint_freq=5, skip_model_save=True))
-    b = train(_args(tiny_folder, tmp_path / "b", steps=6, checkpoint_freq=5, skip_model_save=True,
-                    eval_train_in=False))
+    b = train(_args(tiny_folder, tmp_path / "b", steps=6, checkpoint_freq=5, skip_model_save=True, eval_train_in=False))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert "env1_in_acc" in a[0] and "env1_in_acc" not in b[0] and b[0]["env0_in_acc"] == a[0]["env0_in_acc"]
 
@@ -99,9 +108,22 @@ def test_cli_reports_user_errors_in_one_line(tiny_folder: Path, tmp_path: Path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "domainfusion", "train", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder),
-         "--test-envs", "7", "--output-dir", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "domainfusion",
+            "train",
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--test-envs",
+            "7",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "out of range" in proc.stderr and "0=d0, 1=d1, 2=d2" in proc.stderr
@@ -110,8 +132,9 @@ def test_cli_reports_user_errors_in_one_line(tiny_folder: Path, tmp_path: Path):
 
 def test_datasets_show_writes_a_grid(tiny_folder: Path, tmp_path: Path):
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(app, ["datasets", "show", "ImageFolder", "--data-dir", str(tiny_folder),
-                                      "--out", str(out), "--per-class", "2"])
+    result = CliRunner().invoke(
+        app, ["datasets", "show", "ImageFolder", "--data-dir", str(tiny_folder), "--out", str(out), "--per-class", "2"]
+    )
     assert result.exit_code == 0, result.output
     w, h = Image.open(out).size
     assert w > h > 0  # 4 columns (2 classes × 2) by 3 rows
@@ -128,8 +151,7 @@ def test_tensorboard_scalars_are_written(tiny_folder: Path, tmp_path: Path):
     assert [e.step for e in acc.Scalars("env0_in_acc")] == [0, 2]
 
 
-def test_loader_workers_and_the_ldm_budget_reach_the_generators_context(tiny_folder: Path, tmp_path: Path,
-                                                                        monkeypatch):
+def test_loader_workers_and_the_ldm_budget_reach_the_generators_context(tiny_folder: Path, tmp_path: Path, monkeypatch):
     from domainfusion.algorithms import RunContext
 
     seen = {}
@@ -144,8 +166,26 @@ def test_loader_workers_and_the_ldm_budget_reach_the_generators_context(tiny_fol
     train(_args(tiny_folder, tmp_path / "run", steps=1, checkpoint_freq=1, ldm_max_batch=5, num_workers=1))
     assert seen == {"ldm_max_batch": 5, "num_workers": 1}
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--dataset", "ImageFolder", "--data-dir", str(tiny_folder), "--steps", "1",
-                                 "--image-size", "16", "--num-workers", "1", "--ldm-max-batch", "7", "--no-progress",
-                                 "--output-dir", str(tmp_path / "cli")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "ImageFolder",
+            "--data-dir",
+            str(tiny_folder),
+            "--steps",
+            "1",
+            "--image-size",
+            "16",
+            "--num-workers",
+            "1",
+            "--ldm-max-batch",
+            "7",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert seen == {"ldm_max_batch": 7, "num_workers": 1}

@@ -14,8 +14,31 @@ from domainfusion.ldm import LatentDiffusion
 
 BERT_VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] a photo of the dog cat house sketch painting ##s".split()
 # The tiny byte-level BPE vocabulary of transformers' own CLIP tokenizer tests.
-CLIP_VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "low</w>",
-              "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+CLIP_VOCAB = [
+    "l",
+    "o",
+    "w",
+    "e",
+    "r",
+    "s",
+    "t",
+    "i",
+    "d",
+    "n",
+    "lo",
+    "l</w>",
+    "w</w>",
+    "r</w>",
+    "t</w>",
+    "low</w>",
+    "er</w>",
+    "lowest</w>",
+    "newer</w>",
+    "wider",
+    "<unk>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+]
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -30,15 +53,26 @@ def tiny_vae_unet(cross_attention_dim: int = 32) -> tuple[AutoencoderKL, UNet2DC
     default, noise would swamp the latents at any img2img strength.
     """
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
-                        sample_size=32)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
     with torch.no_grad():
         vae.register_to_config(scaling_factor=1 / vae.encode(images(8) * 2 - 1).latent_dist.mean.std().item())
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
     return vae, unet
 
 
@@ -47,11 +81,23 @@ def bert_components(tmp: Path, **scheduler_kwargs) -> dict:
     vae, unet = tiny_vae_unet()
     vocab = tmp / "vocab.txt"
     vocab.write_text("\n".join(BERT_VOCAB) + "\n")
-    text_encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=37, vocab_size=len(BERT_VOCAB), use_attention_mask=True))
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder,
-                tokenizer=BertTokenizer(str(vocab), model_max_length=16),
-                scheduler=DDPMScheduler(num_train_timesteps=1000, **scheduler_kwargs))
+    text_encoder = BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            vocab_size=len(BERT_VOCAB),
+            use_attention_mask=True,
+        )
+    )
+    return dict(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=BertTokenizer(str(vocab), model_max_length=16),
+        scheduler=DDPMScheduler(num_train_timesteps=1000, **scheduler_kwargs),
+    )
 
 
 def clip_components(tmp: Path) -> dict:
@@ -59,15 +105,32 @@ def clip_components(tmp: Path) -> dict:
     vae, unet = tiny_vae_unet()
     (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(CLIP_VOCAB)}))
     (tmp / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
-                              pad_token="<|endoftext|>")
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                num_hidden_layers=2, vocab_size=len(CLIP_VOCAB), projection_dim=32,
-                                                max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
-                                                pad_token_id=22))
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012))
+    tokenizer = CLIPTokenizer(
+        str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(CLIP_VOCAB),
+            projection_dim=32,
+            max_position_embeddings=77,
+            bos_token_id=21,
+            eos_token_id=22,
+            pad_token_id=22,
+        )
+    )
+    return dict(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        ),
+    )
 
 
 def save_tiny_ldm(dest: Path, kind: str = "bert") -> Path:

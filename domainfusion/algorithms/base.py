@@ -8,9 +8,10 @@ the source training splits, the output folder and the run's shared LDM, which Do
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
@@ -44,16 +45,29 @@ class RunContext:
     input_shape: tuple[int, int, int] | None = None  # the dataset's (C, H, W); checked against the LDM's resolution
     ldm_max_batch: int | None = None  # rows per VAE/UNet call (None: the LDM's default for its resolution)
     num_workers: int = 0  # loader processes reading the images handed to the LDM
-    _ldm: "LatentDiffusion | None" = field(default=None, repr=False)
+    _ldm: LatentDiffusion | None = field(default=None, repr=False)
 
     @classmethod
     def for_data(
-        cls, train_splits: Sequence[Dataset], class_names: Sequence[str], train_env_names: Sequence[str], *,
-        output_dir: str | Path, batch_size: int, dataset: str = "ImageFolder", env_names: Sequence[str] | None = None,
-        ldm_model: str = "embedded", seed: int = 0, device: str | torch.device = "cpu",
-        prompt_template: str | None = None, data_dir: str = "data", resume: bool = False,
-        input_shape: tuple[int, int, int] | None = None, ldm_max_batch: int | None = None, num_workers: int = 0,
-    ) -> "RunContext":
+        cls,
+        train_splits: Sequence[Dataset],
+        class_names: Sequence[str],
+        train_env_names: Sequence[str],
+        *,
+        output_dir: str | Path,
+        batch_size: int,
+        dataset: str = "ImageFolder",
+        env_names: Sequence[str] | None = None,
+        ldm_model: str = "embedded",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        prompt_template: str | None = None,
+        data_dir: str = "data",
+        resume: bool = False,
+        input_shape: tuple[int, int, int] | None = None,
+        ldm_max_batch: int | None = None,
+        num_workers: int = 0,
+    ) -> RunContext:
         """The one way to build a context, for `train` and for anyone training with their own loaders.
 
         `train_splits`: one Dataset of (image (C, H, W) in [0, 1], label) per source domain, the images the generator
@@ -66,8 +80,10 @@ class RunContext:
         """
         env_names = list(train_env_names if env_names is None else env_names)
         if not train_splits or len(train_splits) != len(train_env_names):
-            raise UserError(f"give one source domain name per training split: {len(train_splits)} split(s), "
-                            f"names {list(train_env_names)}")
+            raise UserError(
+                f"give one source domain name per training split: {len(train_splits)} split(s), "
+                f"names {list(train_env_names)}"
+            )
         if any(len(s) == 0 for s in train_splits):
             raise UserError(f"every source split needs images; sizes: {[len(s) for s in train_splits]}")
         if missing := [e for e in train_env_names if e not in env_names]:
@@ -79,15 +95,25 @@ class RunContext:
         if ldm_max_batch is not None and ldm_max_batch < 1:
             raise UserError(f"ldm_max_batch must be at least 1, got {ldm_max_batch}")
         return cls(
-            dataset=dataset, output_dir=Path(output_dir), train_splits=list(train_splits),
-            train_env_names=list(train_env_names), env_names=env_names, class_names=list(class_names),
-            steps_per_epoch=sum(len(s) for s in train_splits) / (batch_size * len(train_splits)), seed=seed,
-            ldm_model=ldm_model, data_dir=data_dir, prompt_template=prompt_template, device=torch.device(device),
-            resume=resume, input_shape=tuple(input_shape or train_splits[0][0][0].shape), ldm_max_batch=ldm_max_batch,
+            dataset=dataset,
+            output_dir=Path(output_dir),
+            train_splits=list(train_splits),
+            train_env_names=list(train_env_names),
+            env_names=env_names,
+            class_names=list(class_names),
+            steps_per_epoch=sum(len(s) for s in train_splits) / (batch_size * len(train_splits)),
+            seed=seed,
+            ldm_model=ldm_model,
+            data_dir=data_dir,
+            prompt_template=prompt_template,
+            device=torch.device(device),
+            resume=resume,
+            input_shape=tuple(input_shape or train_splits[0][0][0].shape),
+            ldm_max_batch=ldm_max_batch,
             num_workers=num_workers,
         )
 
-    def ldm(self) -> "LatentDiffusion":
+    def ldm(self) -> LatentDiffusion:
         if self._ldm is None:
             from ..ldm import load_ldm
             from ..ldm.adapt import check_resolution
@@ -121,8 +147,14 @@ class RunContext:
 
 
 class Algorithm(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        context: RunContext | None = None,
+    ) -> None:
         super().__init__()
         self.hparams = hparams
         self.context = context

@@ -12,14 +12,14 @@ draw and seed is per image, so the blocks are the single-process images) and ran
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from .. import distributed
 from ..data.loaders import domain_of
-from ..ldm.adapt import domain_prompt, encode_dataset_images, img2img_dataset_images
 from ..data.pool import Chunk, subset_chunks
+from ..ldm.adapt import domain_prompt, encode_dataset_images, img2img_dataset_images
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -27,8 +27,15 @@ from .generative import PoolERM
 
 @register("CDGA")
 class CDGA(PoolERM):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        pretrained: str | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         variants = hparams["cdga_variants"]
         n_source = sum(len(d) for d in context.train_splits)
@@ -53,15 +60,22 @@ class CDGA(PoolERM):
                 def variant() -> Chunk:
                     first_seed = seed + k * n_source + int(sources[rows.start])  # image i of the block: + i
                     out = img2img_dataset_images(
-                        ldm, block_latents(), self.input_shape, prompt_embeds=embeds,
-                        strength=hp["img2img_strength"], num_inference_steps=hp["img2img_steps"],
-                        guidance_scale=hp["img2img_guidance"], seed=first_seed)
+                        ldm,
+                        block_latents(),
+                        self.input_shape,
+                        prompt_embeds=embeds,
+                        strength=hp["img2img_strength"],
+                        num_inference_steps=hp["img2img_steps"],
+                        guidance_scale=hp["img2img_guidance"],
+                        seed=first_seed,
+                    )
                     return out, labels[rows], sources[rows]
 
                 yield from distributed.gather_chunk(rows, variant)
 
-    def interpolated_prompts(self, labels: torch.Tensor, domains: torch.Tensor, generator: torch.Generator,
-                             rows: slice = slice(None)) -> torch.Tensor | None:
+    def interpolated_prompts(
+        self, labels: torch.Tensor, domains: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+    ) -> torch.Tensor | None:
         """(1 − α)·E(own domain prompt) + α·E(other source domain prompt), α ~ U(0, 1), one per image; the draws
         are made for all images (the same on every rank), the embeddings for the images in `rows` only (None when
         `rows` is empty)."""
@@ -76,7 +90,11 @@ class CDGA(PoolERM):
             return None
 
         def embed(envs: torch.Tensor) -> torch.Tensor:
-            return ldm.encode_prompts([domain_prompt(ctx.dataset, ctx.train_env_names[int(e)],
-                                                     ctx.class_names[int(y)]) for e, y in zip(envs, labels)])
+            return ldm.encode_prompts(
+                [
+                    domain_prompt(ctx.dataset, ctx.train_env_names[int(e)], ctx.class_names[int(y)])
+                    for e, y in zip(envs, labels)
+                ]
+            )
 
         return torch.lerp(embed(domains), embed(others), alpha)

@@ -27,14 +27,15 @@ and translations run in parts of the LDM's `max_batch` images (docs/sd_scale.md)
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.loaders import domain_of
-from ..ldm.adapt import default_prompt_template, encode_dataset_images, img2img_dataset_images
 from ..data.pool import Chunk, subset_chunks
+from ..ldm.adapt import default_prompt_template, encode_dataset_images, img2img_dataset_images
 from ..utils import seed_hash
 from .base import RunContext, register
 from .generative import PoolERM
@@ -52,13 +53,20 @@ class PerDomainLDMs(PoolERM):
     # test-time translations (`domainfusion train` refuses it under torchrun/accelerate).
     DATA_PARALLEL = False
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        pretrained: str | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         self.shares_vae = hparams["dsi_finetune_vae_steps"] == 0  # the default: only the UNets are fine-tuned
         self.finetune_s: list[float] = []  # per source model, all its fine-tuning invocations
         self.model_dirs = [self.finetune(d) for d in range(len(context.train_splits))]
-        self._models: list["LatentDiffusion"] = []
+        self._models: list[LatentDiffusion] = []
 
     def finetune(self, d: int) -> Path:
         """Fine-tune a copy of the shared LDM on source domain d's in-split (or reuse an identical earlier one)."""
@@ -71,23 +79,42 @@ class PerDomainLDMs(PoolERM):
         out = ctx.output_dir / FOLDER / name
         steps = hp["dsi_finetune_steps"]
         config = LDMTrainConfig(
-            output_dir=str(out), data_dir=ctx.data_dir, init_from=ctx.ldm_model, vae_steps=hp["dsi_finetune_vae_steps"],
-            vae_lr=hp["dsi_finetune_lr"], vae_batch_size=hp["dsi_finetune_batch_size"], unet_steps=steps,
-            unet_lr=hp["dsi_finetune_lr"], unet_batch_size=hp["dsi_finetune_batch_size"],
+            output_dir=str(out),
+            data_dir=ctx.data_dir,
+            init_from=ctx.ldm_model,
+            vae_steps=hp["dsi_finetune_vae_steps"],
+            vae_lr=hp["dsi_finetune_lr"],
+            vae_batch_size=hp["dsi_finetune_batch_size"],
+            unet_steps=steps,
+            unet_lr=hp["dsi_finetune_lr"],
+            unet_batch_size=hp["dsi_finetune_batch_size"],
             unet_precision=hp["dsi_finetune_precision"],
             unet_gradient_checkpointing=hp["dsi_finetune_gradient_checkpointing"],
-            warmup_steps=max(1, steps // 10), seed=seed_hash(ctx.seed, "dsi_finetune", d), log_every=max(1, steps // 10),
-            checkpoint_every=max(1, steps // 4), sample_every=0, sample_seeds=2, sample_steps=10,
-            device=str(ctx.device), progress=False,
-        )  # fmt: skip
+            warmup_steps=max(1, steps // 10),
+            seed=seed_hash(ctx.seed, "dsi_finetune", d),
+            log_every=max(1, steps // 10),
+            checkpoint_every=max(1, steps // 4),
+            sample_every=0,
+            sample_seeds=2,
+            sample_steps=10,
+            device=str(ctx.device),
+            progress=False,
+        )
         template = ctx.prompt_template or default_prompt_template(ctx.dataset)
-        data = dataset_training_data([ctx.train_splits[d]], [name], ctx.class_names, template, ctx.ldm().image_size,
-                                     seed=config.seed, num_workers=ctx.num_workers)
+        data = dataset_training_data(
+            [ctx.train_splits[d]],
+            [name],
+            ctx.class_names,
+            template,
+            ctx.ldm().image_size,
+            seed=config.seed,
+            num_workers=ctx.num_workers,
+        )
         trained = train_or_reuse(config, data)
         self.finetune_s.append(trained.wall_s)
         return trained.folder
 
-    def models(self) -> list["LatentDiffusion"]:
+    def models(self) -> list[LatentDiffusion]:
         """The fine-tuned LDMs, loaded on first use (order = source domains); with `shares_vae`, each is its own
         UNet around the shared LDM's other modules."""
         if not self._models:
@@ -95,18 +122,34 @@ class PerDomainLDMs(PoolERM):
 
             shared = self.context.ldm()
             if self.shares_vae:
-                self._models = [LatentDiffusion(shared.vae, type(shared.unet).from_pretrained(p, subfolder="unet"),
-                                                shared.text_encoder, shared.tokenizer, shared.scheduler,
-                                                device=shared.device, dtype=shared.dtype, max_batch=shared.max_batch)
-                                for p in self.model_dirs]
+                self._models = [
+                    LatentDiffusion(
+                        shared.vae,
+                        type(shared.unet).from_pretrained(p, subfolder="unet"),
+                        shared.text_encoder,
+                        shared.tokenizer,
+                        shared.scheduler,
+                        device=shared.device,
+                        dtype=shared.dtype,
+                        max_batch=shared.max_batch,
+                    )
+                    for p in self.model_dirs
+                ]
             else:
-                self._models = [LatentDiffusion.from_pretrained(p, device=shared.device, dtype=shared.dtype,
-                                                                max_batch=shared.max_batch) for p in self.model_dirs]
+                self._models = [
+                    LatentDiffusion.from_pretrained(
+                        p, device=shared.device, dtype=shared.dtype, max_batch=shared.max_batch
+                    )
+                    for p in self.model_dirs
+                ]
         return self._models
 
     def checkpoint_stats(self) -> dict[str, float]:
-        return {**super().checkpoint_stats(), "ldm_finetuned_models": len(self.model_dirs),
-                "ldm_finetune_s": sum(self.finetune_s)}
+        return {
+            **super().checkpoint_stats(),
+            "ldm_finetuned_models": len(self.model_dirs),
+            "ldm_finetune_s": sum(self.finetune_s),
+        }
 
     @torch.no_grad()
     def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -116,20 +159,41 @@ class PerDomainLDMs(PoolERM):
         encoded = [encode_dataset_images(m, x) for m in (models[:1] if self.shares_vae else models)]
         return encoded * len(models) if self.shares_vae else encoded
 
-    def translate(self, ldm: LatentDiffusion, latents: torch.Tensor, prompts: list[str], strength: float,
-                  guidance_scale: float, seed: int) -> torch.Tensor:
+    def translate(
+        self,
+        ldm: LatentDiffusion,
+        latents: torch.Tensor,
+        prompts: list[str],
+        strength: float,
+        guidance_scale: float,
+        seed: int,
+    ) -> torch.Tensor:
         """uint8 images of the dataset's shape: img2img from `latents` by `ldm` (image i seeded seed + i)."""
-        return img2img_dataset_images(ldm, latents, self.input_shape, prompts=prompts, strength=strength,
-                                      num_inference_steps=self.hparams["img2img_steps"],
-                                      guidance_scale=guidance_scale, seed=seed)
+        return img2img_dataset_images(
+            ldm,
+            latents,
+            self.input_shape,
+            prompts=prompts,
+            strength=strength,
+            num_inference_steps=self.hparams["img2img_steps"],
+            guidance_scale=guidance_scale,
+            seed=seed,
+        )
 
 
 @register("DSI")
 class DSI(PerDomainLDMs):
     """Train-time reading: ERM on real ∪ the sources translated into each other source's style."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        pretrained: str | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         n_selected = max(1, round(hparams["dsi_translate_fraction"] * sum(len(d) for d in context.train_splits)))
         generated = n_selected * (len(context.train_splits) - 1)
@@ -142,16 +206,23 @@ class DSI(PerDomainLDMs):
         total = sum(len(d) for d in ctx.train_splits)
         prompts = ctx.class_prompts()
         seed = seed_hash(ctx.seed, "dsi_img2img")
-        for images_u8, labels, sources in subset_chunks(ctx.train_splits, hp["dsi_translate_fraction"],
-                                                        seed_hash(ctx.seed, "dsi_subset"), ctx.num_workers):
+        for images_u8, labels, sources in subset_chunks(
+            ctx.train_splits, hp["dsi_translate_fraction"], seed_hash(ctx.seed, "dsi_subset"), ctx.num_workers
+        ):
             domains = domain_of(ctx.train_splits, sources)
             latents = self.latents(images_u8)
             for target, (ldm, z) in enumerate(zip(self.models(), latents)):
                 keep = domains != target
                 if not keep.any():
                     continue
-                out = self.translate(ldm, z[keep], [prompts[int(y)] for y in labels[keep]], hp["img2img_strength"],
-                                     hp["img2img_guidance"], seed + target * total + int(sources[0]))
+                out = self.translate(
+                    ldm,
+                    z[keep],
+                    [prompts[int(y)] for y in labels[keep]],
+                    hp["img2img_strength"],
+                    hp["img2img_guidance"],
+                    seed + target * total + int(sources[0]),
+                )
                 yield out, labels[keep], sources[keep]
 
 
@@ -159,8 +230,15 @@ class DSI(PerDomainLDMs):
 class DSITestTime(PerDomainLDMs):
     """Test-time reading: ERM training; evaluation averages the classifier over each image's source-style versions."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        pretrained: str | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         self.register_buffer("translated_images", torch.zeros((), dtype=torch.long))
         self._cache: dict[str, torch.Tensor] = {}
@@ -172,8 +250,11 @@ class DSITestTime(PerDomainLDMs):
         return probs.clamp_min(1e-12).log()
 
     def checkpoint_stats(self) -> dict[str, float]:
-        return {**super().checkpoint_stats(), "generated_images": int(self.translated_images),
-                "generation_s": self.generation_s.item()}
+        return {
+            **super().checkpoint_stats(),
+            "generated_images": int(self.translated_images),
+            "generation_s": self.generation_s.item(),
+        }
 
     def source_versions(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x translated toward each source domain (one (B, C, H, W) batch per source), from the cache when seen."""
@@ -190,5 +271,9 @@ class DSITestTime(PerDomainLDMs):
 
     def _translate(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """(sources, B, C, H, W) uint8: x through each source model (empty prompt, no guidance)."""
-        return torch.stack([self.translate(ldm, z, [""] * len(x), self.hparams["dsi_test_strength"], 1.0, seed)
-                            for ldm, z in zip(self.models(), self.latents(x))])
+        return torch.stack(
+            [
+                self.translate(ldm, z, [""] * len(x), self.hparams["dsi_test_strength"], 1.0, seed)
+                for ldm, z in zip(self.models(), self.latents(x))
+            ]
+        )

@@ -11,25 +11,34 @@ and when it changes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..data.pool import Chunk, SyntheticPool
+from ..errors import UserError
 from ..utils import seed_hash
 from .base import Minibatches, RunContext
 from .erm import ERM
 
 
 class PoolERM(ERM):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, num_domains: int, hparams: dict,
-                 pretrained: str | None = None, context: RunContext | None = None) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_domains: int,
+        hparams: dict,
+        pretrained: str | None = None,
+        context: RunContext | None = None,
+    ) -> None:
         if context is None:
-            raise UserError(f"{type(self).__name__} generates images and needs a run context: train it with "
-                            "`domainfusion train` (or pass `context=` when building it in Python)")
+            raise UserError(
+                f"{type(self).__name__} generates images and needs a run context: train it with "
+                "`domainfusion train` (or pass `context=` when building it in Python)"
+            )
         super().__init__(input_shape, num_classes, num_domains, hparams, pretrained, context)
         self.input_shape = tuple(input_shape)
         self.pool: SyntheticPool | None = None
@@ -39,8 +48,9 @@ class PoolERM(ERM):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.pool_generator = torch.Generator().manual_seed(seed_hash(context.seed, "pool_batch"))
 
-    def open_or_create_pool(self, folder: str, chunks: Callable[[], Iterable[Chunk]], generated: int = 0
-                            ) -> SyntheticPool:
+    def open_or_create_pool(
+        self, folder: str, chunks: Callable[[], Iterable[Chunk]], generated: int = 0
+    ) -> SyntheticPool:
         """The pool in OUTPUT_DIR/`folder`: reopened when resuming (the checkpoint restored it), else built from
         `chunks()` (which may generate images: timed as generation)."""
         root = self.context.output_dir / folder
@@ -61,8 +71,9 @@ class PoolERM(ERM):
     def before_step(self) -> None:
         """Hook run before each step (DomainFusion refreshes its pool here)."""
 
-    def extra_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_source: int
-                   ) -> tuple[torch.Tensor | float, dict[str, float]]:
+    def extra_loss(
+        self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_source: int
+    ) -> tuple[torch.Tensor | float, dict[str, float]]:
         """A loss added to the cross-entropy, from the step's images (the first `n_source` real, the rest drawn from
         the pool) and the logits already computed on them."""
         return 0.0, {}
@@ -89,8 +100,12 @@ class PoolERM(ERM):
     def checkpoint_stats(self) -> dict[str, float]:
         if self.pool is None:
             return {"generated_images": 0, "generation_s": 0.0}
-        return {"generated_images": self.pool.generated, "generation_s": self.generation_s.item(),
-                "pool_size": len(self.pool), "pool_refreshes": self.pool.refreshes}
+        return {
+            "generated_images": self.pool.generated,
+            "generation_s": self.generation_s.item(),
+            "pool_size": len(self.pool),
+            "pool_refreshes": self.pool.refreshes,
+        }
 
 
 def keep_source(minibatches: Minibatches, n_drop: int) -> Minibatches:

@@ -12,8 +12,8 @@ the hparams' size class (`SMALL_IMAGES`, `BATCH_SEARCH_MAX_LOG2`) and the LDM pr
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import UserError
 from .base import MultipleDomainDataset, check_test_envs

@@ -8,8 +8,8 @@ class, read there without building it (`data.dataset_traits`), so a new dataset 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch.utils.data
 
@@ -58,10 +58,12 @@ class DigitDataset(MultipleDomainDataset):
 
 
 def existing_data_dir(root: str | Path, holds: str) -> Path:
-    """`root` when it is a folder; else one error, so a typo in --data-dir never becomes a new folder with a download."""
+    """`root` when it is a folder; else one error: a typo in --data-dir must never become a folder with a download."""
     if not Path(root).is_dir():
-        raise UserError(f"--data-dir {root} does not exist; create it ({holds} is then fetched into it once) or pass "
-                        "the folder that already holds it")
+        raise UserError(
+            f"--data-dir {root} does not exist; create it ({holds} is then fetched into it once) or pass "
+            "the folder that already holds it"
+        )
     return Path(root)
 
 

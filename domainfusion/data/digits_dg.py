@@ -20,8 +20,8 @@ Randomness comes from one `np.random.RandomState` per domain; the arrays are cac
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from .base import DigitDataset, existing_data_dir
 from ..utils import save_npz_atomic
+from .base import DigitDataset, existing_data_dir
 from .resources import load_mnist_splits
 
 ENVIRONMENTS = ("mnist", "mnist_m", "syn", "optdigits")
@@ -66,12 +66,28 @@ UNUSED_PHOTOS = ("hubble_deep_field", "retina", "motorcycle_left", "motorcycle_r
 # matplotlib's bundled TrueType fonts whose digits are ordinary lining numerals (cmmi10 has old-style digits,
 # cmsy10/cmex10 and the STIX size/NonUni fonts are symbols, the *Display fonts carry no digits).
 SYN_FONTS = (
-    "DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique",
-    "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique",
-    "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
-    "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta",
-    "cmr10", "cmb10", "cmss10", "cmti10", "cmtt10",
-)  # fmt: skip
+    "DejaVuSans",
+    "DejaVuSans-Bold",
+    "DejaVuSans-Oblique",
+    "DejaVuSans-BoldOblique",
+    "DejaVuSansMono",
+    "DejaVuSansMono-Bold",
+    "DejaVuSansMono-Oblique",
+    "DejaVuSansMono-BoldOblique",
+    "DejaVuSerif",
+    "DejaVuSerif-Bold",
+    "DejaVuSerif-Italic",
+    "DejaVuSerif-BoldItalic",
+    "STIXGeneral",
+    "STIXGeneralBol",
+    "STIXGeneralItalic",
+    "STIXGeneralBolIta",
+    "cmr10",
+    "cmb10",
+    "cmss10",
+    "cmti10",
+    "cmtt10",
+)
 
 
 def load_bundled_photo(name: str) -> np.ndarray:
@@ -231,8 +247,12 @@ class DigitsDG(DigitDataset):
     INPUT_SHAPE = (3, SIZE, SIZE)
     SMALL_IMAGES = True
     # In the embedded corpus's caption vocabulary, so the embedded LDM's text conditioning knows every word.
-    DOMAIN_DESCRIPTIONS = {"mnist": "handwritten white on black", "mnist_m": "handwritten inverted on a photo",
-                           "syn": "printed", "optdigits": "low-res handwritten white on black"}
+    DOMAIN_DESCRIPTIONS = {
+        "mnist": "handwritten white on black",
+        "mnist_m": "handwritten inverted on a photo",
+        "syn": "printed",
+        "optdigits": "low-res handwritten white on black",
+    }
     N_STEPS = 5001
     CHECKPOINT_FREQ = 100
 

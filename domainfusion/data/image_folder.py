@@ -16,8 +16,8 @@ Differences from DomainBed, all deliberate:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -272,8 +272,12 @@ class ImageFolderDataset(MultipleEnvironmentImageFolder):
 class PACS(MultipleEnvironmentImageFolder):
     ENVIRONMENTS = ("A", "C", "P", "S")
     SUBDIR = "PACS"
-    DOMAIN_DESCRIPTIONS = {"art_painting": "an art painting", "cartoon": "a cartoon", "photo": "a photo",
-                           "sketch": "a sketch"}
+    DOMAIN_DESCRIPTIONS = {
+        "art_painting": "an art painting",
+        "cartoon": "a cartoon",
+        "photo": "a photo",
+        "sketch": "a sketch",
+    }
 
 
 class VLCS(MultipleEnvironmentImageFolder):
@@ -284,8 +288,13 @@ class VLCS(MultipleEnvironmentImageFolder):
 class OfficeHome(MultipleEnvironmentImageFolder):
     ENVIRONMENTS = ("A", "C", "P", "R")
     SUBDIR = "office_home"
-    DOMAIN_DESCRIPTIONS = {"Art": "an artistic image", "Clipart": "a clipart image", "Product": "a product photo",
-                           "Real World": "a photo", "Real_World": "a photo"}
+    DOMAIN_DESCRIPTIONS = {
+        "Art": "an artistic image",
+        "Clipart": "a clipart image",
+        "Product": "a product photo",
+        "Real World": "a photo",
+        "Real_World": "a photo",
+    }
 
 
 class TerraIncognita(MultipleEnvironmentImageFolder):
@@ -298,5 +307,11 @@ class DomainNet(MultipleEnvironmentImageFolder):
     SUBDIR = "domain_net"
     CHECKPOINT_FREQ = 1000
     BATCH_SEARCH_MAX_LOG2 = 5.0
-    DOMAIN_DESCRIPTIONS = {"clipart": "a clipart image", "infograph": "an infographic", "painting": "a painting",
-                           "quickdraw": "a quick drawing", "real": "a photo", "sketch": "a sketch"}
+    DOMAIN_DESCRIPTIONS = {
+        "clipart": "a clipart image",
+        "infograph": "an infographic",
+        "painting": "a painting",
+        "quickdraw": "a quick drawing",
+        "real": "a photo",
+        "sketch": "a sketch",
+    }

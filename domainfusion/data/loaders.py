@@ -7,7 +7,7 @@ batches.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,15 +39,18 @@ def split_dataset(dataset: Dataset, n: int, seed: int = 0) -> tuple[SplitDataset
     return SplitDataset(dataset, keys[:n]), SplitDataset(dataset, keys[n:])
 
 
-def holdout_split(env: Dataset, env_index: int, holdout_fraction: float, trial_seed: int,
-                  name: str = "") -> tuple[SplitDataset, SplitDataset]:
+def holdout_split(
+    env: Dataset, env_index: int, holdout_fraction: float, trial_seed: int, name: str = ""
+) -> tuple[SplitDataset, SplitDataset]:
     """(out, in) of one environment exactly as a DomainBed run splits it: the first int(n · holdout_fraction) of a
     shuffle seeded by (trial_seed, env_index). Anything that must use "the run's in-split" (DSI's fine-tuning data)
     calls this, so it cannot drift from the training loop's split."""
     n_out = int(len(env) * holdout_fraction)
     if n_out == 0 or n_out == len(env):
-        raise UserError(f"environment {env_index} ({name}) has {len(env)} images: too few to hold out "
-                        f"--holdout-fraction {holdout_fraction} and keep both splits non-empty")
+        raise UserError(
+            f"environment {env_index} ({name}) has {len(env)} images: too few to hold out "
+            f"--holdout-fraction {holdout_fraction} and keep both splits non-empty"
+        )
     return split_dataset(env, n_out, seed_hash(trial_seed, env_index))
 
 
@@ -106,7 +109,8 @@ class InfiniteDataLoader:
             for _ in batch_sampler:  # a whole pass, as _Forever consumes it, draws exactly one batch's randomness
                 pass
         self._loader = DataLoader(
-            SeededItems(dataset), num_workers=num_workers,
+            SeededItems(dataset),
+            num_workers=num_workers,
             batch_sampler=_Forever(batch_sampler, rows, generator.initial_seed(), skip_batches),
             persistent_workers=num_workers > 0,
         )

@@ -9,8 +9,8 @@ become a new folder and a download beside the data the user meant.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

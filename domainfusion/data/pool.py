@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -45,7 +45,7 @@ class SyntheticPool:
         self.labels = torch.cat([self._open(name).get_tensor("labels") for name in self.manifest["shards"]])
 
     @classmethod
-    def create(cls, root: str | Path, chunks: Iterable[Chunk], generated: int = 0) -> "SyntheticPool":
+    def create(cls, root: str | Path, chunks: Iterable[Chunk], generated: int = 0) -> SyntheticPool:
         """A fresh pool (refresh 0) from (images, labels, sources) chunks; `generated` counts the images the chunks
         cost to make (0 for copies of source images).
 
@@ -90,7 +90,7 @@ class SyntheticPool:
         rows = []
         for i in indices.tolist():
             shard, offset = divmod(i, SHARD_SIZE)
-            rows.append(self._open(self.manifest["shards"][shard]).get_slice("images")[offset:offset + 1])
+            rows.append(self._open(self.manifest["shards"][shard]).get_slice("images")[offset : offset + 1])
         return torch.cat(rows), self.labels[indices]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,16 +161,19 @@ def _publish_generation(root: Path, manifest: dict, chunks: Iterable[Chunk]) -> 
     publish_dir(build, root / f"gen-{generation:06d}")
     if size == 0:
         raise ValueError("a synthetic pool needs at least one image")
-    atomic_write_text(root / "manifest.json",
-                      json.dumps(dict(manifest, generation=generation, shards=names, size=size), indent=2))
+    atomic_write_text(
+        root / "manifest.json", json.dumps(dict(manifest, generation=generation, shards=names, size=size), indent=2)
+    )
 
 
 def _flush(folder: Path, names: list[str], pending: list[Chunk], n: int) -> list[Chunk]:
     """Write the first n pending images as the next shard; return the rest."""
     images, labels, sources = (torch.cat(parts) for parts in zip(*pending))
     name = f"shard-{len(names):05d}.safetensors"
-    save_file({"images": images[:n].contiguous(), "labels": labels[:n].long(), "sources": sources[:n].long()},
-              str(folder / name))
+    save_file(
+        {"images": images[:n].contiguous(), "labels": labels[:n].long(), "sources": sources[:n].long()},
+        str(folder / name),
+    )
     names.append(name)
     return [(images[n:], labels[n:], sources[n:])] if n < len(images) else []
 
@@ -190,8 +193,12 @@ def subset_chunks(datasets: list[Dataset], fraction: float, seed: int, num_worke
     parts = chosen.split(SHARD_SIZE)
     batches = ([(i, seed_hash(seed, i)) for i in part.tolist()] for part in parts)  # lazily: DomainNet has 586k
     # A generator of its own: even creating the loader's iterator would otherwise draw from the global RNG.
-    loader = DataLoader(SeededItems(_Uint8Images(ConcatDataset(datasets))), batch_sampler=batches,
-                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        SeededItems(_Uint8Images(ConcatDataset(datasets))),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     for part, (images, labels) in zip(parts, loader):
         yield images, labels, part.clone()
 
@@ -209,5 +216,3 @@ class _Uint8Images(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x, y = self.dataset[index]
         return to_uint8(x), int(y)
-
-

@@ -125,11 +125,18 @@ def extract_minis(cache_dir: str | Path, dest: str | Path) -> dict[str, Path]:
 # Printed-digit sources for the embedded LDM's corpus: font families packaged on PyPI, none of them a DigitsDG
 # `SYN_FONTS` family (matplotlib's DejaVu, STIX, Computer Modern). Pinned, so the corpus is the same everywhere.
 FONT_WHEELS = (
-    ("font-amatic-sc", "0.0.4"), ("font-caladea", "0.0.2"), ("font-fjallaone", "0.1.7"),
-    ("font-fredoka-one", "0.0.4"), ("font-hanken-grotesk", "0.0.2"), ("font-intuitive", "0.0.4"),
-    ("font-lato", "0.1.0"), ("font-manrope", "0.0.2"), ("font-rhd", "0.1.3"), ("font-source-sans-pro", "0.0.1"),
+    ("font-amatic-sc", "0.0.4"),
+    ("font-caladea", "0.0.2"),
+    ("font-fjallaone", "0.1.7"),
+    ("font-fredoka-one", "0.0.4"),
+    ("font-hanken-grotesk", "0.0.2"),
+    ("font-intuitive", "0.0.4"),
+    ("font-lato", "0.1.0"),
+    ("font-manrope", "0.0.2"),
+    ("font-rhd", "0.1.3"),
+    ("font-source-sans-pro", "0.0.1"),
     ("font-source-serif-pro", "0.0.1"),
-)  # fmt: skip
+)
 
 
 def load_wheel_fonts(cache_dir: str | Path) -> dict[str, dict[str, bytes]]:

@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def load_ldm(model: str, device: str | torch.device = "auto", max_batch: int | None = None) -> "LatentDiffusion":
+def load_ldm(model: str, device: str | torch.device = "auto", max_batch: int | None = None) -> LatentDiffusion:
     """'embedded' = the shipped tiny LDM (materialised in the cache folder, `utils.cache_dir()`); otherwise a diffusers
     folder or hub id. `max_batch`: rows per VAE/UNet call (None: the model's default, `LatentDiffusion`)."""
     from .embedded import embedded_ldm_path

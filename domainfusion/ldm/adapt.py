@@ -51,6 +51,7 @@ def encode_dataset_images(ldm: LatentDiffusion, images: torch.Tensor) -> torch.T
     """The latents of dataset images (uint8, or float in [0, 1]; the dataset's channels and size), converted to the
     LDM's RGB at its resolution one `max_batch` part at a time: only the latents are kept (a 1,024-image chunk at
     512 px is 3.2 GB in fp32)."""
+
     def ldm_input(x: torch.Tensor) -> torch.Tensor:
         x = x.to(ldm.device)
         return to_ldm_images(x.float().div(255) if x.dtype == torch.uint8 else x.float(), ldm.image_size)
@@ -58,12 +59,14 @@ def encode_dataset_images(ldm: LatentDiffusion, images: torch.Tensor) -> torch.T
     return torch.cat([ldm.encode(ldm_input(images[part])) for part in ldm.chunks(len(images))])
 
 
-def img2img_dataset_images(ldm: LatentDiffusion, latents: torch.Tensor, input_shape: tuple[int, int, int],
-                           **img2img_args) -> torch.Tensor:
+def img2img_dataset_images(
+    ldm: LatentDiffusion, latents: torch.Tensor, input_shape: tuple[int, int, int], **img2img_args
+) -> torch.Tensor:
     """uint8 images of the dataset's (C, H, W) by `ldm.img2img` from `latents`, each decoded batch converted as it
     comes (image i seeded seed + i, as in any img2img call)."""
-    return ldm.img2img(None, latents=latents, convert=lambda x: to_uint8(from_ldm_images(x, input_shape)),
-                       **img2img_args)
+    return ldm.img2img(
+        None, latents=latents, convert=lambda x: to_uint8(from_ldm_images(x, input_shape)), **img2img_args
+    )
 
 
 # The LDM may see images at most this many times smaller than the dataset's: beyond it, distillation and
@@ -94,10 +97,32 @@ def domain_prompt(dataset: str, domain: str, cls: str) -> str:
 # Common looks for models that ship no style vocabulary (Stable Diffusion): renditions as in ImageNet-R and
 # DomainNet's kinds of images, written down before any benchmark ran. Fixed, never derived from a held-out domain.
 GENERIC_STYLES = (
-    "a photo", "a black and white photo", "a blurry photo", "a close-up photo", "a painting", "an oil painting",
-    "a watercolor painting", "a pencil sketch", "a charcoal drawing", "a line drawing", "a cartoon", "an anime drawing",
-    "a clipart image", "a comic", "pixel art", "a 3d render", "a toy", "a sculpture", "an origami", "an embroidery",
-    "a tattoo", "graffiti", "a mosaic", "a stained glass window", "a quick doodle", "an infographic",
+    "a photo",
+    "a black and white photo",
+    "a blurry photo",
+    "a close-up photo",
+    "a painting",
+    "an oil painting",
+    "a watercolor painting",
+    "a pencil sketch",
+    "a charcoal drawing",
+    "a line drawing",
+    "a cartoon",
+    "an anime drawing",
+    "a clipart image",
+    "a comic",
+    "pixel art",
+    "a 3d render",
+    "a toy",
+    "a sculpture",
+    "an origami",
+    "an embroidery",
+    "a tattoo",
+    "graffiti",
+    "a mosaic",
+    "a stained glass window",
+    "a quick doodle",
+    "an infographic",
 )
 
 
@@ -109,8 +134,10 @@ def style_vocabulary(dataset: str, domains: list[str], model_vocabulary: list[st
     taken = {d.lower() for d in domains} | {known.get(d, "").lower() for d in domains}
     kept = [s for s in (model_vocabulary or GENERIC_STYLES) if s.lower() not in taken]
     if not kept:
-        raise UserError("every phrase of the style vocabulary names a domain of the dataset: give the LDM folder a "
-                        "style_vocabulary.json with other looks, or use aug_style_words=none")
+        raise UserError(
+            "every phrase of the style vocabulary names a domain of the dataset: give the LDM folder a "
+            "style_vocabulary.json with other looks, or use aug_style_words=none"
+        )
     return kept
 
 

@@ -30,7 +30,7 @@ import hashlib
 import io
 import json
 import zipfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -77,16 +77,29 @@ FACTORS = ("source", "size", "tilt", "weight", "effect", "background", "resoluti
 # word (resolution, blur, noise, source, weight, effect) and every background kind appears; geometry (size, tilt) is
 # left out, being content rather than style. Materialised next to the model as `style_vocabulary.json`.
 STYLE_VOCABULARY = (
-    "printed black on paper", "handwritten white on dark blue", "printed thick red on yellow",
-    "handwritten thin black on light gray", "printed outline white on dark green", "handwritten glowing green on black",
-    "printed shadowed blue on light orange gradient", "handwritten double purple on white",
-    "printed dotted orange on dark blue", "low-res printed yellow on dark purple texture",
-    "pixelated handwritten red on gray", "blurry printed white on a photo", "noisy handwritten black on paper",
-    "handwritten thick yellow on dark red texture", "printed thin light blue on brown gradient",
-    "handwritten outline red on light yellow", "printed glowing pink on dark gray",
-    "handwritten shadowed white on turquoise", "printed double black on light green gradient",
-    "handwritten dotted blue on a photo", "low-res handwritten purple on light pink",
-    "pixelated printed green on dark pink texture", "blurry handwritten orange on black",
+    "printed black on paper",
+    "handwritten white on dark blue",
+    "printed thick red on yellow",
+    "handwritten thin black on light gray",
+    "printed outline white on dark green",
+    "handwritten glowing green on black",
+    "printed shadowed blue on light orange gradient",
+    "handwritten double purple on white",
+    "printed dotted orange on dark blue",
+    "low-res printed yellow on dark purple texture",
+    "pixelated handwritten red on gray",
+    "blurry printed white on a photo",
+    "noisy handwritten black on paper",
+    "handwritten thick yellow on dark red texture",
+    "printed thin light blue on brown gradient",
+    "handwritten outline red on light yellow",
+    "printed glowing pink on dark gray",
+    "handwritten shadowed white on turquoise",
+    "printed double black on light green gradient",
+    "handwritten dotted blue on a photo",
+    "low-res handwritten purple on light pink",
+    "pixelated printed green on dark pink texture",
+    "blurry handwritten orange on black",
     "noisy printed dark blue on light gray gradient",
 )
 
@@ -111,8 +124,17 @@ def colour_name(rgb: np.ndarray) -> str:
     if s < 0.2:
         return "white" if v > 0.85 else "light gray" if v > 0.6 else "gray" if v > 0.4 else "dark gray"
     hue = h * 360.0
-    bins = ((15, "red"), (40, "orange"), (70, "yellow"), (160, "green"), (200, "turquoise"), (260, "blue"),
-            (300, "purple"), (345, "pink"), (361, "red"))  # fmt: skip
+    bins = (
+        (15, "red"),
+        (40, "orange"),
+        (70, "yellow"),
+        (160, "green"),
+        (200, "turquoise"),
+        (260, "blue"),
+        (300, "purple"),
+        (345, "pink"),
+        (361, "red"),
+    )
     name = next(n for upper, n in bins if hue < upper)
     if name in ("orange", "yellow") and v < 0.6:
         return "brown"
@@ -140,9 +162,12 @@ def load_sources(cache_dir: str | Path) -> Sources:
     for faces in load_wheel_fonts(cache_dir).values():
         fonts = [ImageFont.truetype(io.BytesIO(data), 96) for data in faces.values()]
         glyphs.append([[glyph_mask(font, d) for d in range(10)] for font in fonts])
-    return Sources(glyphs, [load_bundled_photo(name) for name in CORPUS_PHOTOS],
-                   [getattr(skimage.data, name)() for name in CORPUS_GREY_PHOTOS],
-                   [getattr(skimage.data, name)() for name in CORPUS_GREY_TEXTURES])  # fmt: skip
+    return Sources(
+        glyphs,
+        [load_bundled_photo(name) for name in CORPUS_PHOTOS],
+        [getattr(skimage.data, name)() for name in CORPUS_GREY_PHOTOS],
+        [getattr(skimage.data, name)() for name in CORPUS_GREY_TEXTURES],
+    )
 
 
 def _choice(rng: np.random.RandomState, probs: dict[str, float]) -> str:
@@ -223,15 +248,16 @@ def _dilate(mask: np.ndarray, size: int) -> np.ndarray:
     return ndimage.grey_dilation(mask, footprint=_disc(size))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _disc(size: int) -> np.ndarray:
     r = (size - 1) / 2
     yy, xx = np.mgrid[:size, :size]
     return (yy - r) ** 2 + (xx - r) ** 2 <= r * r + 0.5
 
 
-def _effect_layers(rng: np.random.RandomState, mask: np.ndarray, effect: str, fg: np.ndarray, bg_colour: np.ndarray
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+def _effect_layers(
+    rng: np.random.RandomState, mask: np.ndarray, effect: str, fg: np.ndarray, bg_colour: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The stroke rendering as (alpha BIG x BIG, colour) layers, painted in order."""
     if effect == "outline":
         return [(np.clip(_dilate(mask, 7) - mask, 0, 1), fg)]
@@ -296,8 +322,9 @@ def _resolution(rng: np.random.RandomState, image: np.ndarray, kind: str) -> np.
     return np.asarray(small.resize((SIZE, SIZE), up), np.float64)
 
 
-def render(rng: np.random.RandomState, label: int, digit: np.ndarray | None, sources: Sources
-           ) -> tuple[np.ndarray, str, dict[str, str]]:
+def render(
+    rng: np.random.RandomState, label: int, digit: np.ndarray | None, sources: Sources
+) -> tuple[np.ndarray, str, dict[str, str]]:
     """One corpus image: (32x32x3 uint8, caption, factor values). `digit` is a 28x28 MNIST digit for a handwritten
     image; None draws a printed one (random family, then face)."""
     source = "handwritten" if digit is not None else "printed"
@@ -330,10 +357,17 @@ def render(rng: np.random.RandomState, label: int, digit: np.ndarray | None, sou
     noise = rng.uniform(*NOISE_STD) if rng.rand() < NOISE_P else 0.0
     if noise:
         image = image + rng.normal(0.0, noise, size=image.shape)
-    factors = {"source": source, "size": "small" if height_frac < 0.55 else "large" if height_frac > 0.85 else "",
-               "tilt": "tilted" if abs(rotation) > 12 else "", "weight": weight, "effect": effect,
-               "background": background, "resolution": resolution, "blur": "blurry" if blur >= 0.7 else "",
-               "noise": "noisy" if noise >= 8 else ""}  # fmt: skip
+    factors = {
+        "source": source,
+        "size": "small" if height_frac < 0.55 else "large" if height_frac > 0.85 else "",
+        "tilt": "tilted" if abs(rotation) > 12 else "",
+        "weight": weight,
+        "effect": effect,
+        "background": background,
+        "resolution": resolution,
+        "blur": "blurry" if blur >= 0.7 else "",
+        "noise": "noisy" if noise >= 8 else "",
+    }
     words = [factors[k] for k in ("size", "tilt", "resolution", "blur", "noise", "source", "weight", "effect")]
     caption = f"{digit_prompt(label)}, {' '.join(w for w in words + [colours] if w)}"
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), caption, factors
@@ -352,8 +386,9 @@ def held_out_size(n: int) -> int:
     return min(HELD_OUT, n // 10)
 
 
-def generate_corpus(digits: np.ndarray, labels: np.ndarray, n: int, seed: int, sources: Sources,
-                    held_out: int = 0) -> Corpus:
+def generate_corpus(
+    digits: np.ndarray, labels: np.ndarray, n: int, seed: int, sources: Sources, held_out: int = 0
+) -> Corpus:
     """n images; the last `held_out` draw their handwritten digits from a reserved pool (see `digit_pools`).
 
     Image i is rendered with a generator seeded by (seed, i); handwritten images take the next digit of their pool
@@ -422,9 +457,14 @@ def build_corpus(cache_dir: str | Path, n: int = N_DEFAULT, seed: int = 0) -> Co
     npz, captions_json = cache_paths(cache_dir)
     captions_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(captions_json, json.dumps(corpus.captions, indent=0))  # the npz names its digest: written 2nd
-    arrays = {"images": corpus.images, "labels": corpus.labels, "n": np.int64(n), "seed": np.int64(seed),
-              "captions_sha256": np.str_(_captions_digest(corpus.captions)),
-              **{f"factor_{k}": v for k, v in corpus.factors.items()}}  # fmt: skip
+    arrays = {
+        "images": corpus.images,
+        "labels": corpus.labels,
+        "n": np.int64(n),
+        "seed": np.int64(seed),
+        "captions_sha256": np.str_(_captions_digest(corpus.captions)),
+        **{f"factor_{k}": v for k, v in corpus.factors.items()},
+    }
     save_npz_atomic(npz, arrays)
     return corpus
 

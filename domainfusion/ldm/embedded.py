@@ -31,7 +31,6 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-
 from ..errors import UserError
 from ..utils import cache_dir, machine_description, publish_dir
 from .corpus import STYLE_VOCABULARY
@@ -50,25 +49,45 @@ def embedded_configs() -> dict[str, dict]:
     The VAE's `scaling_factor` is a placeholder: training sets it to 1/std of the training latents.
     """
     vae = dict(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=2, norm_num_groups=16,
-        block_out_channels=(48, 96, 96), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=1.0,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=32,
+        layers_per_block=2,
+        norm_num_groups=16,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=1.0,
+    )
     unet = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(64, 128, 160), cross_attention_dim=384, attention_head_dim=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        block_out_channels=(64, 128, 160),
+        cross_attention_dim=384,
+        attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    )  # fmt: skip
+    )
     scheduler = dict(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="epsilon", clip_sample=False, steps_offset=1, timestep_spacing="leading",
-    )  # fmt: skip
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     return {"vae": vae, "unet": unet, "scheduler": scheduler}
 
 
-def build_embedded_models(overrides: dict[str, dict] | None = None
-                          ) -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+def build_embedded_models(
+    overrides: dict[str, dict] | None = None,
+) -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
     """Freshly initialised (VAE, UNet, scheduler) of the embedded preset, each config updated with
     `overrides[name]` (tests use tiny widths); seed torch first for reproducible weights."""
     configs = embedded_configs()
@@ -76,8 +95,11 @@ def build_embedded_models(overrides: dict[str, dict] | None = None
         if name not in configs:
             raise UserError(f"model_overrides names '{name}'; expected one of {', '.join(configs)}")
         configs[name].update(changes)
-    return (AutoencoderKL(**configs["vae"]), UNet2DConditionModel(**configs["unet"]),
-            DDPMScheduler(**configs["scheduler"]))  # fmt: skip
+    return (
+        AutoencoderKL(**configs["vae"]),
+        UNet2DConditionModel(**configs["unet"]),
+        DDPMScheduler(**configs["scheduler"]),
+    )
 
 
 def weight_bytes(*models, bytes_per_param: int = 2) -> int:
@@ -115,18 +137,24 @@ def _write_text_components(dest: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source, model_max_length=MAX_PROMPT_TOKENS)
     tokenizer.save_pretrained(dest / "tokenizer")
     index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "BertModel"],
-        "tokenizer": ["transformers", type(tokenizer).__name__], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }  # fmt: skip
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (dest / STYLE_VOCABULARY_FILE).write_text(json.dumps(list(STYLE_VOCABULARY), indent=0) + "\n")
 
 
-def assemble_ldm_folder(dest: str | Path, vae: AutoencoderKL, unet: UNet2DConditionModel,
-                        scheduler: DDPMScheduler) -> Path:
+def assemble_ldm_folder(
+    dest: str | Path, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler: DDPMScheduler
+) -> Path:
     """Write a diffusers Stable-Diffusion-layout folder (vae/, unet/, scheduler/ from the given models; text
     encoder and tokenizer from the package) that `LatentDiffusion.from_pretrained` loads; replaces `dest`."""
 
@@ -152,8 +180,11 @@ def export_embedded_weights(ldm_folder: str | Path, dest: str | Path = EMBEDDED_
         _copy_weight_components(Path(ldm_folder), tmp)
         for weights in [*(tmp / "vae").glob("*.safetensors"), *(tmp / "unet").glob("*.safetensors")]:
             tensors = load_file(weights)
-            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, weights,
-                      metadata={"format": "pt"})
+            save_file(
+                {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
+                weights,
+                metadata={"format": "pt"},
+            )
 
     return publish_dir(build, Path(dest))
 
@@ -167,18 +198,26 @@ def write_provenance(run_dir: str | Path, command: str, weights_dir: str | Path 
     import torch
 
     run_dir, weights_dir = Path(run_dir), Path(weights_dir)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     summary = json.loads((run_dir / "summary.json").read_text())
     record = {
-        "command": command, "commit": commit, "date": datetime.date.today().isoformat(),
+        "command": command,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
         "machine": f"{machine_description()}, diffusers {diffusers.__version__}",
-        "trained_on": device, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-        "wall_minutes": round(summary["wall_s"] / 60, 1), "config": json.loads((run_dir / "config.json").read_text()),
+        "trained_on": device,
+        "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "wall_minutes": round(summary["wall_s"] / 60, 1),
+        "config": json.loads((run_dir / "config.json").read_text()),
         "summary": summary,
         "weights_sha256": _weights_digest(weights_dir),
-    }  # fmt: skip
+    }
     path = weights_dir / "provenance.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
@@ -193,7 +232,8 @@ def _weights_digest(weights_dir: Path) -> str:
     if missing:
         raise UserError(
             f"the embedded LDM weights are not installed ({weights_dir} lacks {', '.join(missing)}). Run "
-            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 85 min on a 2-core CPU) or "
+            "`domainfusion ldm train --preset embedded --output-dir runs/ldm --install` (about 85 min on a 2-core CPU) "
+            "or "
             "reinstall domainfusion."
         )
     h = hashlib.sha256()
@@ -206,8 +246,8 @@ def _weights_digest(weights_dir: Path) -> str:
 
 def embedded_ldm_path(cache: str | Path | None = None, weights_dir: str | Path = EMBEDDED_WEIGHTS_DIR) -> Path:
     """The full embedded LDM folder (package weights + package text encoder), materialized once per weight version
-    under `<cache>/embedded-ldm/<digest>-<layout>/` (default cache: `utils.cache_dir()`); raises a UserError when the package
-    has no weights."""
+    under `<cache>/embedded-ldm/<digest>-<layout>/` (default cache: `utils.cache_dir()`); raises a UserError when the
+    package has no weights."""
     weights_dir = Path(weights_dir)
     dest = Path(cache or cache_dir()) / "embedded-ldm" / f"{_weights_digest(weights_dir)[:16]}-{FOLDER_LAYOUT}"
     if (dest / "model_index.json").is_file():

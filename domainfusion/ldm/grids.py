@@ -6,8 +6,9 @@ enough to write every few hundred training steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -23,8 +24,13 @@ LABEL_WIDTH = 200
 TITLE_HEIGHT = 14  # the band above the cells that holds the column titles, when there are any
 
 
-def save_grid(rows: Sequence[torch.Tensor], out_png: str | Path, row_labels: Sequence[str] = (),
-              scale: int = 2, column_titles: Sequence[str] = ()) -> Path:
+def save_grid(
+    rows: Sequence[torch.Tensor],
+    out_png: str | Path,
+    row_labels: Sequence[str] = (),
+    scale: int = 2,
+    column_titles: Sequence[str] = (),
+) -> Path:
     """Tile rows of (N, 3, H, W) images in [0, 1] into one PNG (nearest-neighbour ×`scale`), labels at the left,
     each column title centred above its column (cut to the column's width)."""
     cells = [[_enlarged(im, scale) for im in row] for row in rows]
@@ -56,24 +62,46 @@ def _enlarged(image: torch.Tensor, scale: int) -> Image.Image:
     """One (3, H, W) image in [0, 1] as a PIL image ×`scale`, nearest-neighbour so single pixels stay visible."""
     height, width = image.shape[1:]
     return Image.fromarray(to_uint8(image, channels_last=True).numpy()).resize(
-        (width * scale, height * scale), Image.Resampling.NEAREST)
+        (width * scale, height * scale), Image.Resampling.NEAREST
+    )
 
 
-def sample_grid(ldm: LatentDiffusion, prompts: Sequence[str], out_png: str | Path, n_seeds: int = 4,
-                num_inference_steps: int = 25, guidance_scale: float = 1.0, seed: int = 0) -> Path:
+def sample_grid(
+    ldm: LatentDiffusion,
+    prompts: Sequence[str],
+    out_png: str | Path,
+    n_seeds: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+) -> Path:
     """Text-to-image grid: rows = prompts, columns = `n_seeds` seeds (image (r, c) is seeded seed + r·n_seeds + c)."""
     flat = [p for p in prompts for _ in range(n_seeds)]
     images = ldm.sample(flat, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed)
     return save_grid(list(images.split(n_seeds)), out_png, row_labels=list(prompts))
 
 
-def img2img_grid(ldm: LatentDiffusion, images: torch.Tensor, prompts: Sequence[str], strengths: Sequence[float],
-                 out_png: str | Path, num_inference_steps: int = 25, guidance_scale: float = 1.0,
-                 seed: int = 0) -> Path:
+def img2img_grid(
+    ldm: LatentDiffusion,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    strengths: Sequence[float],
+    out_png: str | Path,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+) -> Path:
     """SDEdit grid: rows = input images, columns = the input, then img2img at each strength (same seed per row)."""
     columns = [images.float()] + [
-        ldm.img2img(images, list(prompts), strength=s, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, seed=seed) for s in strengths
-    ]  # fmt: skip
+        ldm.img2img(
+            images,
+            list(prompts),
+            strength=s,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+        )
+        for s in strengths
+    ]
     rows = [torch.stack([col[i] for col in columns]) for i in range(len(images))]
     return save_grid(rows, out_png, row_labels=list(prompts))

@@ -29,8 +29,13 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import UserError
@@ -63,18 +68,31 @@ class LatentDiffusion:
     at the model's resolution).
     """
 
-    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler, device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None, style_vocabulary: list[str] | None = None,
-                 max_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        vae,
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+        style_vocabulary: list[str] | None = None,
+        max_batch: int | None = None,
+    ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if vae.config.latent_channels != 4:
-            raise UserError(f"the VAE has {vae.config.latent_channels} latent channels; LatentDiffusion supports the "
-                            "Stable Diffusion 1.x/2.x layout with 4 (diffusers' img2img pipeline assumes 4)")
+            raise UserError(
+                f"the VAE has {vae.config.latent_channels} latent channels; LatentDiffusion supports the "
+                "Stable Diffusion 1.x/2.x layout with 4 (diffusers' img2img pipeline assumes 4)"
+            )
         if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-            raise UserError(f"the text encoder's hidden size ({text_encoder.config.hidden_size}) does not match the "
-                            f"UNet's cross_attention_dim ({unet.config.cross_attention_dim}): the components do not "
-                            "belong to the same model")
+            raise UserError(
+                f"the text encoder's hidden size ({text_encoder.config.hidden_size}) does not match the "
+                f"UNet's cross_attention_dim ({unet.config.cross_attention_dim}): the components do not "
+                "belong to the same model"
+            )
         for module in (vae, unet, text_encoder):
             # nn.Module.to: diffusers' override (0.42) warns on every dtype cast, even with no fp32-only submodules.
             torch.nn.Module.to(module.requires_grad_(False).eval(), self.device, self.dtype)
@@ -89,7 +107,7 @@ class LatentDiffusion:
         self.image_size = int(unet.config.sample_size) * self.vae_scale_factor
         if max_batch is not None and max_batch < 1:
             raise UserError(f"max_batch must be at least 1 (images per VAE/UNet call), got {max_batch}")
-        self.max_batch = max_batch or max(1, DEFAULT_BATCH_PIXELS // self.image_size ** 2)
+        self.max_batch = max_batch or max(1, DEFAULT_BATCH_PIXELS // self.image_size**2)
         self.latent_channels = int(vae.config.latent_channels)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -99,8 +117,13 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ loading and saving
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "auto",
-                        dtype: torch.dtype | None = None, max_batch: int | None = None) -> "LatentDiffusion":
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+        max_batch: int | None = None,
+    ) -> LatentDiffusion:
         """Load a diffusers-format LDM from a local folder or a Hugging Face Hub id.
 
         Each component is loaded by the class model_index.json names (CLIPTextModel for Stable Diffusion, BertModel
@@ -113,22 +136,30 @@ class LatentDiffusion:
             index = _read_local_index(path)
             vocabulary = _read_style_vocabulary(path / STYLE_VOCABULARY_FILE)
         elif path.exists():
-            raise UserError(f"'{path}' is a file; expected a diffusers model folder (model_index.json, "
-                            f"{', '.join(c + '/' for c in COMPONENTS)})")
+            raise UserError(
+                f"'{path}' is a file; expected a diffusers model folder (model_index.json, "
+                f"{', '.join(c + '/' for c in COMPONENTS)})"
+            )
         elif _is_hub_id(str(path_or_id)):
             try:
                 index = DiffusionPipeline.load_config(str(path_or_id))
             except OSError as e:
                 reason = str(e).split("\n")[0]
-                raise UserError(f"'{path_or_id}' is neither a local folder nor a reachable Hugging Face Hub model id "
-                                f"({type(e).__name__}: {reason})") from e
+                raise UserError(
+                    f"'{path_or_id}' is neither a local folder nor a reachable Hugging Face Hub model id "
+                    f"({type(e).__name__}: {reason})"
+                ) from e
             missing = [c for c in COMPONENTS if not _declared(index, c)]
             if missing:
-                raise UserError(f"hub model '{path_or_id}' is not a Stable-Diffusion-style LDM: model_index.json "
-                                f"declares no {', '.join(missing)}")
+                raise UserError(
+                    f"hub model '{path_or_id}' is not a Stable-Diffusion-style LDM: model_index.json "
+                    f"declares no {', '.join(missing)}"
+                )
         else:
-            raise UserError(f"model folder '{path_or_id}' does not exist; check the path (an LDM is 'embedded', a "
-                            "diffusers model folder, or a Hugging Face Hub id 'org/name')")
+            raise UserError(
+                f"model folder '{path_or_id}' does not exist; check the path (an LDM is 'embedded', a "
+                "diffusers model folder, or a Hugging Face Hub id 'org/name')"
+            )
         source = str(path) if path.is_dir() else str(path_or_id)
         if index.get(RANDOM_WEIGHTS_KEY):
             warnings.warn(f"{source}: {index[RANDOM_WEIGHTS_KEY]}", stacklevel=2)
@@ -139,8 +170,10 @@ class LatentDiffusion:
         """Write a diffusers folder (safetensors) that both `from_pretrained` and diffusers' pipelines can read."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        index: dict[str, object] = {"_class_name": StableDiffusionPipeline.__name__,
-                                    "_diffusers_version": diffusers.__version__}
+        index: dict[str, object] = {
+            "_class_name": StableDiffusionPipeline.__name__,
+            "_diffusers_version": diffusers.__version__,
+        }
         for name in COMPONENTS:
             component = getattr(self, name)
             component.save_pretrained(path / name)
@@ -175,16 +208,19 @@ class LatentDiffusion:
         if images.shape[0] == 0:
             raise UserError("expected a non-empty image batch")
         if tuple(images.shape[2:]) != (s, s):
-            raise UserError(f"this latent diffusion model works on {s}×{s} images, got "
-                            f"{images.shape[2]}×{images.shape[3]}; resize the images to {s}×{s}")
+            raise UserError(
+                f"this latent diffusion model works on {s}×{s} images, got "
+                f"{images.shape[2]}×{images.shape[3]}; resize the images to {s}×{s}"
+            )
         if not images.is_floating_point():
             raise UserError(f"expected float images in [0, 1], got dtype {images.dtype}")
         lo, hi = images.detach().aminmax()
         if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
             raise UserError(f"expected image values in [0, 1], got range [{lo.item():.3g}, {hi.item():.3g}]")
 
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Images in [0, 1] → scaled latents (posterior mean, or a posterior sample), in `self.dtype`.
 
         Keeps the autograd graph when `images` require grad, and forward-mode tangents of dual `images` (latent
@@ -253,12 +289,21 @@ class LatentDiffusion:
             raise UserError("expected a non-empty list of prompt strings")
         new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
         if new:
-            tokens = self.tokenizer(new, padding="max_length", truncation=True, return_tensors="pt",
-                                    max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS))
+            tokens = self.tokenizer(
+                new,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+                max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS),
+            )
             ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
             use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-            hidden = torch.cat([self.text_encoder(ids[rows], attention_mask=mask[rows] if use_mask else None)[0]
-                                for rows in self.chunks(len(ids))])
+            hidden = torch.cat(
+                [
+                    self.text_encoder(ids[rows], attention_mask=mask[rows] if use_mask else None)[0]
+                    for rows in self.chunks(len(ids))
+                ]
+            )
             encoded = {p: h[None].to(self.dtype) for p, h in zip(new, hidden)}
             if not cache:
                 return torch.cat([encoded.get(p, self._prompt_cache.get(p)) for p in prompts])
@@ -271,8 +316,14 @@ class LatentDiffusion:
         """Forward process z_t = √ᾱ_t z + √(1−ᾱ_t) ε (differentiable in `latents`)."""
         return self.scheduler.add_noise(latents, noise, timesteps.to(latents.device))
 
-    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-                      guidance_scale: float = 1.0, uncond_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float = 1.0,
+        uncond_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The UNet's ε̂(z_t; prompt, t), with classifier-free guidance when `guidance_scale` > 1.
 
         Always returns ε, converting v- or x₀-prediction models (SD 2.x 768 is v-prediction) so that the LD loss
@@ -291,8 +342,9 @@ class LatentDiffusion:
             for rows in self.chunks(len(z), guidance_scale=guidance_scale):
                 zr, tr, cr = z[rows], t[rows], cond[rows]
                 if guided:
-                    out_uncond, out_cond = self.unet(torch.cat([zr, zr]), torch.cat([tr, tr]),
-                                                     torch.cat([uncond[rows], cr])).sample.chunk(2)
+                    out_uncond, out_cond = self.unet(
+                        torch.cat([zr, zr]), torch.cat([tr, tr]), torch.cat([uncond[rows], cr])
+                    ).sample.chunk(2)
                     outs.append(out_uncond + guidance_scale * (out_cond - out_uncond))
                 else:
                     outs.append(self.unet(zr, tr, cr).sample)
@@ -313,11 +365,20 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def img2img(self, images: torch.Tensor | None, prompts: list[str] | None = None, strength: float = 0.5,
-                num_inference_steps: int = 20, guidance_scale: float = 1.0, seed: int | list[int] | None = 0,
-                batch_size: int = 64, prompt_embeds: torch.Tensor | None = None,
-                output: str = "images", latents: torch.Tensor | None = None,
-                convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def img2img(
+        self,
+        images: torch.Tensor | None,
+        prompts: list[str] | None = None,
+        strength: float = 0.5,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        seed: int | list[int] | None = 0,
+        batch_size: int = 64,
+        prompt_embeds: torch.Tensor | None = None,
+        output: str = "images",
+        latents: torch.Tensor | None = None,
+        convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """SDEdit: noise each image's latent to `strength`, denoise with DDIM towards its prompt.
 
         Runs diffusers' `StableDiffusionImg2ImgPipeline`, fed with our posterior-mean latents, so strength → 0
@@ -352,17 +413,31 @@ class LatentDiffusion:
         out = []
         for start in range(0, n, batch_size):
             stop = start + batch_size
-            z = self.encode(images[start:stop]) if images is not None else latents[start:stop].to(self.device, self.dtype)
+            z = (
+                self.encode(images[start:stop])
+                if images is not None
+                else latents[start:stop].to(self.device, self.dtype)
+            )
             if int(num_inference_steps * strength) > 0:
                 embeds = self.encode_prompts(prompts[start:stop]) if prompts is not None else prompt_embeds[start:stop]
-                z = pipe(image=z, strength=strength, num_inference_steps=num_inference_steps,
-                         **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed))[0]
+                z = pipe(
+                    image=z,
+                    strength=strength,
+                    num_inference_steps=num_inference_steps,
+                    **self._pipeline_args(embeds.to(self.device, self.dtype), start, guidance_scale, seed),
+                )[0]
             out.append(z if output == "latents" else convert(self.decode(z)) if convert else self.decode(z))
         return torch.cat(out)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], num_inference_steps: int = 50, guidance_scale: float = 1.0,
-               seed: int | None = 0, batch_size: int = 64) -> torch.Tensor:
+    def sample(
+        self,
+        prompts: list[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
         """Text-to-image with diffusers' `StableDiffusionPipeline` (DDIM): images in [0, 1], image i seeded seed + i."""
         if not prompts:
             raise UserError("sample needs a non-empty list of prompts")
@@ -370,30 +445,54 @@ class LatentDiffusion:
         pipe = self._pipeline(StableDiffusionPipeline)
         out = []
         for start in range(0, len(prompts), batch_size):
-            latents = pipe(height=self.image_size, width=self.image_size, num_inference_steps=num_inference_steps,
-                           **self._pipeline_args(self.encode_prompts(prompts[start:start + batch_size]), start,
-                                                 guidance_scale, seed))[0]
+            latents = pipe(
+                height=self.image_size,
+                width=self.image_size,
+                num_inference_steps=num_inference_steps,
+                **self._pipeline_args(
+                    self.encode_prompts(prompts[start : start + batch_size]), start, guidance_scale, seed
+                ),
+            )[0]
             out.append(self.decode(latents))
         return torch.cat(out)
 
-    def _pipeline_args(self, embeds: torch.Tensor, offset: int, guidance_scale: float,
-                       seed: int | list[int] | None) -> dict:
+    def _pipeline_args(
+        self, embeds: torch.Tensor, offset: int, guidance_scale: float, seed: int | list[int] | None
+    ) -> dict:
         """Arguments shared by both pipelines: precomputed embeddings (no tokenizer round trip, cache reused),
         per-image generators (image offset + i seeded `seed + offset + i`, or `seed[offset + i]`), and latent output
         (decoded by `decode`, so both paths share one decoder)."""
         uncond = self.encode_prompts([""]).expand_as(embeds) if guidance_scale > 1 else None
-        seeds = seed[offset:offset + len(embeds)] if isinstance(seed, list) else \
-            None if seed is None else [seed + offset + i for i in range(len(embeds))]  # fmt: skip
+        seeds = (
+            seed[offset : offset + len(embeds)]
+            if isinstance(seed, list)
+            else None
+            if seed is None
+            else [seed + offset + i for i in range(len(embeds))]
+        )
         generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
-        return dict(prompt_embeds=embeds, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
-                    generator=generators, output_type="latent", return_dict=False)
+        return dict(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=uncond,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="latent",
+            return_dict=False,
+        )
 
     def _pipeline(self, pipeline_class: type) -> DiffusionPipeline:
         """Build (once) a diffusers pipeline sharing this model's modules, with its own DDIM scheduler."""
         if pipeline_class not in self._pipelines:
-            pipe = pipeline_class(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                  unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
-                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe = pipeline_class(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                unet=self.unet,
+                scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
             pipe.set_progress_bar_config(disable=True)
             self._pipelines[pipeline_class] = pipe
         return self._pipelines[pipeline_class]
@@ -403,8 +502,9 @@ def _is_hub_id(text: str) -> bool:
     """Whether a string that is no local folder should be looked up on the Hugging Face Hub: 'org/name', unless it
     looks like a path ('./m', '~/m', 'a/b/c', 'm.ckpt', or 'runs/m' where runs/ is a local folder). A mistyped path
     then fails at once, instead of after the hub client's retries (30 s offline)."""
-    return (bool(HUB_ID.match(text)) and not text.lower().endswith(FILE_SUFFIXES)
-            and not Path(text.split("/")[0]).is_dir())
+    return (
+        bool(HUB_ID.match(text)) and not text.lower().endswith(FILE_SUFFIXES) and not Path(text.split("/")[0]).is_dir()
+    )
 
 
 def _declared(index: dict, name: str) -> bool:
@@ -417,17 +517,21 @@ def _read_local_index(path: Path) -> dict:
     """Read and validate a local folder's model_index.json, naming everything that is missing."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise UserError(f"'{path}' is not a diffusers latent diffusion model folder: model_index.json is missing "
-                        f"(expected model_index.json and {', '.join(c + '/' for c in COMPONENTS)})")
+        raise UserError(
+            f"'{path}' is not a diffusers latent diffusion model folder: model_index.json is missing "
+            f"(expected model_index.json and {', '.join(c + '/' for c in COMPONENTS)})"
+        )
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"'{index_file}' is not valid JSON: {e}") from e
     missing = [f"{c}/" for c in COMPONENTS if not (_declared(index, c) and (path / c).is_dir())]
     if missing:
-        raise UserError(f"'{path}' is not a complete diffusers latent diffusion model folder: missing "
-                        f"{', '.join(missing)} (a Stable-Diffusion-style folder has model_index.json and "
-                        f"{', '.join(c + '/' for c in COMPONENTS)})")
+        raise UserError(
+            f"'{path}' is not a complete diffusers latent diffusion model folder: missing "
+            f"{', '.join(missing)} (a Stable-Diffusion-style folder has model_index.json and "
+            f"{', '.join(c + '/' for c in COMPONENTS)})"
+        )
     return index
 
 
@@ -445,14 +549,15 @@ def _read_style_vocabulary(path: Path) -> list[str] | None:
 
 
 # What a model folder's model_index.json may name per component: the library, the base class the named class must
-# derive from, and an example for the error message. A folder is data: it must never make us import a module of its choosing (a same-named .py in the
-# working directory would run) or build an arbitrary class.
+# derive from, and an example for the error message. A folder is data: it must never make us import a module of its
+# choosing (a same-named .py in the working directory would run) or build an arbitrary class.
 ALLOWED_COMPONENTS = {
-    "vae": ("diffusers", "ModelMixin", "AutoencoderKL"), "unet": ("diffusers", "ModelMixin", "UNet2DConditionModel"),
+    "vae": ("diffusers", "ModelMixin", "AutoencoderKL"),
+    "unet": ("diffusers", "ModelMixin", "UNet2DConditionModel"),
     "scheduler": ("diffusers", "SchedulerMixin", "DDPMScheduler"),
     "text_encoder": ("transformers", "PreTrainedModel", "CLIPTextModel"),
     "tokenizer": ("transformers", "PreTrainedTokenizerBase", "CLIPTokenizer"),
-}  # fmt: skip
+}
 
 
 def _load_component(path_or_id: str, name: str, entry: list[str]):
@@ -462,8 +567,10 @@ def _load_component(path_or_id: str, name: str, entry: list[str]):
     module = importlib.import_module(allowed_library)
     component_class = getattr(module, class_name, None) if library == allowed_library else None
     if not (isinstance(component_class, type) and issubclass(component_class, getattr(module, base_name))):
-        raise UserError(f"model_index.json declares {name} as {library}.{class_name}; a {name} must be a "
-                        f"{allowed_library} {base_name} class (e.g. {example})")
+        raise UserError(
+            f"model_index.json declares {name} as {library}.{class_name}; a {name} must be a "
+            f"{allowed_library} {base_name} class (e.g. {example})"
+        )
     try:
         return component_class.from_pretrained(path_or_id, subfolder=name)
     except (OSError, ValueError) as e:

@@ -41,12 +41,15 @@ class ProbeConfig:
         if not 0 <= self.t_min <= self.t_max:
             raise UserError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.top_k is not None and (self.top_k < 1 or not 1 <= self.prune_after < self.draws):
-            raise UserError(f"top_k needs top_k >= 1 and 1 <= prune_after < draws (got top_k={self.top_k}, "
-                            f"prune_after={self.prune_after}, draws={self.draws})")
+            raise UserError(
+                f"top_k needs top_k >= 1 and 1 <= prune_after < draws (got top_k={self.top_k}, "
+                f"prune_after={self.prune_after}, draws={self.draws})"
+            )
 
 
-def probe_draws(config: ProbeConfig, latent_shape: tuple[int, ...], num_train_timesteps: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_draws(
+    config: ProbeConfig, latent_shape: tuple[int, ...], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared (timesteps (D,), noise (D, C, h, w)) of a probe: evenly spaced t, seeded ε."""
     if config.t_max >= num_train_timesteps:
         raise UserError(f"t_max={config.t_max} is beyond the model's {num_train_timesteps} training timesteps")
@@ -56,9 +59,15 @@ def probe_draws(config: ProbeConfig, latent_shape: tuple[int, ...], num_train_ti
 
 
 @torch.no_grad()
-def denoising_errors(ldm: LatentDiffusion, latents: torch.Tensor, class_embeds: torch.Tensor,
-                     candidates: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                     batch_size: int) -> torch.Tensor:
+def denoising_errors(
+    ldm: LatentDiffusion,
+    latents: torch.Tensor,
+    class_embeds: torch.Tensor,
+    candidates: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
     """Mean squared ε error (B, K', D) of each image under each of its candidate classes and each draw.
 
     latents: scaled latents (B, C, h, w); class_embeds: (K, L, E) prompt embeddings; candidates: (B, K') class
@@ -80,8 +89,9 @@ def denoising_errors(ldm: LatentDiffusion, latents: torch.Tensor, class_embeds: 
 
 
 @torch.no_grad()
-def classify(ldm: LatentDiffusion, images: torch.Tensor, class_prompts: list[str], config: ProbeConfig
-             ) -> tuple[torch.Tensor, int]:
+def classify(
+    ldm: LatentDiffusion, images: torch.Tensor, class_prompts: list[str], config: ProbeConfig
+) -> tuple[torch.Tensor, int]:
     """(mean error per class (B, K), UNet evaluations used) for images in [0, 1] at the LDM's resolution.
 
     Pruned classes get +inf, so `argmin` over the result is the prediction.
@@ -116,9 +126,16 @@ class DomainKnowledge:
     seconds: float
 
 
-def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], images_per_domain: int,
-                  config: ProbeConfig, chunk: int = 64, progress: bool = True,
-                  domains: list[str] | None = None) -> list[DomainKnowledge]:
+def probe_dataset(
+    ldm: LatentDiffusion,
+    dataset,
+    class_prompts: list[str],
+    images_per_domain: int,
+    config: ProbeConfig,
+    chunk: int = 64,
+    progress: bool = True,
+    domains: list[str] | None = None,
+) -> list[DomainKnowledge]:
     """Zero-shot diffusion-classifier accuracy on a seeded random subset of every environment (or of `domains`) of
     `dataset` (a `MultipleDomainDataset` built at the LDM's resolution, without training augmentation)."""
     if images_per_domain < 1:
@@ -144,8 +161,10 @@ def probe_dataset(ldm: LatentDiffusion, dataset, class_prompts: list[str], image
             labels.append(torch.as_tensor(y))
             calls += used
         hit, label = torch.cat(hits).float(), torch.cat(labels)
-        per_class = [hit[label == c].mean().item() if (label == c).any() else float("nan")
-                     for c in range(dataset.num_classes)]  # fmt: skip
-        results.append(DomainKnowledge(name, len(pick), hit.mean().item(), per_class, calls,
-                                       time.perf_counter() - start))
+        per_class = [
+            hit[label == c].mean().item() if (label == c).any() else float("nan") for c in range(dataset.num_classes)
+        ]
+        results.append(
+            DomainKnowledge(name, len(pick), hit.mean().item(), per_class, calls, time.perf_counter() - start)
+        )
     return results

@@ -40,8 +40,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,8 +53,7 @@ from tqdm import tqdm
 from ..config_fields import changed_fields
 from ..errors import UserError
 from ..utils import atomic_write_text, publish_dir
-from .embedded import (assemble_ldm_folder, build_embedded_models, embedded_ldm_path, load_text_encoder,
-                       weight_bytes)
+from .embedded import assemble_ldm_folder, build_embedded_models, embedded_ldm_path, load_text_encoder, weight_bytes
 from .grids import sample_grid, save_grid
 from .latent_diffusion import LatentDiffusion
 from .train_config import LDMTrainConfig
@@ -63,9 +63,18 @@ from .training_data import TrainingData, load_training_data
 # docs/ldm_corpus.md): the VAE stage in bf16 autocast, the UNet in fp32. Never run 2 torch threads beside another CPU
 # job: OpenMP spin-waiting then makes each step many times slower.
 PRESETS: dict[str, dict[str, Any]] = {
-    "embedded": dict(data="corpus", corpus_size=100_000, vae_steps=4000, vae_batch_size=32, vae_precision="bf16",
-                     unet_steps=6000, unet_batch_size=64, style_dropout=0.15, checkpoint_every=500,
-                     sample_every=1000),
+    "embedded": dict(
+        data="corpus",
+        corpus_size=100_000,
+        vae_steps=4000,
+        vae_batch_size=32,
+        vae_precision="bf16",
+        unet_steps=6000,
+        unet_batch_size=64,
+        style_dropout=0.15,
+        checkpoint_every=500,
+        sample_every=1000,
+    ),
 }
 # Mixed precision per stage: autocast, the weights and optimiser stay fp32. fp16 (with loss scaling) is offered for
 # the UNet stage only, the one fine-tuned at full size (DSI); the VAE stage keeps the embedded recipe's choices.
@@ -101,8 +110,9 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float,
-             edge_weight: float) -> torch.Tensor:
+def vae_loss(
+    vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float, edge_weight: float
+) -> torch.Tensor:
     """L1 + edge_weight * L1 of finite differences + kl_weight * KL per pixel, on x in [-1, 1]."""
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample(generator=generator)).sample
@@ -126,8 +136,9 @@ def vae_psnr(vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int = 256)
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int = 256,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(
+    vae: AutoencoderKL, images_u8: torch.Tensor, batch_size: int = 256, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled posterior (mean, std) of every image, float32 on the CPU."""
     device = next(vae.parameters()).device
     means, stds = [], []
@@ -146,8 +157,14 @@ def prediction_type(scheduler: DDPMScheduler) -> str:
     return kind
 
 
-def unet_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z0: torch.Tensor, embeds: torch.Tensor,
-              generator: torch.Generator, snr_gamma: float | None) -> torch.Tensor:
+def unet_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    embeds: torch.Tensor,
+    generator: torch.Generator,
+    snr_gamma: float | None,
+) -> torch.Tensor:
     """MSE against the scheduler's prediction target at uniform timesteps: ε, v = √ᾱ·ε − √(1 − ᾱ)·z₀, or z₀;
     Min-SNR-gamma weighted (Hang et al. 2023) when gamma is set, min(snr, γ) divided by snr, snr + 1 or 1
     respectively (each target's error is that multiple of the z₀ error, so all three weight timesteps alike)."""
@@ -196,8 +213,15 @@ def latest_checkpoint(out: Path, stage: str) -> tuple[int, Path] | None:
     return (int(found[-1].name.split("-")[1]), found[-1]) if found else None
 
 
-def _write_checkpoint(out: Path, stage: str, step: int, modules: dict[str, torch.nn.Module],
-                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, keep: int) -> Path:
+def _write_checkpoint(
+    out: Path,
+    stage: str,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    keep: int,
+) -> Path:
     """Write weights (safetensors), optimizer state, the step and the fp16 loss scale atomically; keep only the
     newest `keep`."""
 
@@ -214,8 +238,9 @@ def _write_checkpoint(out: Path, stage: str, step: int, modules: dict[str, torch
     return path
 
 
-def _load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler) -> None:
+def _load_checkpoint(
+    path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> None:
     for name, module in modules.items():
         module.load_state_dict(load_file(path / f"{name}.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
@@ -240,11 +265,18 @@ def _forget_log_after(out: Path, stage: str, step: int) -> None:
         atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_lr: float,
-               modules: dict[str, torch.nn.Module], trained: torch.nn.Module,
-               loss_fn: Callable[[int, torch.Generator], torch.Tensor],
-               after_step: Callable[[int], None] = lambda step: None,
-               after_checkpoint: Callable[[], None] = lambda: None) -> float:
+def _run_stage(
+    stage: str,
+    out: Path,
+    config: LDMTrainConfig,
+    total: int,
+    peak_lr: float,
+    modules: dict[str, torch.nn.Module],
+    trained: torch.nn.Module,
+    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    after_step: Callable[[int], None] = lambda step: None,
+    after_checkpoint: Callable[[], None] = lambda: None,
+) -> float:
     """The optimisation loop shared by both stages; resumes from the stage's last checkpoint. Returns s/step.
     Under fp16 the loss is scaled dynamically (fp16 gradients underflow), and unscaled before clipping."""
     params = [p for p in trained.parameters() if p.requires_grad]
@@ -259,8 +291,7 @@ def _run_stage(stage: str, out: Path, config: LDMTrainConfig, total: int, peak_l
     _forget_log_after(out, stage, start)
     window: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(start, total), desc=f"{stage} training", disable=not config.progress, initial=start,
-               total=total)  # fmt: skip
+    bar = tqdm(range(start, total), desc=f"{stage} training", disable=not config.progress, initial=start, total=total)
     for step in bar:
         lr = learning_rate(step, total, peak_lr, config.warmup_steps)
         for group in optimizer.param_groups:
@@ -298,8 +329,10 @@ def _check_resumable(out: Path, config: LDMTrainConfig) -> None:
         raise UserError(f"{out} already holds an LDM training run; resume it (--resume) or choose another output dir")
     changed = changed_settings(out, config)
     if changed:
-        raise UserError(f"cannot resume {out}: settings differ from the saved run ({', '.join(changed)}); "
-                        "use the same settings or another output dir")
+        raise UserError(
+            f"cannot resume {out}: settings differ from the saved run ({', '.join(changed)}); "
+            "use the same settings or another output dir"
+        )
 
 
 class WallClock:
@@ -370,16 +403,20 @@ def train_ldm(config: LDMTrainConfig, data: TrainingData | None = None) -> Path:
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     data = data if data is not None else load_training_data(config, resolution)
-    summary: dict[str, Any] = {"images": len(data.images), "unique_captions": len(set(data.captions)),
-                               "vae_unet_fp16_bytes": weight_bytes(vae, unet)}  # fmt: skip
+    summary: dict[str, Any] = {
+        "images": len(data.images),
+        "unique_captions": len(set(data.captions)),
+        "vae_unet_fp16_bytes": weight_bytes(vae, unet),
+    }
     vae = _vae_stage(config, out, vae, data, device, summary, clock.save)
     ema_unet = copy.deepcopy(unet)
     ldm = LatentDiffusion(vae, ema_unet, text_encoder, tokenizer, scheduler, device=device, dtype=torch.float32)
     _unet_stage(config, out, ldm, unet, data, summary, clock.save)
     _sample(ldm, data, config, out / "samples" / "final.png")
     check = data.check_images[:8].permute(0, 3, 1, 2).float() / 255
-    save_grid([check, ldm.decode(ldm.encode(check))], out / "samples" / "vae-reconstructions.png",
-              ["input", "reconstruction"])
+    save_grid(
+        [check, ldm.decode(ldm.encode(check))], out / "samples" / "vae-reconstructions.png", ["input", "reconstruction"]
+    )
     if config.init_from:
         publish_dir(lambda tmp: ldm.save_pretrained(tmp), final)
     else:
@@ -409,8 +446,15 @@ def train_or_reuse(config: LDMTrainConfig, data: TrainingData) -> TrainedLDM:
     return TrainedLDM(folder, finished_wall_s(out))
 
 
-def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: TrainingData, device: torch.device,
-               summary: dict[str, Any], after_checkpoint: Callable[[], None]) -> AutoencoderKL:
+def _vae_stage(
+    config: LDMTrainConfig,
+    out: Path,
+    vae: AutoencoderKL,
+    data: TrainingData,
+    device: torch.device,
+    summary: dict[str, Any],
+    after_checkpoint: Callable[[], None],
+) -> AutoencoderKL:
     """Stage 1: train the VAE (skipped for a fine-tune with vae_steps=0), set its scale, save it to `out/vae`;
     a restart finds `out/vae` and reuses it. Returns the frozen VAE."""
     vae_dir = out / "vae"
@@ -425,8 +469,17 @@ def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: Trai
             with _autocast(device, config.vae_precision):
                 return vae_loss(vae, x, g, config.vae_kl_weight, config.vae_edge_weight)
 
-        summary["vae_s_per_step"] = _run_stage("vae", out, config, config.vae_steps, config.vae_lr, {"vae": vae},
-                                               vae, vae_step, after_checkpoint=after_checkpoint)  # fmt: skip
+        summary["vae_s_per_step"] = _run_stage(
+            "vae",
+            out,
+            config,
+            config.vae_steps,
+            config.vae_lr,
+            {"vae": vae},
+            vae,
+            vae_step,
+            after_checkpoint=after_checkpoint,
+        )
         vae.requires_grad_(False).eval()
         if not config.init_from:  # a fine-tuned VAE keeps its scale: the UNet was trained in that latent space
             sample = data.images[torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))]
@@ -440,8 +493,15 @@ def _vae_stage(config: LDMTrainConfig, out: Path, vae: AutoencoderKL, data: Trai
     return vae
 
 
-def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: UNet2DConditionModel,
-                data: TrainingData, summary: dict[str, Any], after_checkpoint: Callable[[], None]) -> None:
+def _unet_stage(
+    config: LDMTrainConfig,
+    out: Path,
+    ldm: LatentDiffusion,
+    unet: UNet2DConditionModel,
+    data: TrainingData,
+    summary: dict[str, Any],
+    after_checkpoint: Callable[[], None],
+) -> None:
     """Stages 2 and 3: cache the latents once (`out/latents.safetensors`), then train `unet` on them while
     `ldm.unet` (its EMA copy) follows it and draws the sample grids."""
     device = ldm.device
@@ -461,8 +521,9 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
     empty = ldm.encode_prompts([""])[0]
     if config.style_dropout:
         if data.class_captions is None:
-            raise UserError("style_dropout needs class prompts for the training images; this data has none (set it "
-                            "to 0)")
+            raise UserError(
+                "style_dropout needs class prompts for the training images; this data has none (set it to 0)"
+            )
         class_prompts = sorted(set(data.class_captions))
         class_embeds = ldm.encode_prompts(class_prompts)
         class_of = {c: i for i, c in enumerate(class_prompts)}
@@ -486,9 +547,18 @@ def _unet_stage(config: LDMTrainConfig, out: Path, ldm: LatentDiffusion, unet: U
         if config.sample_every and (step + 1) % config.sample_every == 0:
             _sample(ldm, data, config, out / "samples" / f"unet-{step + 1:07d}.png")
 
-    summary["unet_s_per_step"] = _run_stage("unet", out, config, config.unet_steps, config.unet_lr,
-                                            {"unet": unet, "ema": ldm.unet}, unet, unet_step, after_unet_step,
-                                            after_checkpoint)
+    summary["unet_s_per_step"] = _run_stage(
+        "unet",
+        out,
+        config,
+        config.unet_steps,
+        config.unet_lr,
+        {"unet": unet, "ema": ldm.unet},
+        unet,
+        unet_step,
+        after_unet_step,
+        after_checkpoint,
+    )
 
 
 def _check_precisions(config: LDMTrainConfig) -> None:
@@ -505,6 +575,12 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def _sample(ldm: LatentDiffusion, data: TrainingData, config: LDMTrainConfig, out_png: Path) -> None:
-    sample_grid(ldm, data.grid_prompts, out_png, n_seeds=config.sample_seeds, num_inference_steps=config.sample_steps,
-                guidance_scale=config.sample_guidance, seed=config.seed)
-
+    sample_grid(
+        ldm,
+        data.grid_prompts,
+        out_png,
+        n_seeds=config.sample_seeds,
+        num_inference_steps=config.sample_steps,
+        guidance_scale=config.sample_guidance,
+        seed=config.seed,
+    )

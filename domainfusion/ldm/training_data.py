@@ -53,28 +53,55 @@ def load_training_data(config: LDMTrainConfig, resolution: int) -> TrainingData:
     if config.data == "corpus":
         train, held_out = split_corpus(build_corpus(config.data_dir, config.corpus_size, config.corpus_seed))
         if resolution != train.images.shape[1]:
-            raise UserError(f"the digit corpus is {train.images.shape[1]}x{train.images.shape[1]}; the model works "
-                            f"on {resolution}x{resolution} images: train it on a dataset instead")
+            raise UserError(
+                f"the digit corpus is {train.images.shape[1]}x{train.images.shape[1]}; the model works "
+                f"on {resolution}x{resolution} images: train it on a dataset instead"
+            )
         k = config.max_images or len(train.labels)
-        return TrainingData(torch.from_numpy(train.images[:k]), train.captions[:k],
-                            [digit_prompt(d) for d in range(10)], torch.from_numpy(held_out.images[:1000]),
-                            [digit_prompt(int(y)) for y in train.labels[:k]])
+        return TrainingData(
+            torch.from_numpy(train.images[:k]),
+            train.captions[:k],
+            [digit_prompt(d) for d in range(10)],
+            torch.from_numpy(held_out.images[:1000]),
+            [digit_prompt(int(y)) for y in train.labels[:k]],
+        )
     from ..data import get_dataset
     from ..data.loaders import holdout_split
 
-    dataset = get_dataset(config.data, config.data_dir, config.test_envs, {"data_augmentation": False},
-                          allow_missing_classes=True, image_size=resolution)  # fmt: skip
-    envs = [i for i in range(len(dataset)) if i not in config.test_envs] if config.envs is None else \
-        [_env_index(dataset.environments, e) for e in config.envs]  # fmt: skip
+    dataset = get_dataset(
+        config.data,
+        config.data_dir,
+        config.test_envs,
+        {"data_augmentation": False},
+        allow_missing_classes=True,
+        image_size=resolution,
+    )
+    envs = (
+        [i for i in range(len(dataset)) if i not in config.test_envs]
+        if config.envs is None
+        else [_env_index(dataset.environments, e) for e in config.envs]
+    )
     if set(envs) & set(config.test_envs):
         names = [dataset.environments[i] for i in sorted(set(envs) & set(config.test_envs))]
-        raise UserError(f"environment(s) {names} are held out (--test-envs): an LDM for this run must not train on them")
-    splits = [dataset[i] if config.holdout_fraction is None else
-              holdout_split(dataset[i], i, config.holdout_fraction, config.trial_seed, dataset.environments[i])[1]
-              for i in envs]  # fmt: skip
+        raise UserError(
+            f"environment(s) {names} are held out (--test-envs): an LDM for this run must not train on them"
+        )
+    splits = [
+        dataset[i]
+        if config.holdout_fraction is None
+        else holdout_split(dataset[i], i, config.holdout_fraction, config.trial_seed, dataset.environments[i])[1]
+        for i in envs
+    ]
     template = config.caption_template or default_prompt_template(config.data)
-    return dataset_training_data(splits, [dataset.environments[i] for i in envs], dataset.class_names, template,
-                                 resolution, config.max_images, config.seed)
+    return dataset_training_data(
+        splits,
+        [dataset.environments[i] for i in envs],
+        dataset.class_names,
+        template,
+        resolution,
+        config.max_images,
+        config.seed,
+    )
 
 
 def _env_index(environments: list[str], env: int | str) -> int:
@@ -82,13 +109,22 @@ def _env_index(environments: list[str], env: int | str) -> int:
         return env
     if env in environments:
         return environments.index(env)
-    raise UserError(f"unknown environment {env!r}; this dataset has {', '.join(environments)} (or indices 0-"
-                    f"{len(environments) - 1})")
+    raise UserError(
+        f"unknown environment {env!r}; this dataset has {', '.join(environments)} (or indices 0-"
+        f"{len(environments) - 1})"
+    )
 
 
-def dataset_training_data(splits: list[Dataset], domains: list[str], class_names: list[str], template: str,
-                          resolution: int, max_images: int | None = None, seed: int = 0,
-                          num_workers: int = 0) -> TrainingData:
+def dataset_training_data(
+    splits: list[Dataset],
+    domains: list[str],
+    class_names: list[str],
+    template: str,
+    resolution: int,
+    max_images: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> TrainingData:
     """Any torch datasets of (image in [0, 1], label) as LDM training data; caption = `template` with {cls} and
     optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read.
 
@@ -100,8 +136,13 @@ def dataset_training_data(splits: list[Dataset], domains: list[str], class_names
     for split, domain in zip(splits, domains):
         items = [(i, seed_hash(seed, offset + i)) for i in range(len(split))]
         offset += len(split)
-        loader = DataLoader(SeededItems(split), batch_size=256, sampler=items, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            SeededItems(split),
+            batch_size=256,
+            sampler=items,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
         for x, y in loader:
             images.append(to_uint8(to_ldm_images(x, resolution), channels_last=True))
             captions += [template.format(cls=class_names[int(c)], domain=domain) for c in y]

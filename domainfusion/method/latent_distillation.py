@@ -78,10 +78,21 @@ class LDSettings:
     temperature: float  # posterior: τ of softmax(−e / τ), e the mean squared ε error per latent element
 
     @classmethod
-    def from_hparams(cls, hp: dict) -> "LDSettings":
-        return cls(hp["ld_weight"], hp["ld_batch_size"], hp["ld_t_min"], hp["ld_t_max"], hp["ld_weighting"],
-                   hp["ld_grad"], hp["ld_guidance"], hp["ld_reference"], hp["ld_target"], hp["ld_draws"],
-                   hp["ld_top_k"], hp["ld_temperature"])
+    def from_hparams(cls, hp: dict) -> LDSettings:
+        return cls(
+            hp["ld_weight"],
+            hp["ld_batch_size"],
+            hp["ld_t_min"],
+            hp["ld_t_max"],
+            hp["ld_weighting"],
+            hp["ld_grad"],
+            hp["ld_guidance"],
+            hp["ld_reference"],
+            hp["ld_target"],
+            hp["ld_draws"],
+            hp["ld_top_k"],
+            hp["ld_temperature"],
+        )
 
 
 @dataclass
@@ -99,10 +110,16 @@ class LatentDistillation:
     """L_LD for a batch, given the classifier's logits on it; one per run, sharing the run's frozen LDM."""
 
     def __init__(self, ldm: LatentDiffusion, class_prompts: list[str], settings: LDSettings) -> None:
-        if settings.target not in TARGETS or settings.grad not in GRAD_FORMS or \
-                settings.weighting not in WEIGHTINGS or settings.reference not in REFERENCES:
-            raise ValueError(f"ld_target must be one of {TARGETS}, ld_grad one of {GRAD_FORMS}, ld_weighting one "
-                             f"of {WEIGHTINGS} and ld_reference one of {REFERENCES}")
+        if (
+            settings.target not in TARGETS
+            or settings.grad not in GRAD_FORMS
+            or settings.weighting not in WEIGHTINGS
+            or settings.reference not in REFERENCES
+        ):
+            raise ValueError(
+                f"ld_target must be one of {TARGETS}, ld_grad one of {GRAD_FORMS}, ld_weighting one "
+                f"of {WEIGHTINGS} and ld_reference one of {REFERENCES}"
+            )
         self.ldm = ldm
         self.settings = settings
         self.prompt_embeds = ldm.encode_prompts(class_prompts)  # (K, L, D): prompt(y) is row y
@@ -115,16 +132,18 @@ class LatentDistillation:
         w = 1 - self.ldm.alphas_cumprod[t] if self.settings.weighting == "sds" else torch.ones(len(t))
         return w.to(self.ldm.device, torch.float32).view(-1, 1, 1, 1)
 
-    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                 generator: torch.Generator) -> LDOutput:
+    def __call__(
+        self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> LDOutput:
         """`logits` of the classifier on `images` (B, C, H, W) in [0, 1] with true `labels`; noise and t come from
         the CPU `generator`, so a seeded run draws the same t and ε on every device."""
         if self.settings.target == "posterior":
             return self._posterior_loss(logits, images, labels, generator)
         return self._confidence_loss(logits, images, labels, generator)
 
-    def _confidence_loss(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                         generator: torch.Generator) -> LDOutput:
+    def _confidence_loss(
+        self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> LDOutput:
         ldm = self.ldm
         # 1. Pseudo generation: darken each image by the classifier's confidence in its true label.
         confidence = logits.softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
@@ -152,8 +171,9 @@ class LatentDistillation:
                 part = slice(a, a + step)
                 with torch.enable_grad():
                     z_leaf = z[part].detach().requires_grad_()
-                    eps_hat, reference = self._predict(ldm.add_noise(z_leaf, noise[part], t[part]), t[part],
-                                                       embeds[part], noise[part])
+                    eps_hat, reference = self._predict(
+                        ldm.add_noise(z_leaf, noise[part], t[part]), t[part], embeds[part], noise[part]
+                    )
                     part_value = 0.5 * (w[part] * (eps_hat - noise[part]).pow(2)).sum()
                     if self.uncond_embed is not None:
                         part_value = part_value - 0.5 * (w[part] * (reference - noise[part]).pow(2)).sum()
@@ -174,30 +194,34 @@ class LatentDistillation:
         top[missing, -1] = labels[missing]
         return top
 
-    def _posterior_loss(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                        generator: torch.Generator) -> LDOutput:
+    def _posterior_loss(
+        self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> LDOutput:
         ldm, s = self.ldm, self.settings
         candidates = self.candidates(logits, labels)
         with torch.no_grad():
             z = ldm.encode(to_ldm_images(images.detach(), ldm.image_size))
         t = torch.randint(self.t_range[0], self.t_range[1] + 1, (s.draws,), generator=generator)
         noise = torch.randn((s.draws, *z.shape[1:]), generator=generator)
-        errors = denoising_errors(ldm, z, self.prompt_embeds, candidates.cpu(), t, noise,
-                                  batch_size=len(z) * candidates.shape[1] * s.draws)
+        errors = denoising_errors(
+            ldm, z, self.prompt_embeds, candidates.cpu(), t, noise, batch_size=len(z) * candidates.shape[1] * s.draws
+        )
         q = (-errors.mean(2) / s.temperature).softmax(dim=1).to(logits.device, logits.dtype)
         log_p = logits.gather(1, candidates).log_softmax(dim=1)
         loss = (q * (q.clamp_min(1e-30).log() - log_p)).sum(dim=1).mean()
         confidence = logits.detach().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
         return LDOutput(loss, confidence, z, t, errors.numel(), q, candidates)
 
-    def _predict(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(
+        self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, r) from one UNet call: the conditional and unconditional rows are batched together for "uncond"."""
         if self.uncond_embed is None:
             return self.ldm.predict_noise(z_t, t, embeds, self.settings.guidance).to(noise), noise
         uncond = self.uncond_embed.to(embeds).expand_as(embeds)
-        both = self.ldm.predict_noise(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([embeds, uncond]),
-                                      self.settings.guidance).to(noise)
+        both = self.ldm.predict_noise(
+            torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([embeds, uncond]), self.settings.guidance
+        ).to(noise)
         eps_hat, eps_uncond = both.chunk(2)
         return eps_hat, eps_uncond
 
@@ -208,8 +232,9 @@ def encode_linearised(ldm: LatentDiffusion, scale: torch.Tensor, images: torch.T
     One forward-mode pass of a dual input (tangent x) gives E(c·x) and ∂E(c·x)/∂c = J_E(c·x)·x together; the result
     E(c·x) + (c − sg(c))·∂E/∂c has E(c·x)'s value and the gradient w.r.t. c that backpropagating through the encoder
     gives, but autograd saves only ∂E/∂c (the latent's size) instead of every encoder activation (issue 19 estimates
-    ~2.5 GB per image for SD's VAE at 512 px in fp16), at the cost of one forward pass carrying tangents. Attention uses the math SDPA
-    kernel, the one with forward-mode derivatives; nothing is saved, so its attention matrix is transient.
+    ~2.5 GB per image for SD's VAE at 512 px in fp16), at the cost of one forward pass carrying tangents. Attention
+    uses the math SDPA kernel, the one with forward-mode derivatives; nothing is saved, so its attention matrix is
+    transient.
     """
     pseudo = scale.detach().view(-1, 1, 1, 1) * images
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():

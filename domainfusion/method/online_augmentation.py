@@ -24,9 +24,10 @@ generation, and after a barrier every rank reads the new pool.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -66,10 +67,20 @@ class AugSettings:
     strength_spread: float  # candidate strengths spread evenly over strength ± this (clipped to [0, 1])
 
     @classmethod
-    def from_hparams(cls, hp: dict, selection: str) -> "AugSettings":
-        return cls(hp["aug_every_epochs"], hp["aug_candidates"], hp["img2img_strength"], hp["img2img_steps"],
-                   hp["img2img_guidance"], hp["aug_pool_fraction"], selection, hp["aug_style_words"],
-                   hp["aug_style_space"], hp["aug_refresh_from"], hp["aug_strength_spread"])
+    def from_hparams(cls, hp: dict, selection: str) -> AugSettings:
+        return cls(
+            hp["aug_every_epochs"],
+            hp["aug_candidates"],
+            hp["img2img_strength"],
+            hp["img2img_steps"],
+            hp["img2img_guidance"],
+            hp["aug_pool_fraction"],
+            selection,
+            hp["aug_style_words"],
+            hp["aug_style_space"],
+            hp["aug_refresh_from"],
+            hp["aug_strength_spread"],
+        )
 
     def strengths(self) -> list[float]:
         """The SDEdit strength of candidate j = 0 … N−1."""
@@ -102,13 +113,23 @@ class OnlineAugmentation:
     `origin` holds the pool's first generation (copies of the real images) when `refresh_from` is "source".
     """
 
-    def __init__(self, ldm: LatentDiffusion, pool: SyntheticPool, prompts: list[list[str]],
-                 input_shape: tuple[int, int, int], settings: AugSettings, seed: int,
-                 grid_dir: Path | None = None, origin: SyntheticPool | None = None) -> None:
-        for name, value, allowed in (("selection", settings.selection, SELECTIONS),
-                                     ("style_words", settings.style_words, STYLE_WORDS),
-                                     ("style_space", settings.style_space, STYLE_SPACES),
-                                     ("refresh_from", settings.refresh_from, REFRESH_FROM)):
+    def __init__(
+        self,
+        ldm: LatentDiffusion,
+        pool: SyntheticPool,
+        prompts: list[list[str]],
+        input_shape: tuple[int, int, int],
+        settings: AugSettings,
+        seed: int,
+        grid_dir: Path | None = None,
+        origin: SyntheticPool | None = None,
+    ) -> None:
+        for name, value, allowed in (
+            ("selection", settings.selection, SELECTIONS),
+            ("style_words", settings.style_words, STYLE_WORDS),
+            ("style_space", settings.style_space, STYLE_SPACES),
+            ("refresh_from", settings.refresh_from, REFRESH_FROM),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if settings.refresh_from == "source" and origin is None:
@@ -123,11 +144,21 @@ class OnlineAugmentation:
     def candidate_prompts(self, labels: torch.Tensor, first: int, refresh: int = 0) -> list[str]:
         """The N prompts of each image (image i at pool position first + i) in refresh `refresh`, image-major."""
         n = self.settings.candidates
-        return [variants[(first + i + j + refresh * n) % len(variants)]
-                for i, variants in enumerate(self.prompts[int(y)] for y in labels) for j in range(n)]
+        return [
+            variants[(first + i + j + refresh * n) % len(variants)]
+            for i, variants in enumerate(self.prompts[int(y)] for y in labels)
+            for j in range(n)
+        ]
 
-    def transform(self, images: torch.Tensor, labels: torch.Tensor, first: int, seed: int, refresh: int = 0,
-                  random_picks: torch.Tensor | None = None) -> Refreshed:
+    def transform(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        first: int,
+        seed: int,
+        refresh: int = 0,
+        random_picks: torch.Tensor | None = None,
+    ) -> Refreshed:
         """Steps 1-4 for a batch of dataset-space images in [0, 1] that sit at pool positions first, first + 1, …;
         candidate j of image i is seeded seed + i·N + j. The "random" selection ablation takes its (style, content)
         candidate indices from `random_picks` (2, B)."""
@@ -139,12 +170,22 @@ class OnlineAugmentation:
         features = ldm.encode_features(originals) if deep else None
         source = ldm.latents_from_features(features) if deep else ldm.encode(originals)
         prompts = self.candidate_prompts(labels, first, refresh)
-        candidates = torch.stack([
-            ldm.img2img(None, prompts[j::n], strength=strength, num_inference_steps=s.steps,
-                        guidance_scale=s.guidance, seed=[seed + i * n + j for i in range(b)], output="latents",
-                        latents=source).float()
-            for j, strength in enumerate(s.strengths())
-        ], dim=1)  # (B, N, 4, h, w)
+        candidates = torch.stack(
+            [
+                ldm.img2img(
+                    None,
+                    prompts[j::n],
+                    strength=strength,
+                    num_inference_steps=s.steps,
+                    guidance_scale=s.guidance,
+                    seed=[seed + i * n + j for i in range(b)],
+                    output="latents",
+                    latents=source,
+                ).float()
+                for j, strength in enumerate(s.strengths())
+            ],
+            dim=1,
+        )  # (B, N, 4, h, w)
         if deep:
             space = features.float()
             space_candidates = ldm.encode_features(ldm.decode(candidates.flatten(0, 1))).float().unflatten(0, (b, n))
@@ -180,9 +221,14 @@ class OnlineAugmentation:
                     results = []
                     for part in self.ldm.chunks(rows.stop - rows.start, start=rows.start):
                         first = start + part.start
-                        out = self.transform(images[part].float() / 255, labels[part], first,
-                                             seed + first * self.settings.candidates, k,
-                                             None if picks is None else picks[:, part])
+                        out = self.transform(
+                            images[part].float() / 255,
+                            labels[part],
+                            first,
+                            seed + first * self.settings.candidates,
+                            k,
+                            None if picks is None else picks[:, part],
+                        )
                         if first == 0 and self.grid_dir is not None:
                             self.save_grid(out, self.grid_dir / f"refresh-{k:03d}.png")
                         results.append(to_uint8(from_ldm_images(out.results, self.input_shape)))
@@ -199,8 +245,17 @@ class OnlineAugmentation:
         """Rows = pool images; columns = original | N candidates | chosen style | chosen content | result."""
         m = min(GRID_IMAGES, len(out.originals))
         decoded = self.ldm.decode(out.candidates[:m].flatten(0, 1)).unflatten(0, (m, -1))
-        rows = [torch.cat([out.originals[i:i + 1].cpu(), decoded[i].cpu(), decoded[i, out.style_pick[i]][None].cpu(),
-                           decoded[i, out.content_pick[i]][None].cpu(), out.results[i:i + 1].cpu()])
-                for i in range(m)]  # fmt: skip
+        rows = [
+            torch.cat(
+                [
+                    out.originals[i : i + 1].cpu(),
+                    decoded[i].cpu(),
+                    decoded[i, out.style_pick[i]][None].cpu(),
+                    decoded[i, out.content_pick[i]][None].cpu(),
+                    out.results[i : i + 1].cpu(),
+                ]
+            )
+            for i in range(m)
+        ]
         candidates = [f"cand {j + 1}" for j in range(self.settings.candidates)]
         return save_grid(rows, path, column_titles=["orig", *candidates, "style", "content", "new"])

@@ -57,15 +57,19 @@ def select_style_content(source: torch.Tensor, candidates: torch.Tensor) -> tupl
     return distance.argmax(dim=1), similarity.argmax(dim=1)
 
 
-def selection_stats(source: torch.Tensor, candidates: torch.Tensor, style_pick: torch.Tensor,
-                    content_pick: torch.Tensor) -> dict[str, torch.Tensor]:
+def selection_stats(
+    source: torch.Tensor, candidates: torch.Tensor, style_pick: torch.Tensor, content_pick: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per image (B,): the picked style's distance from the source and the average candidate's (what a random pick
     gets in expectation), and likewise the picked content's similarity — what the selection rule buys."""
     distance, similarity = candidate_scores(source, candidates)
     rows = torch.arange(len(candidates), device=candidates.device)
-    return {"style_distance_picked": distance[rows, style_pick], "style_distance_mean": distance.mean(dim=1),
-            "content_similarity_picked": similarity[rows, content_pick],
-            "content_similarity_mean": similarity.mean(dim=1)}
+    return {
+        "style_distance_picked": distance[rows, style_pick],
+        "style_distance_mean": distance.mean(dim=1),
+        "content_similarity_picked": similarity[rows, content_pick],
+        "content_similarity_mean": similarity.mean(dim=1),
+    }
 
 
 def recombine(candidates: torch.Tensor, style_pick: torch.Tensor, content_pick: torch.Tensor) -> torch.Tensor:

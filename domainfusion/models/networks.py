@@ -106,7 +106,7 @@ class ResNet(nn.Module):
             x = (x - self.mean) / self.std
         return self.dropout(self.network(x))
 
-    def train(self, mode: bool = True) -> "ResNet":
+    def train(self, mode: bool = True) -> ResNet:
         super().train(mode)
         self.freeze_bn()
         return self

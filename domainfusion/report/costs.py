@@ -11,7 +11,7 @@ Evaluating the classifier and loading data are left out: they are the same for e
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,14 +32,16 @@ def run_costs(records: Sequence[Record]) -> dict[str, list[dict[str, float]]]:
         generation_s = float(last.get("generation_s", 0.0))
         finetune_s = float(last.get("ldm_finetune_s", 0.0))
         steps_s = float(np.dot([r["step_time"] for r in run], windows))
-        per_algorithm[row_name(last["args"])].append({
-            "step_time": steps_s / float(windows.sum()),
-            "generated_images": float(last.get("generated_images", 0)),
-            "generation_s": generation_s,
-            "ldm_finetuned_models": float(last.get("ldm_finetuned_models", 0)),
-            "ldm_finetune_s": finetune_s,
-            "total_s": steps_s + finetune_s + (0.0 if last.get("pool_refreshes", 0) > 0 else generation_s),
-        })
+        per_algorithm[row_name(last["args"])].append(
+            {
+                "step_time": steps_s / float(windows.sum()),
+                "generated_images": float(last.get("generated_images", 0)),
+                "generation_s": generation_s,
+                "ldm_finetuned_models": float(last.get("ldm_finetuned_models", 0)),
+                "ldm_finetune_s": finetune_s,
+                "total_s": steps_s + finetune_s + (0.0 if last.get("pool_refreshes", 0) > 0 else generation_s),
+            }
+        )
     return dict(per_algorithm)
 
 
@@ -48,16 +50,20 @@ def cost_table(records: Sequence[Record], algorithm_order: Sequence[str] = ()) -
     costs = run_costs(records)
     erm = np.mean([c["step_time"] for c in costs["ERM"]]) if "ERM" in costs else float("nan")
     order = [a for a in algorithm_order if a in costs] + sorted(a for a in costs if a not in algorithm_order)
-    lines = ["| algorithm | runs | step time (s) | × ERM | generated images / run | generation time / run (s) | "
-             "fine-tuned LDMs / run | LDM fine-tuning / run (s) | total / run (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | runs | step time (s) | × ERM | generated images / run | generation time / run (s) | "
+        "fine-tuned LDMs / run | LDM fine-tuning / run (s) | total / run (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for alg in order:
         runs = costs[alg]
         step = float(np.mean([c["step_time"] for c in runs]))
         ratio = f"{step / erm:.2f}" if np.isfinite(erm) else "–"
-        lines.append(f"| {alg} | {len(runs)} | {step:.3f} | {ratio} | "
-                     f"{np.mean([c['generated_images'] for c in runs]):,.0f} | "
-                     f"{np.mean([c['generation_s'] for c in runs]):.0f} | "
-                     f"{np.mean([c['ldm_finetuned_models'] for c in runs]):.0f} | "
-                     f"{np.mean([c['ldm_finetune_s'] for c in runs]):.0f} | {np.mean([c['total_s'] for c in runs]):.0f} |")
+        lines.append(
+            f"| {alg} | {len(runs)} | {step:.3f} | {ratio} | "
+            f"{np.mean([c['generated_images'] for c in runs]):,.0f} | "
+            f"{np.mean([c['generation_s'] for c in runs]):.0f} | "
+            f"{np.mean([c['ldm_finetuned_models'] for c in runs]):.0f} | "
+            f"{np.mean([c['ldm_finetune_s'] for c in runs]):.0f} | {np.mean([c['total_s'] for c in runs]):.0f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -9,8 +9,8 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -55,8 +55,7 @@ def plot_accuracy_vs_step(
             color = colors[row_name(run[0]["args"])]
             steps = [r["step"] for r in run]
             test = [100 * r[f"env{test_env}_in_acc"] for r in run]
-            val = [100 * np.mean([r[f"env{i}_out_acc"] for i in range(num_envs(r)) if i != test_env])
-                   for r in run]
+            val = [100 * np.mean([r[f"env{i}_out_acc"] for i in range(num_envs(r)) if i != test_env]) for r in run]
             ax.plot(steps, test, color=color, linestyle="-", marker=".", alpha=0.7)
             ax.plot(steps, val, color=color, linestyle="--", marker=".", alpha=0.7)
         names = env_names.get(dataset)
@@ -64,7 +63,7 @@ def plot_accuracy_vs_step(
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
 
     handles = [Line2D([], [], color=colors[alg], label=alg) for alg in algorithms] + [

@@ -15,9 +15,10 @@ import json
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import UserError
 
@@ -73,8 +74,10 @@ def _read_results(path: Path) -> list[Record]:
             warnings.warn(f"skipping malformed {where} {path}:{lineno} (partial write?)", stacklevel=3)
             continue
         if not _is_record(record):
-            warnings.warn(f"skipping {path}:{lineno}: not a DomainBed record (needs 'step' and args "
-                          f"{', '.join(_REQUIRED_ARGS)})", stacklevel=3)
+            warnings.warn(
+                f"skipping {path}:{lineno}: not a DomainBed record (needs 'step' and args {', '.join(_REQUIRED_ARGS)})",
+                stacklevel=3,
+            )
             continue
         records.append(record)
     return records
@@ -82,8 +85,12 @@ def _read_results(path: Path) -> list[Record]:
 
 def _is_record(obj: Any) -> bool:
     """True when `obj` has the fields grouping and selection index, so later stages cannot hit a KeyError."""
-    return (isinstance(obj, dict) and "step" in obj and isinstance(obj.get("args"), dict)
-            and all(key in obj["args"] for key in _REQUIRED_ARGS))
+    return (
+        isinstance(obj, dict)
+        and "step" in obj
+        and isinstance(obj.get("args"), dict)
+        and all(key in obj["args"] for key in _REQUIRED_ARGS)
+    )
 
 
 def row_name(args: dict) -> str:
@@ -111,8 +118,10 @@ def split_incomparable(records: Iterable[Record]) -> list[Record]:
     folders: dict[str, set[str | None]] = defaultdict(set)
     for record, f in zip(records, folder):
         folders[record["args"]["dataset"]].add(f)
-    datasets = [f"{r['args']['dataset']} ({f})" if len(folders[r["args"]["dataset"]]) > 1 else r["args"]["dataset"]
-                for r, f in zip(records, folder)]
+    datasets = [
+        f"{r['args']['dataset']} ({f})" if len(folders[r["args"]["dataset"]]) > 1 else r["args"]["dataset"]
+        for r, f in zip(records, folder)
+    ]
     overrides: dict[tuple[str, str], set[str]] = defaultdict(set)
     domains: dict[str, dict[tuple[str, ...], str]] = defaultdict(dict)
     for record, dataset, o in zip(records, datasets, override):
@@ -122,9 +131,11 @@ def split_incomparable(records: Iterable[Record]) -> list[Record]:
     for dataset, seen in domains.items():
         if len(seen) > 1:
             (a, run_a), (b, run_b) = list(seen.items())[:2]
-            raise UserError(f"runs of {dataset} list different domains ({', '.join(a)} in {run_a}; {', '.join(b)} in "
-                            f"{run_b}): the data folder changed between runs, so their accuracies are not comparable. "
-                            "Move the older runs out of the results folder, or rerun them")
+            raise UserError(
+                f"runs of {dataset} list different domains ({', '.join(a)} in {run_a}; {', '.join(b)} in "
+                f"{run_b}): the data folder changed between runs, so their accuracies are not comparable. "
+                "Move the older runs out of the results folder, or rerun them"
+            )
     out = []
     for record, dataset, o in zip(records, datasets, override):
         args = record["args"]
@@ -134,7 +145,7 @@ def split_incomparable(records: Iterable[Record]) -> list[Record]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _data_folder(dataset: str, data_dir: str | None) -> str | None:
     """The folder a folder dataset's images came from (normalised, so 'data/x/' and 'data/x' agree); None for
     datasets whose content does not depend on the folder."""
@@ -144,7 +155,7 @@ def _data_folder(dataset: str, data_dir: str | None) -> str | None:
     return None if packaged or not data_dir else os.path.normpath(data_dir)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _overrides(text: str | None) -> str:
     """`--hparams` overrides as canonical JSON ('' for none), so spacing and key order do not split rows."""
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Hashable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -136,12 +137,15 @@ class LeaveOneOutSelection(SelectionMethod):
         val_envs = [j for j in range(n_envs) if j != test_env]
         if any(j not in held_out_accs for j in val_envs):
             return None
-        return RunAcc(val_acc=sum(held_out_accs[j] for j in val_envs) / len(val_envs),
-                      test_acc=test_records[0][f"env{test_env}_in_acc"])
+        return RunAcc(
+            val_acc=sum(held_out_accs[j] for j in val_envs) / len(val_envs),
+            test_acc=test_records[0][f"env{test_env}_in_acc"],
+        )
 
     def run_acc(self, run_records: Sequence[Record]) -> RunAcc | None:
-        step_accs = [acc for step_records in _group_by(run_records, _step)
-                     if (acc := self._step_acc(step_records)) is not None]
+        step_accs = [
+            acc for step_records in _group_by(run_records, _step) if (acc := self._step_acc(step_records)) is not None
+        ]
         # Steps are in increasing order, so a tie goes to the earliest step, like DomainBed.
         return max(step_accs, key=lambda acc: acc.val_acc) if step_accs else None
 

@@ -7,8 +7,9 @@ table produced here can sit next to the published DomainBed tables.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,17 @@ def trial_results(records: Sequence[Record], selection: SelectionMethod) -> list
         ranked = selection.hparams_accs(group.records)
         if ranked:
             acc, run = ranked[0]
-            results.append(TrialResult(group.dataset, group.algorithm, group.test_env, group.trial_seed,
-                                       acc.test_acc, acc.val_acc, run[0]["args"]["hparams_seed"]))
+            results.append(
+                TrialResult(
+                    group.dataset,
+                    group.algorithm,
+                    group.test_env,
+                    group.trial_seed,
+                    acc.test_acc,
+                    acc.val_acc,
+                    run[0]["args"]["hparams_seed"],
+                )
+            )
     return results
 
 
@@ -85,24 +95,32 @@ def results_table(
     trial_seeds: dict[str, set[int]] = {}
     for dataset in datasets:
         dataset_records = [r for r in records if r["args"]["dataset"] == dataset]
-        n_envs[dataset] = (len(env_names[dataset]) if dataset in env_names
-                           else max(num_envs(r) for r in dataset_records))
+        n_envs[dataset] = len(env_names[dataset]) if dataset in env_names else max(num_envs(r) for r in dataset_records)
         trial_seeds[dataset] = {r["args"]["trial_seed"] for r in dataset_records}
         headers = list(env_names.get(dataset, map(str, range(n_envs[dataset]))))
         rows = []
         for algorithm in algorithms:
             cells, means = [], []
             for test_env in range(n_envs[dataset]):
-                accs = {r.trial_seed: r.test_acc for r in results
-                        if (r.dataset, r.algorithm, r.test_env) == (dataset, algorithm, test_env)}
+                accs = {
+                    r.trial_seed: r.test_acc
+                    for r in results
+                    if (r.dataset, r.algorithm, r.test_env) == (dataset, algorithm, test_env)
+                }
                 if strict and set(accs) != trial_seeds[dataset]:
                     accs = {}
                 mean, cell = format_mean([accs[seed] for seed in sorted(accs)], latex)
                 cells.append(cell)
                 means.append(mean)
             rows.append([algorithm, *cells, _avg_cell(means)])
-        blocks.append(render(dataset, f"Dataset: {dataset}, model selection method: {selection.name}",
-                             ["Algorithm", *headers, "Avg"], rows))
+        blocks.append(
+            render(
+                dataset,
+                f"Dataset: {dataset}, model selection method: {selection.name}",
+                ["Algorithm", *headers, "Avg"],
+                rows,
+            )
+        )
 
     rows = []
     for algorithm in algorithms:
@@ -120,15 +138,18 @@ def results_table(
             cells.append(cell)
             means.append(mean)
         rows.append([algorithm, *cells, _avg_cell(means)])
-    blocks.append(render("Averages", f"Averages, model selection method: {selection.name}",
-                         ["Algorithm", *datasets, "Avg"], rows))
+    blocks.append(
+        render("Averages", f"Averages, model selection method: {selection.name}", ["Algorithm", *datasets, "Avg"], rows)
+    )
     return "\n\n".join(blocks) + "\n"
 
 
 def latex_document(body: str) -> str:
     """Wrap LaTeX tables into a compilable document with the packages DomainBed's tables need."""
-    return ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{adjustbox}\n\\begin{document}\n"
-            "\\section{Full DomainBed results}\n\n" + body + "\n\\end{document}\n")
+    return (
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{adjustbox}\n\\begin{document}\n"
+        "\\section{Full DomainBed results}\n\n" + body + "\n\\end{document}\n"
+    )
 
 
 def _ordered(names: Iterable[str], preferred: Iterable[str]) -> list[str]:
@@ -153,20 +174,31 @@ def _markdown_table(_title: str, header_text: str, col_labels: list[str], rows: 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + " |"
 
-    return "\n".join([f"### {header_text}", "", line(col_labels), line(["-" * w for w in widths]),
-                      *(line(row) for row in rows)])
+    return "\n".join(
+        [f"### {header_text}", "", line(col_labels), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+    )
 
 
 def _latex_table(title: str, _header_text: str, col_labels: list[str], rows: list[list[str]]) -> str:
     """booktabs tabular in a width-capped adjustbox under a \\subsubsection, as DomainBed prints it."""
     header = " & ".join(f"\\textbf{{{_latex_escape(label)}}}" for label in col_labels) + " \\\\"
     body = [" & ".join([_latex_escape(row[0]), *row[1:]]) + " \\\\" for row in rows]
-    return "\n".join([
-        f"\\subsubsection{{{_latex_escape(title)}}}", "",
-        "\\begin{center}", "\\adjustbox{max width=\\textwidth}{%",
-        "\\begin{tabular}{l" + "c" * (len(col_labels) - 1) + "}", "\\toprule",
-        header, "\\midrule", *body, "\\bottomrule", "\\end{tabular}}", "\\end{center}",
-    ])
+    return "\n".join(
+        [
+            f"\\subsubsection{{{_latex_escape(title)}}}",
+            "",
+            "\\begin{center}",
+            "\\adjustbox{max width=\\textwidth}{%",
+            "\\begin{tabular}{l" + "c" * (len(col_labels) - 1) + "}",
+            "\\toprule",
+            header,
+            "\\midrule",
+            *body,
+            "\\bottomrule",
+            "\\end{tabular}}",
+            "\\end{center}",
+        ]
+    )
 
 
 def _latex_escape(text: str) -> str:
