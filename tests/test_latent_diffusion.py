@@ -206,16 +206,16 @@ def test_missing_folder_and_unreachable_hub_id(tmp_path: Path) -> None:
     ],
 )
 def test_bad_images(ldm: LatentDiffusion, bad: torch.Tensor, message: str) -> None:
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         ldm.encode(bad)
 
 
 def test_bad_arguments(ldm: LatentDiffusion) -> None:
-    with pytest.raises(UserError, match="non-empty list of prompt"):
+    with pytest.raises(ValueError, match="non-empty list of prompt"):
         ldm.encode_prompts([])
-    with pytest.raises(UserError, match=r"strength must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\], got 1.5"):
         ldm.img2img(images(2), ["a dog"] * 2, strength=1.5)
-    with pytest.raises(UserError, match="one prompt per image"):
+    with pytest.raises(ValueError, match="one prompt per image"):
         ldm.img2img(images(2), ["a dog"], strength=0.5)
 
 

@@ -200,23 +200,24 @@ class LatentDiffusion:
 
     def check_images(self, images: torch.Tensor) -> None:
         """Reject anything but a float (B, 3, image_size, image_size) batch in [0, 1]: the VAE silently misbehaves
-        on other ranges and the UNet on other sizes."""
+        on other ranges and the UNet on other sizes. A ValueError: callers (ours, or a Python user's) convert dataset
+        images with `adapt.to_ldm_images`, so a wrong batch here is a bug, not a user's input."""
         s = self.image_size
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise UserError(f"expected an image batch of shape (B, 3, {s}, {s}), got {shape}")
+            raise ValueError(f"expected an image batch of shape (B, 3, {s}, {s}), got {shape}")
         if images.shape[0] == 0:
-            raise UserError("expected a non-empty image batch")
+            raise ValueError("expected a non-empty image batch")
         if tuple(images.shape[2:]) != (s, s):
-            raise UserError(
+            raise ValueError(
                 f"this latent diffusion model works on {s}×{s} images, got "
                 f"{images.shape[2]}×{images.shape[3]}; resize the images to {s}×{s}"
             )
         if not images.is_floating_point():
-            raise UserError(f"expected float images in [0, 1], got dtype {images.dtype}")
+            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
         lo, hi = images.detach().aminmax()
         if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
-            raise UserError(f"expected image values in [0, 1], got range [{lo.item():.3g}, {hi.item():.3g}]")
+            raise ValueError(f"expected image values in [0, 1], got range [{lo.item():.3g}, {hi.item():.3g}]")
 
     def encode(
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
@@ -286,7 +287,7 @@ class LatentDiffusion:
         `use_attention_mask` (Stable Diffusion's CLIP was trained without one).
         """
         if isinstance(prompts, str) or len(prompts) == 0:
-            raise UserError("expected a non-empty list of prompt strings")
+            raise ValueError("expected a non-empty list of prompt strings")
         new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
         if new:
             tokens = self.tokenizer(
@@ -393,19 +394,19 @@ class LatentDiffusion:
         the dataset's size) never holds the whole set at the LDM's resolution.
         """
         if not 0 <= strength <= 1:
-            raise UserError(f"img2img strength must be in [0, 1], got {strength}")
+            raise ValueError(f"img2img strength must be in [0, 1], got {strength}")
         if output not in ("images", "latents"):
-            raise UserError(f"img2img output must be 'images' or 'latents', got {output!r}")
+            raise ValueError(f"img2img output must be 'images' or 'latents', got {output!r}")
         if (prompts is None) == (prompt_embeds is None):
-            raise UserError("img2img needs either prompts or prompt_embeds (exactly one of them)")
+            raise ValueError("img2img needs either prompts or prompt_embeds (exactly one of them)")
         if (images is None) == (latents is None):
-            raise UserError("img2img needs either images or latents (exactly one of them)")
+            raise ValueError("img2img needs either images or latents (exactly one of them)")
         n = len(images) if images is not None else len(latents)
         n_cond = len(prompts) if prompts is not None else len(prompt_embeds)
         if n_cond != n:
-            raise UserError(f"img2img needs one prompt per image, got {n_cond} prompts for {n} images")
+            raise ValueError(f"img2img needs one prompt per image, got {n_cond} prompts for {n} images")
         if isinstance(seed, list) and len(seed) != n:
-            raise UserError(f"img2img needs one seed per image, got {len(seed)} seeds for {n} images")
+            raise ValueError(f"img2img needs one seed per image, got {len(seed)} seeds for {n} images")
         if images is not None:
             self.check_images(images)
         batch_size = min(batch_size, self.batch_limit(guidance_scale))
@@ -440,7 +441,7 @@ class LatentDiffusion:
     ) -> torch.Tensor:
         """Text-to-image with diffusers' `StableDiffusionPipeline` (DDIM): images in [0, 1], image i seeded seed + i."""
         if not prompts:
-            raise UserError("sample needs a non-empty list of prompts")
+            raise ValueError("sample needs a non-empty list of prompts")
         batch_size = min(batch_size, self.batch_limit(guidance_scale))
         pipe = self._pipeline(StableDiffusionPipeline)
         out = []

@@ -139,7 +139,7 @@ def sd_shaped_folder(
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
         # One model at a time, cast to fp16 before saving (nn.Module.to: diffusers' `to` warns on every cast): peak
-        # RAM is about the UNet in fp32 (3.4 GB; 4.2 GB RSS measured), not all three.
+        # RAM is about the UNet in fp32 (3.4 GB), not all three.
         for name in MODELS:
             torch.nn.Module.to(build_sd_model(kind, name, configs), torch.float16).save_pretrained(tmp / name)
         scheduler_class, scheduler_config = configs["scheduler"]
