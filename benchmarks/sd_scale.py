@@ -9,6 +9,8 @@ classes. Each configuration runs in a subprocess of its own, which reports:
 - `refresh`: one online-augmentation refresh of a `--pool`-image pool (N candidates by img2img, deep-feature
   style/content, decode: the registry's defaults), seconds per pool image;
 - `cdga`: CDGA's generation of `--pool` images (one variant each), seconds per image;
+- `dsi`: one step of DSI's per-domain fine-tune of the full UNet (`--batch` latents, AdamW, an EMA copy, the
+  scheduler's loss; `--gradient-checkpointing` as `dsi_finetune_gradient_checkpointing`), seconds per step;
 and, for each, the peak memory of the measured part: peak RSS of the process (VmHWM, reset after setup through
 /proc/self/clear_refs) on a CPU, `torch.cuda.max_memory_allocated` on a GPU, beside what was resident after setup
 (weights, optimiser). `--count-flops` also counts the part's FLOPs (torch's FlopCounterMode, one extra untimed run)
@@ -28,6 +30,7 @@ steps) at the measured step times. Usage (a CPU at reduced batch and resolution;
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -41,12 +44,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from domainfusion import hparams as registry
 from domainfusion.algorithms import RunContext, algorithm_class
 from domainfusion.ldm import LatentDiffusion
 from domainfusion.ldm.adapt import to_ldm_images
 from domainfusion.ldm.sd_shaped import sd_shaped_folder
+from domainfusion.ldm.training import ema_update, unet_loss
 from domainfusion.method.latent_distillation import encode_linearised
 
 from common import write_report
@@ -56,7 +61,7 @@ PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]  # the last one he
 # The LDM's dtype; "bf16" also runs the classifier's step under bf16 autocast, "fp16" is what `domainfusion train`
 # does on a GPU (LDM in fp16, classifier in fp32).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MEASURES = ("erm", "ld", "refresh", "cdga")
+MEASURES = ("erm", "ld", "refresh", "cdga", "dsi")
 SWEEP_RUNS, SWEEP_STEPS = 4 * 20 * 3, 5001  # DomainBed PACS: test envs × hparams × trials, steps per run
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, checked in order.
 BF16_PEAKS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)]
@@ -123,6 +128,8 @@ def run_configuration(cfg: dict) -> dict:
     what, b = cfg["what"], cfg["batch"]
     meter = Meter(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["precision"] == "bf16" else nullcontext()
+    if what == "dsi":
+        return finetune_step(cfg, device, meter, autocast)
     g = torch.Generator().manual_seed(0)
     name = {"erm": "ERM", "ld": "DomainFusion_LD", "refresh": "DomainFusion_Aug", "cdga": "CDGA"}[what]
     hp = {**registry.default_hparams(name, "PACS"), "batch_size": b}
@@ -216,6 +223,44 @@ def run_configuration(cfg: dict) -> dict:
     return out
 
 
+def finetune_step(cfg: dict, device: torch.device, meter: Meter, autocast) -> dict:
+    """One step of DSI's UNet fine-tune as `ldm.training` runs it: fp32 weights (bf16 under autocast), AdamW, an EMA
+    copy, the scheduler's prediction-type loss on latents (DSI encodes its domain once, before the steps)."""
+    folder = sd_shaped_folder("sd15", resolution=cfg["resolution"])
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).to(device)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    if cfg["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    side = cfg["resolution"] // 8
+    z0 = torch.randn(cfg["batch"], 4, side, side, generator=g).to(device)
+    embeds = torch.randn(cfg["batch"], 77, unet.config.cross_attention_dim, generator=g).to(device)
+    steps = iter(range(10**9))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = unet_loss(unet, scheduler, z0, embeds, g, snr_gamma=None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, unet, 0.999, next(steps))
+
+    step()  # AdamW's state exists from the first step on: it is part of what stays resident
+    for _ in range(cfg["warmup"]):
+        step()
+    out = {"resident_gb": meter.resident_gb()}
+    meter.reset()
+    out["seconds"] = meter.seconds(step, cfg["steps"])
+    out["peak_gb"] = meter.peak_gb()
+    if cfg["count_flops"]:
+        out["flops"] = flops_of(step)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the whole report
 
 
@@ -255,9 +300,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         " note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    unit = {"erm": "s/step", "ld": "s/step", "refresh": "s/pool image", "cdga": "s/image"}
+    unit = {"erm": "s/step", "ld": "s/step", "refresh": "s/pool image", "cdga": "s/image", "dsi": "s/step"}
     for r in rows:
         note = r.get("error", "")
+        if r["what"] == "dsi" and "seconds" in r:
+            note = "fine-tune step" + (", gradient checkpointing" if r["gradient_checkpointing"] else "")
         if r["what"] == "ld" and "ld_loss_seconds" in r:
             note = f"LD loss {r['ld_loss_seconds']:.3g} s, of which encoder JVP {r['jvp_seconds']:.3g} s"
         flops = r.get("flops")
@@ -272,6 +319,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             f"{fmt(r.get('seconds'))} {unit[r['what']]} | {fmt(r.get('peak_gb'))} | "
             f"{fmt(r.get('resident_gb'))} | {fmt(flops / 1e9 if flops else None)} | {fmt(tflops)} | {note} |"
         )
+    measured = [r for r in rows if "seconds" in r]
+    if not any(r["what"] == "ld" for r in measured):
+        return "\n".join(lines) + "\n"
     fraction, period = hp["aug_pool_fraction"], hp["aug_every_epochs"]
     lines += [
         "",
@@ -284,7 +334,6 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "ERM sweep h | DomainFusion sweep h |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [r for r in rows if "seconds" in r]
     for ld in (r for r in measured if r["what"] == "ld"):
         erm = next(
             (
@@ -329,6 +378,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (or refreshes) first")
     p.add_argument("--count-flops", action="store_true", help="also count FLOPs (one extra untimed run)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="dsi: recompute UNet activations")
     p.add_argument("--name", default="sd-scale")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -351,6 +401,7 @@ def main() -> None:
         "steps": a.steps,
         "warmup": a.warmup,
         "count_flops": a.count_flops,
+        "gradient_checkpointing": a.gradient_checkpointing,
     }
     configs = []
     for precision in precisions:
@@ -371,6 +422,11 @@ def main() -> None:
                 for what in ("refresh", "cdga")
                 if what in measures
                 for pool in lists["pool"]
+            ]
+            configs += [
+                {"what": "dsi", "resolution": resolution, "batch": b, "precision": precision, "pool": 0}
+                for b in lists["batch"]
+                if "dsi" in measures
             ]
     start = time.time()
     rows = [measure({**common, **cfg}) for cfg in configs]
