@@ -15,15 +15,17 @@ import json
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data.loaders import SeededItems
+from ..data.loaders import domain_of
+from ..data.pool import subset_chunks
 from ..errors import UserError
 from ..images import to_uint8
-from ..utils import seed_hash
 from .adapt import default_prompt_template, to_ldm_images
 from .corpus import build_corpus, digit_prompt, split_corpus
 from .train_config import LDMTrainConfig
+
+CONVERT_BATCH = 256  # images resized to the LDM's resolution at once (256 at 512 px: 0.8 GB in fp32)
 
 
 @dataclass
@@ -128,24 +130,15 @@ def dataset_training_data(
     """Any torch datasets of (image in [0, 1], label) as LDM training data; caption = `template` with {cls} and
     optional {domain}. DSI fine-tunes on a run's in-splits this way, so no image outside them is ever read.
 
-    Image i (of the concatenated splits) is read with torch's RNG seeded by (seed, i) (`SeededItems`, as
-    `pool.subset_chunks`), by `num_workers` loader processes with a generator of their own: a split's random training
-    augmentation (DomainBed's on image folders) draws the same on every run, and the global RNG is not touched."""
+    The images are read as the LDM's other inputs are (`pool.subset_chunks`: image i of the concatenated splits with
+    torch's RNG seeded by (seed, i), by `num_workers` loader processes): a split's random training augmentation
+    (DomainBed's on image folders) draws the same on every run, and the global RNG is not touched."""
     images, captions = [], []
-    offset = 0
-    for split, domain in zip(splits, domains):
-        items = [(i, seed_hash(seed, offset + i)) for i in range(len(split))]
-        offset += len(split)
-        loader = DataLoader(
-            SeededItems(split),
-            batch_size=256,
-            sampler=items,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for x, y in loader:
-            images.append(to_uint8(to_ldm_images(x, resolution), channels_last=True))
-            captions += [template.format(cls=class_names[int(c)], domain=domain) for c in y]
+    for images_u8, labels, sources in subset_chunks(splits, 1.0, seed, num_workers):
+        for part in images_u8.split(CONVERT_BATCH):  # at the LDM's resolution one part at a time
+            images.append(to_uint8(to_ldm_images(part.float().div(255), resolution), channels_last=True))
+        envs = domain_of(splits, sources)
+        captions += [template.format(cls=class_names[int(c)], domain=domains[int(e)]) for c, e in zip(labels, envs)]
     stacked = torch.cat(images)[:max_images]
     grid = [template.format(cls=c, domain=domains[0]) for c in class_names]
     return TrainingData(stacked, captions[: len(stacked)], grid, stacked[:1000])
