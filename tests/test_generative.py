@@ -19,21 +19,11 @@ from domainfusion.ldm.adapt import GENERIC_STYLES, check_resolution, domain_prom
 from domainfusion.train import TrainArgs, train
 
 from conftest import make_image_folder
-from tiny_ldm import save_tiny_ldm
+from tiny_ldm import TINY_GENERATION, save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-FAST = {
-    "lr": 1e-3,
-    "data_augmentation": False,
-    "batch_size": 4,
-    "synthetic_fraction": 0.25,
-    "img2img_steps": 4,
-    "aug_candidates": 2,
-    "aug_pool_fraction": 0.25,
-    "aug_every_epochs": 0.5,
-    "ld_batch_size": 4,
-}
+FAST = {**TINY_GENERATION, "lr": 1e-3, "aug_every_epochs": 0.5}
 
 
 @pytest.fixture(scope="module")

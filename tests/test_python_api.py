@@ -23,19 +23,10 @@ from domainfusion.errors import UserError
 from domainfusion.images import to_uint8
 
 from conftest import REPO, make_image_folder
-from tiny_ldm import save_tiny_ldm
+from tiny_ldm import TINY_GENERATION, save_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# Tiny generation settings (as test_generative's); batch 4 per domain.
-FAST = {
-    "data_augmentation": False,
-    "batch_size": 4,
-    "synthetic_fraction": 0.25,
-    "img2img_steps": 4,
-    "aug_candidates": 2,
-    "aug_pool_fraction": 0.25,
-    "ld_batch_size": 4,
-}
+FAST = TINY_GENERATION
 
 
 @pytest.fixture(scope="module")

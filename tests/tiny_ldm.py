@@ -40,6 +40,17 @@ CLIP_VOCAB = [
     "<|endoftext|>",
 ]
 
+# Generation settings small enough for a test: batch 4 per domain, a quarter of the images in the pool, 2 candidates.
+TINY_GENERATION = {
+    "data_augmentation": False,
+    "batch_size": 4,
+    "synthetic_fraction": 0.25,
+    "img2img_steps": 4,
+    "aug_candidates": 2,
+    "aug_pool_fraction": 0.25,
+    "ld_batch_size": 4,
+}
+
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
     """A seeded batch of random 32×32 RGB images in [0, 1]."""
